@@ -1,0 +1,100 @@
+"""The ``autoecoops`` command.
+
+autoecoops up                 every service on this machine (embedded Redis if REDIS_URL is unset)
+autoecoops serve SERVICE      one service, as a Kubernetes pod runs it
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from autoecoops.kernel.mesh.config import SERVICE_NAMES, SERVICES, MeshConfig
+from autoecoops.kernel.mesh.errors import ConfigError
+
+log = logging.getLogger("autoecoops")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autoecoops", description="AutoEcoOps control plane")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="run every service of the mesh in this process")
+    serve = sub.add_parser("serve", help="run one service (one per pod in Kubernetes)")
+    serve.add_argument("service", choices=SERVICE_NAMES)
+    return parser
+
+
+def _with_redis(config: MeshConfig) -> tuple[MeshConfig, object | None]:
+    """Start the embedded Redis when REDIS_URL is unset."""
+    if config.redis_url:
+        return config, None
+    from autoecoops.kernel.mesh.redis import EmbeddedRedis
+
+    embedded = EmbeddedRedis(config.data_dir)
+    url = embedded.start()
+    return dataclasses.replace(config, redis_url=url), embedded
+
+
+def _run(config: MeshConfig, names: Sequence[str]) -> int:
+    from autoecoops.kernel.mesh.metrics import serve_metrics
+    from autoecoops.kernel.mesh.redis import EmbeddedRedis
+    from autoecoops.kernel.mesh.server import Mesh, run_until_signalled
+
+    started = time.monotonic()
+    config, embedded = _with_redis(config)
+    if config.metrics_port:
+        serve_metrics(config.metrics_port, config.host)
+
+    def ready(mesh: Mesh) -> None:
+        took = time.monotonic() - started
+        width = max(len(s.name) for s in mesh.servers)
+        for srv in mesh.servers:
+            print(f"  {srv.name:<{width}}  grpc://{config.host}:{srv.port}  SERVING", flush=True)
+        redis_note = "embedded, " + str(config.data_dir) if embedded else config.redis_url
+        print(f"  redis{' ' * (width - 5)}  {redis_note}")
+        if config.metrics_port:
+            print(
+                f"  metrics{' ' * (width - 7)}  http://{config.host}:{config.metrics_port}/metrics"
+            )
+        print(
+            f"all {len(mesh.servers)} services SERVING in {took:.2f}s; Ctrl-C drains and stops",
+            flush=True,
+        )
+
+    try:
+        asyncio.run(run_until_signalled(Mesh(config), names, ready))
+    finally:
+        if isinstance(embedded, EmbeddedRedis):
+            embedded.stop()
+    print("drained; bye", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``autoecoops`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        config = MeshConfig.from_env()
+    except ConfigError as err:
+        print(f"autoecoops: invalid configuration: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    names = [s.name for s in SERVICES] if args.command == "up" else [args.service]
+    try:
+        return _run(config, names)
+    except ConfigError as err:
+        print(f"autoecoops: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""The one client factory for calls between services.
+
+Every channel it hands out carries two interceptors: OpenTelemetry's, which
+injects ``traceparent`` so one trace spans every hop, and ``DeadlineInterceptor``,
+which gives an outgoing call the *remaining* time of the call being served
+(never a fresh budget), and fails fast once that time is gone.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, TypeVar
+
+import grpc
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+from autoecoops.kernel.mesh.config import MeshConfig
+from autoecoops.kernel.mesh.errors import DeadlineExceeded
+from autoecoops.kernel.mesh.interceptors import current_deadline
+
+T = TypeVar("T")
+
+
+def remaining_timeout(requested: float | None) -> float | None:
+    """The timeout for an outgoing call: the smaller of ``requested`` and what
+    is left of the current call's deadline. Raises ``DeadlineExceeded`` when
+    nothing is left, so no doomed call goes on the wire."""
+    deadline = current_deadline.get()
+    if deadline is None:
+        return requested
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded("the caller's deadline passed before this call was made")
+    return left if requested is None else min(requested, left)
+
+
+def _details(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    timeout = remaining_timeout(details.timeout)
+    if timeout == details.timeout:
+        return details
+    return grpc.aio.ClientCallDetails(
+        details.method, timeout, details.metadata, details.credentials, details.wait_for_ready
+    )
+
+
+class DeadlineInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.aio.StreamUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.aio.StreamStreamClientInterceptor,  # type: ignore[misc]
+):
+    """Propagates the served call's remaining deadline to outgoing calls."""
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        """Unary call with the propagated deadline."""
+        return await continuation(_details(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        """Server-streaming call with the propagated deadline."""
+        return await continuation(_details(details), request)
+
+    async def intercept_stream_unary(
+        self, continuation: Any, details: Any, request_iterator: Any
+    ) -> Any:
+        """Client-streaming call with the propagated deadline."""
+        return await continuation(_details(details), request_iterator)
+
+    async def intercept_stream_stream(
+        self, continuation: Any, details: Any, request_iterator: Any
+    ) -> Any:
+        """Bidirectional call with the propagated deadline."""
+        return await continuation(_details(details), request_iterator)
+
+
+def channel_options(config: MeshConfig) -> list[tuple[str, Any]]:
+    """Channel arguments shared by every mesh client."""
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class ClientFactory:
+    """Hands out one pooled channel per target service, with mesh interceptors."""
+
+    def __init__(self, config: MeshConfig) -> None:
+        self._config = config
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def channel(self, service: str) -> grpc.aio.Channel:
+        """The shared channel to ``service`` (a name from the port table)."""
+        ch = self._channels.get(service)
+        if ch is None:
+            ch = grpc.aio.insecure_channel(
+                self._config.addr(service),
+                options=channel_options(self._config),
+                interceptors=[*aio_client_interceptors(), DeadlineInterceptor()],  # type: ignore[no-untyped-call]
+            )
+            self._channels[service] = ch
+        return ch
+
+    def stub(self, stub_type: type[T], service: str) -> T:
+        """A generated stub bound to ``service``'s channel."""
+        return stub_type(self.channel(service))  # type: ignore[call-arg]
+
+    async def close(self) -> None:
+        """Close every channel."""
+        channels, self._channels = list(self._channels.values()), {}
+        for ch in channels:
+            await ch.close()

@@ -1,0 +1,254 @@
+"""The server side of the mesh: one interceptor that authenticates, validates,
+times and guards every AutoEcoOps RPC.
+
+It is one interceptor, not a chain of five, because each wrapper in grpc.aio
+costs a coroutine per call; the whole per-method plan (option lookup, required
+fields, metric series) is resolved once, on the first call of a method.
+
+The error boundary lives here: whatever a handler raises becomes a
+google.rpc.Status with details. An unexpected exception is logged with an
+error id and reaches the client as INTERNAL with that id, never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import message as pb_message
+from opentelemetry import trace
+
+from autoecoops.kernel.mesh.auth import (
+    Authorizer,
+    Principal,
+    TokenVerifier,
+    bearer_token,
+    current_principal,
+)
+from autoecoops.kernel.mesh.descriptors import MethodInfo, method_info
+from autoecoops.kernel.mesh.errors import (
+    STATUS_DETAILS_KEY,
+    AutoEcoOpsError,
+    Internal,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+    Unimplemented,
+)
+from autoecoops.kernel.mesh.metrics import MethodMetrics
+
+log = logging.getLogger("autoecoops.mesh")
+
+#: Absolute ``time.monotonic()`` deadline of the call being served, if it has one.
+current_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "autoecoops_deadline", default=None
+)
+
+
+def current_trace_id() -> str:
+    """The hex trace id of the active span, or '' outside a trace."""
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
+class _Call:
+    """Per-method plan: what to check before the handler and how to finish."""
+
+    __slots__ = ("info", "metrics", "pending")
+
+    def __init__(self, info: MethodInfo, pending: str) -> None:
+        self.info = info
+        self.metrics = MethodMetrics(info.path)
+        self.pending = pending
+
+
+class MeshInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Auth, request validation, metrics and the error boundary for AutoEcoOps RPCs.
+
+    Health, reflection and other non-AutoEcoOps services pass through untouched.
+    """
+
+    def __init__(self, verifier: TokenVerifier, authorizer: Authorizer | None = None) -> None:
+        self._verifier = verifier
+        self._authorizer = authorizer
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        """Return the wrapped handler of ``details.method`` (cached per method)."""
+        path: str = details.method
+        cached = self._handlers.get(path)
+        if cached is not None:
+            return cached
+        handler = await continuation(details)
+        if handler is None or not path.startswith("/autoecoops."):
+            # Unknown methods are not cached, so random names cannot grow the map.
+            return handler
+        info = method_info(path)
+        if info is None:
+            return handler
+        wrapped = self._wrap(info, handler)
+        self._handlers[path] = wrapped
+        return wrapped
+
+    # -- per call ---------------------------------------------------------
+
+    async def _admit(self, call: _Call, context: grpc.aio.ServicerContext) -> None:
+        """Authenticate and authorize; set the principal and deadline context."""
+        remaining = context.time_remaining()
+        if remaining is not None:
+            current_deadline.set(time.monotonic() + remaining)
+        info = call.info
+        if info.public:
+            return
+        token = bearer_token(context.invocation_metadata())
+        if not token:
+            raise Unauthenticated(
+                f"{info.full_name} needs a bearer token in the 'authorization' metadata",
+                reason="CREDENTIALS_MISSING",
+            )
+        principal: Principal = await self._verifier.verify(token)
+        current_principal.set(principal)
+        if not info.permission:
+            # Deny by default: an RPC whose contract names no permission is a bug.
+            raise PermissionDenied(
+                f"{info.full_name} declares no permission and is denied",
+                reason="PERMISSION_UNDECLARED",
+            )
+        if self._authorizer is not None:
+            await self._authorizer.check(principal, info.permission)
+
+    @staticmethod
+    def _decode(call: _Call, raw: bytes) -> pb_message.Message:
+        try:
+            request = call.info.request_type.FromString(raw)
+        except pb_message.DecodeError:
+            raise InvalidArgument(
+                f"{call.info.full_name}: the request is not a valid {call.info.request_type.DESCRIPTOR.full_name}",
+                reason="MALFORMED_REQUEST",
+            ) from None
+        violations = call.info.validate(request)
+        if violations:
+            raise InvalidArgument(
+                f"{call.info.full_name}: invalid request: "
+                + "; ".join(f"{v.field}: {v.description}" for v in violations),
+                reason="INVALID_REQUEST",
+                field_violations=violations,
+            )
+        return request
+
+    async def _decode_stream(
+        self, call: _Call, raw: AsyncIterator[bytes]
+    ) -> AsyncIterator[pb_message.Message]:
+        async for item in raw:
+            yield self._decode(call, item)
+
+    @staticmethod
+    def _as_error(call: _Call, exc: Exception) -> AutoEcoOpsError:
+        if isinstance(exc, AutoEcoOpsError):
+            return exc
+        if isinstance(exc, NotImplementedError):
+            what = f": {call.pending}" if call.pending else ""
+            return Unimplemented(
+                f"{call.info.full_name} is not implemented yet{what}", reason="NOT_IMPLEMENTED_YET"
+            )
+        error_id = uuid.uuid4().hex[:12]
+        log.exception("unhandled error in %s (error_id=%s)", call.info.full_name, error_id)
+        return Internal(
+            f"internal error in {call.info.full_name}; quote error_id {error_id}",
+            metadata={"error_id": error_id},
+        )
+
+    async def _abort(self, call: _Call, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        err = self._as_error(call, exc)
+        trace_id = current_trace_id()
+        if trace_id and "trace_id" not in err.metadata:
+            err.metadata["trace_id"] = trace_id
+        status = err.to_status()
+        await context.abort(
+            err.code,
+            err.message,
+            trailing_metadata=((STATUS_DETAILS_KEY, status.SerializeToString()),),
+        )
+
+    # -- wrapping ---------------------------------------------------------
+
+    def _wrap(self, info: MethodInfo, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        behavior = (
+            handler.unary_unary
+            or handler.unary_stream
+            or handler.stream_unary
+            or handler.stream_stream
+        )
+        call = _Call(info, getattr(getattr(behavior, "__self__", None), "PENDING", ""))
+        decode: Callable[[_Call, Any], Any] = (
+            self._decode_stream if info.client_streaming else self._decode
+        )
+        admit, fail, metrics = self._admit, self._abort, call.metrics
+
+        async def respond_once(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+            start, code = time.perf_counter(), "OK"
+            try:
+                await admit(call, context)
+                result = behavior(decode(call, raw), context)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+            except grpc.aio.AbortError:
+                code = _code_name(context)
+                raise
+            except Exception as exc:
+                code = _error_code(exc)
+                await fail(call, context, exc)
+            finally:
+                metrics.observe(code, time.perf_counter() - start)
+
+        async def respond_stream(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            start, code = time.perf_counter(), "OK"
+            try:
+                await admit(call, context)
+                result = behavior(decode(call, raw), context)
+                if hasattr(result, "__aiter__"):
+                    async for item in result:
+                        yield item
+                elif inspect.isawaitable(result):
+                    await result
+            except grpc.aio.AbortError:
+                code = _code_name(context)
+                raise
+            except Exception as exc:
+                code = _error_code(exc)
+                await fail(call, context, exc)
+            finally:
+                metrics.observe(code, time.perf_counter() - start)
+
+        # Requests arrive as bytes (no deserializer) so a malformed message is
+        # INVALID_ARGUMENT from _decode rather than grpc's opaque INTERNAL.
+        serializer = handler.response_serializer
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(respond_once, None, serializer)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(respond_once, None, serializer)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(respond_stream, None, serializer)
+        return grpc.stream_stream_rpc_method_handler(respond_stream, None, serializer)
+
+
+def _code_name(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    return str(code.name) if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
+def _error_code(exc: Exception) -> str:
+    if isinstance(exc, AutoEcoOpsError):
+        return str(exc.code.name)
+    return "UNIMPLEMENTED" if isinstance(exc, NotImplementedError) else "INTERNAL"

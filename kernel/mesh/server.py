@@ -1,0 +1,204 @@
+"""The server bootstrap every service shares.
+
+A ``Mesh`` runs one grpc.aio server per service (one in a pod, all eight on a
+laptop). Each server gets grpc.health.v1, server reflection, OpenTelemetry,
+the mesh interceptor (auth, validation, metrics, error boundary) and message
+size limits. ``stop`` drains: health goes NOT_SERVING first, then in-flight
+calls get the grace period to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+from autoecoops.kernel.mesh.auth import Authorizer, TokenVerifier, UnavailableVerifier
+from autoecoops.kernel.mesh.clients import ClientFactory
+from autoecoops.kernel.mesh.config import BY_NAME, MeshConfig
+from autoecoops.kernel.mesh.errors import ConfigError
+from autoecoops.kernel.mesh.interceptors import MeshInterceptor
+from autoecoops.kernel.mesh.tracing import setup_tracing
+
+log = logging.getLogger("autoecoops.mesh")
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+#: Where each service's ``register`` lives; imported only when that service runs,
+#: so `autoecoops serve auth-service` never loads memory-hub's model.
+CATALOG: Mapping[str, str] = {
+    "auth-service": "autoecoops.kernel.auth.service",
+    "memory-hub": "autoecoops.kernel.memory_hub.service",
+    "event-bus": "autoecoops.kernel.event_bus.service",
+    "policy-audit": "autoecoops.kernel.policy_audit.service",
+    "infra-manager": "autoecoops.kernel.infra_manager.service",
+    "autoops": "autoecoops.platforms.autoops.service",
+    "iaops": "autoecoops.platforms.iaops.service",
+    "machine-ops": "autoecoops.platforms.machine_ops.service",
+}
+
+
+@dataclass
+class Runtime:
+    """What a service gets to build its servicers with."""
+
+    config: MeshConfig
+    clients: ClientFactory
+    verifier: TokenVerifier = field(default_factory=UnavailableVerifier)
+    authorizer: Authorizer | None = None
+    #: Objects to close on shutdown (stores, background tasks' owners).
+    closers: list[Callable[[], Any]] = field(default_factory=list)
+
+
+class Register(Protocol):
+    """A service module's ``register``: add servicers, return their full names."""
+
+    def __call__(self, server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]: ...
+
+
+def load_register(service: str) -> Register:
+    """Import ``service``'s module and return its ``register``."""
+    module = importlib.import_module(CATALOG[service])
+    register: Register = module.register
+    return register
+
+
+class _Reflection(reflection.aio.ReflectionServicer):  # type: ignore[misc]
+    """Server reflection that also resolves method symbols (``pkg.Service.Method``).
+
+    The upb descriptor pool finds services and messages but not methods, so
+    ``grpcurl describe pkg.Service.Method`` would fail; answer it with the
+    service's file, as the Go and C++ servers do.
+    """
+
+    def _file_containing_symbol(self, request: Any, fully_qualified_name: str) -> Any:
+        service, _, method = fully_qualified_name.rpartition(".")
+        try:
+            self._pool.FindFileContainingSymbol(fully_qualified_name)
+        except KeyError:
+            try:
+                if method in self._pool.FindServiceByName(service).methods_by_name:
+                    fully_qualified_name = service
+            except KeyError:
+                pass
+        return super()._file_containing_symbol(request, fully_qualified_name)
+
+
+class ServiceServer:
+    """One grpc.aio server for one mesh service."""
+
+    def __init__(self, name: str, runtime: Runtime, register: Register | None = None) -> None:
+        self.name = name
+        self.runtime = runtime
+        self._register = register or load_register(name)
+        self.health = health_aio.HealthServicer()
+        self.services: list[str] = []
+        self.port = 0
+        cfg = runtime.config
+        self.server = grpc.aio.server(
+            interceptors=[
+                # OTel first, so the mesh interceptor runs inside the call's span.
+                aio_server_interceptor(),  # type: ignore[no-untyped-call]
+                MeshInterceptor(runtime.verifier, runtime.authorizer),
+            ],
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+
+    async def start(self) -> int:
+        """Register servicers, bind the port, start, and report SERVING."""
+        self.services = list(self._register(self.server, self.runtime))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            _Reflection([*self.services, HEALTH_SERVICE, reflection.SERVICE_NAME]), self.server
+        )
+        cfg = self.runtime.config
+        wanted = cfg.port(self.name)
+        try:
+            self.port = self.server.add_insecure_port(f"{cfg.host}:{wanted}")
+        except RuntimeError:
+            env = BY_NAME[self.name].env if self.name in BY_NAME else self.name
+            raise ConfigError(
+                f"AUTOECOOPS_{env}_PORT={wanted}: cannot listen on {cfg.host}:{wanted} (in use?)"
+            ) from None
+        await self.server.start()
+        for svc in ("", *self.services):
+            await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def enter_drain(self) -> None:
+        """Report NOT_SERVING everywhere so load balancers stop sending calls."""
+        await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new calls and give in-flight ones ``grace`` seconds."""
+        await self.server.stop(grace)
+
+
+class Mesh:
+    """A set of services run by one process."""
+
+    def __init__(self, config: MeshConfig, runtime: Runtime | None = None) -> None:
+        self.config = config
+        self.runtime = runtime or Runtime(config=config, clients=ClientFactory(config))
+        self.servers: list[ServiceServer] = []
+
+    async def start(
+        self, names: Sequence[str], registers: Mapping[str, Register] | None = None
+    ) -> None:
+        """Start ``names`` in order; on a failure, stop what started and re-raise."""
+        setup_tracing("autoecoops" if len(names) > 1 else names[0])
+        try:
+            for name in names:
+                srv = ServiceServer(name, self.runtime, (registers or {}).get(name))
+                self.servers.append(srv)
+                await srv.start()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, wait the drain delay, then stop with the grace period."""
+        grace = self.config.shutdown_grace if grace is None else grace
+        servers, self.servers = self.servers, []
+        await asyncio.gather(*(s.enter_drain() for s in servers))
+        if servers and self.config.drain_delay and grace:
+            await asyncio.sleep(self.config.drain_delay)
+        await asyncio.gather(*(s.stop(grace) for s in servers))
+        for close in reversed(self.runtime.closers):
+            result = close()
+            if asyncio.iscoroutine(result):
+                await result
+        self.runtime.closers.clear()
+        await self.runtime.clients.close()
+
+
+async def run_until_signalled(
+    mesh: Mesh, names: Sequence[str], on_ready: Callable[[Mesh], None]
+) -> None:
+    """Start ``names``, call ``on_ready``, then drain on SIGINT/SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await mesh.start(names)
+        on_ready(mesh)
+        await stop.wait()
+        log.info("signal received: draining")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await mesh.stop()
