@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib
 import logging
 import sys
 import time
@@ -20,12 +21,30 @@ from autoecoops.kernel.mesh.errors import ConfigError
 log = logging.getLogger("autoecoops")
 
 
+#: Packages that may contribute commands through a ``cli`` module.
+COMMAND_PACKAGES = (
+    "autoecoops.kernel.auth",
+    "autoecoops.kernel.memory_hub",
+    "autoecoops.kernel.event_bus",
+    "autoecoops.kernel.policy_audit",
+    "autoecoops.kernel.infra_manager",
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoecoops", description="AutoEcoOps control plane")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="run every service of the mesh in this process")
     serve = sub.add_parser("serve", help="run one service (one per pod in Kubernetes)")
     serve.add_argument("service", choices=SERVICE_NAMES)
+    for package in COMMAND_PACKAGES:
+        try:
+            module = importlib.import_module(f"{package}.cli")
+        except ModuleNotFoundError as err:
+            if err.name != f"{package}.cli":
+                raise
+            continue
+        module.add_commands(sub)
     return parser
 
 
@@ -88,8 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    names = [s.name for s in SERVICES] if args.command == "up" else [args.service]
     try:
+        if args.command not in ("up", "serve"):
+            code: int = args.func(args, config)
+            return code
+        names = [s.name for s in SERVICES] if args.command == "up" else [args.service]
         return _run(config, names)
     except ConfigError as err:
         print(f"autoecoops: {err}", file=sys.stderr)

@@ -91,9 +91,42 @@ def generate_python(out: Path) -> None:
     (root / "py.typed").touch()
 
 
+def descriptor_set(path: Path) -> None:
+    """All protos with their imports and comments, for the document generators."""
+    import grpc_tools
+
+    wkt = Path(grpc_tools.__file__).parent / "_proto"
+    cmd = [
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        f"-I{PROTO}",
+        f"-I{GOOGLEAPIS}",
+        f"-I{wkt}",
+        "--include_imports",
+        "--include_source_info",
+        f"--descriptor_set_out={path}",
+        *proto_files(),
+    ]
+    subprocess.run(cmd, check=True, cwd=PROTO)
+
+
+#: Document generators: modules under scripts/ with generate(fds_path, out_dir).
+GENERATORS = {"openapi": "gen_openapi", "asyncapi": "gen_asyncapi"}
+
+
 def generate_all(out: Path) -> None:
     link_googleapis()
     generate_python(out / "python")
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    with tempfile.TemporaryDirectory() as tmp:
+        fds = Path(tmp) / "descriptors.binpb"
+        descriptor_set(fds)
+        for folder, module in GENERATORS.items():
+            if (ROOT / "scripts" / f"{module}.py").exists():
+                importlib.import_module(module).generate(fds, out / folder)
 
 
 def diff_trees(a: Path, b: Path) -> list[str]:

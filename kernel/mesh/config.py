@@ -72,6 +72,9 @@ class MeshConfig:
     metrics_port: int = 0
     #: Log level name (``AUTOECOOPS_LOG_LEVEL``).
     log_level: str = "INFO"
+    #: Prefix of every Redis key (``AUTOECOOPS_KEY_PREFIX``); keys are
+    #: ``<prefix><service>:...``. Tests and shared Redis servers set their own.
+    key_prefix: str = "autoecoops:"
 
     def port(self, service: str) -> int:
         """The port ``service`` listens on."""
@@ -89,7 +92,7 @@ class MeshConfig:
         ports = dict(defaults.ports)
         addrs: dict[str, str] = {}
         for svc in SERVICES:
-            ports[svc.name] = _port(env, f"{PREFIX}{svc.env}_PORT", svc.port)
+            ports[svc.name] = read_port(env, f"{PREFIX}{svc.env}_PORT", svc.port)
             addr = env.get(f"{PREFIX}{svc.env}_ADDR", "").strip()
             if addr:
                 _check_addr(f"{PREFIX}{svc.env}_ADDR", addr)
@@ -113,14 +116,26 @@ class MeshConfig:
             addrs=addrs,
             redis_url=redis_url,
             data_dir=Path(env.get(f"{PREFIX}DATA_DIR", "") or defaults.data_dir),
-            max_message_bytes=_int(
+            max_message_bytes=read_int(
                 env, f"{PREFIX}MAX_MESSAGE_BYTES", defaults.max_message_bytes, 1024, 1 << 30
             ),
-            shutdown_grace=_float(env, f"{PREFIX}SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace),
-            drain_delay=_float(env, f"{PREFIX}DRAIN_DELAY_SECONDS", defaults.drain_delay),
-            metrics_port=0 if metrics == "0" else _port(env, f"{PREFIX}METRICS_PORT", 0),
+            shutdown_grace=read_seconds(
+                env, f"{PREFIX}SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace
+            ),
+            drain_delay=read_seconds(env, f"{PREFIX}DRAIN_DELAY_SECONDS", defaults.drain_delay),
+            metrics_port=0 if metrics == "0" else read_port(env, f"{PREFIX}METRICS_PORT", 0),
             log_level=level,
+            key_prefix=_key_prefix(
+                env.get(f"{PREFIX}KEY_PREFIX", "").strip() or defaults.key_prefix
+            ),
         )
+
+
+def _key_prefix(prefix: str) -> str:
+    # Glob characters would leak into SCAN patterns and match other tenants' keys.
+    if any(c in prefix for c in "*?[]{} \n"):
+        raise ConfigError(f"{PREFIX}KEY_PREFIX={prefix!r}: no glob characters, braces or spaces")
+    return prefix if prefix.endswith(":") else prefix + ":"
 
 
 def _dial_host(host: str) -> str:
@@ -128,7 +143,8 @@ def _dial_host(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "[::1]", "[::]": "[::1]"}.get(host, host)
 
 
-def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+def read_int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    """An integer variable in [lo, hi]; ``ConfigError`` naming ``name`` otherwise."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -141,11 +157,13 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> i
     return value
 
 
-def _port(env: Mapping[str, str], name: str, default: int) -> int:
-    return _int(env, name, default, 1, 65535)
+def read_port(env: Mapping[str, str], name: str, default: int) -> int:
+    """A TCP port variable."""
+    return read_int(env, name, default, 1, 65535)
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def read_seconds(env: Mapping[str, str], name: str, default: float, hi: float = 3600) -> float:
+    """A duration variable in seconds, between 0 and ``hi``."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -153,9 +171,29 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r}: not a number of seconds") from None
-    if not 0 <= value <= 3600:
-        raise ConfigError(f"{name}={value}: must be between 0 and 3600 seconds")
+    if not 0 <= value <= hi:
+        raise ConfigError(f"{name}={value}: must be between 0 and {hi:g} seconds")
     return value
+
+
+def read_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """A boolean variable: 1/true/yes/on or 0/false/no/off."""
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name}={raw!r}: expected true or false")
+
+
+def read_str(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...] = ()) -> str:
+    """A string variable, optionally one of ``choices``."""
+    raw = env.get(name, "").strip() or default
+    if choices and raw not in choices:
+        raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(choices)}")
+    return raw
 
 
 def _check_addr(name: str, addr: str) -> None:

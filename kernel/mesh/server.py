@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
+import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
@@ -28,6 +29,7 @@ from autoecoops.kernel.mesh.clients import ClientFactory
 from autoecoops.kernel.mesh.config import BY_NAME, MeshConfig
 from autoecoops.kernel.mesh.errors import ConfigError
 from autoecoops.kernel.mesh.interceptors import MeshInterceptor
+from autoecoops.kernel.mesh.redis import connect
 from autoecoops.kernel.mesh.tracing import setup_tracing
 
 log = logging.getLogger("autoecoops.mesh")
@@ -55,8 +57,23 @@ class Runtime:
     clients: ClientFactory
     verifier: TokenVerifier = field(default_factory=UnavailableVerifier)
     authorizer: Authorizer | None = None
-    #: Objects to close on shutdown (stores, background tasks' owners).
+    #: Callables run (and awaited if they return a coroutine) on shutdown, last first.
     closers: list[Callable[[], Any]] = field(default_factory=list)
+    _redis: aioredis.Redis | None = None
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The shared Redis client (connects lazily; one pool per process)."""
+        if self._redis is None:
+            if not self.config.redis_url:
+                raise ConfigError("REDIS_URL: no Redis configured for a service that needs one")
+            self._redis = connect(self.config.redis_url)
+            self.closers.insert(0, self._redis.aclose)
+        return self._redis
+
+    def key(self, service: str, *parts: str) -> str:
+        """A Redis key ``<prefix><service>:<parts...>`` (DESIGN.md "Data")."""
+        return ":".join([self.config.key_prefix + service, *parts])
 
 
 class Register(Protocol):
