@@ -1,0 +1,126 @@
+"""Canonical bytes: RFC 8785 (JCS) JSON, and the leaf encoding of audit entries.
+
+An audit entry's leaf is the RFC 8785 canonical JSON of the entry's proto3
+JSON form (lowerCamelCase names, int64 as strings, enums by name, defaults
+omitted). Canonical JSON rather than deterministic protobuf because any
+language can recompute it from the JSON a user sees, and protobuf's
+"deterministic" serialization is explicitly not canonical across
+implementations or versions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from google.protobuf import json_format
+
+from autoecoops.audit.v1 import audit_pb2
+
+
+def canonical_json(value: Any) -> bytes:
+    """The RFC 8785 canonical UTF-8 encoding of a JSON value.
+
+    Raises ``ValueError`` for values JSON cannot carry (NaN, infinities,
+    non-string keys, lone surrogates).
+    """
+    parts: list[str] = []
+    _emit(value, parts)
+    try:
+        return "".join(parts).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"not valid Unicode: {err.reason}") from None
+
+
+def _emit(value: Any, out: list[str]) -> None:
+    if value is None:
+        out.append("null")
+    elif value is True:
+        out.append("true")
+    elif value is False:
+        out.append("false")
+    elif isinstance(value, str):
+        # json.dumps without ASCII escaping escapes exactly what ECMAScript's
+        # JSON.stringify does: quote, backslash and C0 controls (\u00xx lowercase).
+        out.append(json.dumps(value, ensure_ascii=False))
+    elif isinstance(value, int):
+        out.append(_number(float(value)) if abs(value) >= 2**53 else str(value))
+    elif isinstance(value, float):
+        out.append(_number(value))
+    elif isinstance(value, Mapping):
+        for key in value:
+            if not isinstance(key, str):
+                raise ValueError(f"object keys must be strings, not {type(key).__name__}")
+        # Keys sort by their UTF-16 code units (RFC 8785 section 3.2.3).
+        keys = sorted(value, key=lambda k: k.encode("utf-16-be", "surrogatepass"))
+        out.append("{")
+        for i, key in enumerate(keys):
+            if i:
+                out.append(",")
+            out.append(json.dumps(key, ensure_ascii=False))
+            out.append(":")
+            _emit(value[key], out)
+        out.append("}")
+    elif isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
+        out.append("[")
+        for i, item in enumerate(value):
+            if i:
+                out.append(",")
+            _emit(item, out)
+        out.append("]")
+    else:
+        raise ValueError(f"{type(value).__name__} is not a JSON value")
+
+
+def _number(x: float) -> str:
+    """ECMAScript Number.prototype.toString for a double (RFC 8785 section 3.2.2.3)."""
+    if not math.isfinite(x):
+        raise ValueError("NaN and infinities are not JSON numbers")
+    if x == 0:
+        return "0"
+    sign = "-" if x < 0 else ""
+    # repr gives the shortest digits that round-trip, as ECMAScript requires;
+    # only the layout (where the point and exponent go) differs.
+    text = repr(abs(x))
+    mantissa, _, exp = text.partition("e")
+    whole, _, frac = mantissa.partition(".")
+    frac = "" if frac == "0" else frac
+    raw = whole + frac
+    stripped = raw.lstrip("0")
+    n = len(whole) + int(exp or 0) - (len(raw) - len(stripped))
+    digits = stripped.rstrip("0")
+    k = len(digits)
+    if k <= n <= 21:
+        body = digits + "0" * (n - k)
+    elif 0 < n <= 21:
+        body = digits[:n] + "." + digits[n:]
+    elif -6 < n <= 0:
+        body = "0." + "0" * (-n) + digits
+    else:
+        e = n - 1
+        esign = "+" if e >= 0 else "-"
+        head = digits if k == 1 else digits[0] + "." + digits[1:]
+        body = f"{head}e{esign}{abs(e)}"
+    return sign + body
+
+
+def entry_json(entry: audit_pb2.AuditEntry) -> dict[str, Any]:
+    """The proto3 JSON form of an entry, as a dict."""
+    return json_format.MessageToDict(entry)
+
+
+def entry_bytes(entry: audit_pb2.AuditEntry) -> bytes:
+    """The canonical leaf bytes of an entry: RFC 8785 JSON of its proto3 JSON form."""
+    return canonical_json(entry_json(entry))
+
+
+def parse_entry(data: bytes) -> audit_pb2.AuditEntry:
+    """An entry from its leaf bytes; ``ValueError`` if they are not an entry."""
+    entry = audit_pb2.AuditEntry()
+    try:
+        json_format.Parse(data.decode("utf-8"), entry)
+    except (json_format.ParseError, UnicodeDecodeError) as err:
+        raise ValueError(f"not an audit entry: {err}") from None
+    return entry
