@@ -68,8 +68,14 @@ StartMesh = Callable[..., Awaitable[Mesh]]
 
 
 @pytest.fixture
-async def start_mesh(tmp_path: Path) -> AsyncIterator[StartMesh]:
-    """Start services in-process: ``await start_mesh(["auth-service"], registers={...})``."""
+async def start_mesh(tmp_path: Path, redis_url: str, key_prefix: str) -> AsyncIterator[StartMesh]:
+    """Start services in-process on free ports, with their own Redis key prefix.
+
+    ``await start_mesh(["event-bus"], registers={...})`` runs a bare runtime
+    (no token is accepted); pass ``secure=True`` for the real thing: tokens
+    verified with auth-service's keys and RBAC from its store (start
+    "auth-service" too, and sign tokens with the ``mint_token`` fixture).
+    """
     meshes: list[Mesh] = []
 
     async def start(
@@ -77,9 +83,14 @@ async def start_mesh(tmp_path: Path) -> AsyncIterator[StartMesh]:
         registers: Mapping[str, Register] | None = None,
         config: MeshConfig | None = None,
         runtime: Runtime | None = None,
+        secure: bool = False,
     ) -> Mesh:
-        cfg = config or make_config(data_dir=tmp_path, shutdown_grace=1.0)
-        mesh = Mesh(cfg, runtime or Runtime(config=cfg, clients=ClientFactory(cfg)))
+        cfg = config or make_config(
+            data_dir=tmp_path, shutdown_grace=1.0, redis_url=redis_url, key_prefix=key_prefix
+        )
+        if runtime is None and not secure:
+            runtime = Runtime(config=cfg, clients=ClientFactory(cfg))
+        mesh = Mesh(cfg, runtime)
         await mesh.start(names, registers)
         meshes.append(mesh)
         return mesh
@@ -87,3 +98,32 @@ async def start_mesh(tmp_path: Path) -> AsyncIterator[StartMesh]:
     yield start
     for mesh in meshes:
         await mesh.stop(grace=0)
+
+
+MintToken = Callable[..., str]
+
+
+@pytest.fixture
+def mint_token(tmp_path: Path) -> MintToken:
+    """Sign real tokens with the key ring auth-service will load from ``tmp_path``.
+
+    ``mint_token("alice", roles=["admin"])``; keyword arguments go to
+    ``Issuer.issue`` (ttl, audience, groups, scopes, act, extra, now).
+    """
+    from autoecoops.kernel.auth.keys import KeyRing
+    from autoecoops.kernel.auth.settings import AuthSettings
+    from autoecoops.kernel.auth.tokens import Issuer
+
+    settings = AuthSettings.from_env(MeshConfig(data_dir=tmp_path), {})
+    ring = KeyRing(
+        settings.key_dir, publish_delay=settings.publish_delay, max_token_ttl=settings.max_token_ttl
+    )
+    ring.load_or_create()
+    issuer = Issuer(settings.issuer, ring)
+
+    def mint(subject: str, roles: list[str] | tuple[str, ...] = (), **kwargs: Any) -> str:
+        kwargs.setdefault("ttl", 300)
+        kwargs.setdefault("audience", settings.audience)
+        return issuer.issue(subject, roles=roles, **kwargs).token
+
+    return mint

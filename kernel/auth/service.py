@@ -2,23 +2,447 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
+from google.protobuf import field_mask_pb2, json_format, struct_pb2, timestamp_pb2
 
 from autoecoops.auth.v1 import auth_pb2, auth_pb2_grpc
+from autoecoops.kernel.auth.authority import Authority
+from autoecoops.kernel.auth.keys import KeyRing
+from autoecoops.kernel.auth.rbac import Binding, Role, Subject
+from autoecoops.kernel.auth.settings import AuthSettings
+from autoecoops.kernel.auth.store import AuthStore, ServiceAccount, TrustedIssuer, page
+from autoecoops.kernel.auth.tokens import IssuedToken
+from autoecoops.kernel.mesh.auth import Principal, current_principal
+from autoecoops.kernel.mesh.errors import FieldViolation, InvalidArgument, Unauthenticated
 from autoecoops.kernel.mesh.server import Runtime
+
+Ctx = grpc.aio.ServicerContext
+_KINDS = {
+    auth_pb2.SUBJECT_KIND_USER: "user",
+    auth_pb2.SUBJECT_KIND_GROUP: "group",
+    auth_pb2.SUBJECT_KIND_SERVICE_ACCOUNT: "serviceaccount",
+}
+_KIND_VALUES = {v: k for k, v in _KINDS.items()}
+
+
+def _ts(epoch: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    if epoch:
+        ts.FromNanoseconds(int(epoch * 1e9))
+    return ts
+
+
+def _caller() -> Principal:
+    principal = current_principal.get()
+    if principal is None:  # the interceptor guarantees one on protected RPCs
+        raise Unauthenticated("no verified caller", reason="CREDENTIALS_MISSING")
+    return principal
+
+
+def _merge(mask: field_mask_pb2.FieldMask, new: Any, old: Any, field: str) -> Any:
+    """Apply ``new`` over ``old`` for the paths in ``mask`` (all writable fields if empty)."""
+    if not mask.paths:
+        return new
+    merged = type(old)()
+    merged.CopyFrom(old)
+    allowed = set(type(new).DESCRIPTOR.fields_by_name)
+    for i, path in enumerate(mask.paths):
+        if path not in allowed or path in {"name", "create_time", "update_time"}:
+            raise InvalidArgument(
+                f"update_mask path {path!r} cannot be updated",
+                field_violations=[
+                    FieldViolation(f"update_mask.paths[{i}]", f"not an updatable field of {field}")
+                ],
+            )
+    field_mask_pb2.FieldMask(paths=list(mask.paths)).MergeMessage(
+        new, merged, replace_repeated_field=True
+    )
+    return merged
+
+
+def _token_response(issued: IssuedToken, scopes: Sequence[str]) -> auth_pb2.IssueTokenResponse:
+    return auth_pb2.IssueTokenResponse(
+        access_token=issued.token,
+        token_type="Bearer",
+        expire_time=_ts(issued.expires_at),
+        scopes=list(scopes),
+    )
+
+
+def role_to_pb(role: Role) -> auth_pb2.Role:
+    """Domain role -> proto."""
+    return auth_pb2.Role(
+        name=role.name,
+        permissions=list(role.permissions),
+        description=role.description,
+        create_time=_ts(role.create_time),
+        update_time=_ts(role.update_time),
+    )
+
+
+def role_from_pb(pb: auth_pb2.Role) -> Role:
+    """Proto role -> domain."""
+    return Role(pb.name, tuple(pb.permissions), pb.description)
+
+
+def binding_to_pb(b: Binding) -> auth_pb2.RoleBinding:
+    """Domain binding -> proto."""
+    return auth_pb2.RoleBinding(
+        name=b.name,
+        role=b.role,
+        subjects=[auth_pb2.Subject(kind=_KIND_VALUES[s.kind], name=s.name) for s in b.subjects],  # type: ignore[misc]
+        namespace=b.namespace,
+        create_time=_ts(b.create_time),
+    )
+
+
+def binding_from_pb(pb: auth_pb2.RoleBinding) -> Binding:
+    """Proto binding -> domain; an unspecified subject kind is a field violation."""
+    subjects = []
+    for i, s in enumerate(pb.subjects):
+        if s.kind not in _KINDS:
+            raise InvalidArgument(
+                "subject kind is required",
+                field_violations=[
+                    FieldViolation(
+                        f"role_binding.subjects[{i}].kind", "must be USER, GROUP or SERVICE_ACCOUNT"
+                    )
+                ],
+            )
+        subjects.append(Subject(_KINDS[s.kind], s.name))
+    return Binding(pb.name, pb.role, tuple(subjects), pb.namespace)
+
+
+def issuer_to_pb(i: TrustedIssuer) -> auth_pb2.TrustedIssuer:
+    """Domain issuer -> proto."""
+    pb = auth_pb2.TrustedIssuer(
+        name=i.name,
+        issuer_url=i.issuer_url,
+        audiences=list(i.audiences),
+        algorithms=list(i.algorithms),
+        groups_claim=i.groups_claim,
+        group_roles=[
+            auth_pb2.GroupRoleMapping(group=g, roles=list(r))
+            for g, r in sorted(i.group_roles.items())
+        ],
+        create_time=_ts(i.create_time),
+    )
+    pb.jwks_ttl.FromNanoseconds(int(i.jwks_ttl * 1e9))
+    return pb
+
+
+def issuer_from_pb(pb: auth_pb2.TrustedIssuer) -> TrustedIssuer:
+    """Proto issuer -> domain, with defaults for unset fields."""
+    from autoecoops.kernel.auth.federation import check_issuer_url
+    from autoecoops.kernel.auth.rbac import check_name
+
+    check_name(pb.name, "trusted_issuer.name")
+    check_issuer_url(pb.issuer_url)
+    bad = [a for a in pb.algorithms if a not in ("RS256", "ES256")]
+    if bad:
+        raise InvalidArgument(
+            f"algorithms {bad} are not accepted",
+            field_violations=[FieldViolation("trusted_issuer.algorithms", "only RS256 and ES256")],
+        )
+    ttl = pb.jwks_ttl.ToNanoseconds() / 1e9 if pb.HasField("jwks_ttl") else 300.0
+    return TrustedIssuer(
+        name=pb.name,
+        issuer_url=pb.issuer_url,
+        audiences=tuple(pb.audiences),
+        algorithms=tuple(pb.algorithms) or ("RS256", "ES256"),
+        groups_claim=pb.groups_claim or "groups",
+        group_roles={m.group: tuple(m.roles) for m in pb.group_roles},
+        jwks_ttl=min(max(ttl, 1.0), 86400.0),
+    )
+
+
+def account_to_pb(a: ServiceAccount) -> auth_pb2.ServiceAccount:
+    """Domain account -> proto (never the secret hash)."""
+    return auth_pb2.ServiceAccount(
+        name=a.name, roles=list(a.roles), description=a.description, create_time=_ts(a.create_time)
+    )
+
+
+def principal_to_pb(p: Principal) -> auth_pb2.Principal:
+    """Domain principal -> proto."""
+    return auth_pb2.Principal(
+        subject=p.subject,
+        issuer=p.issuer,
+        groups=list(p.groups),
+        roles=list(p.roles),
+        actors=list(p.actors),
+    )
 
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     """Serves autoecoops.auth.v1.AuthService."""
 
-    PENDING = (
-        "token issuance, JWT verification, federation and RBAC land with the auth-service issue"
+    def __init__(self, authority: Authority) -> None:
+        self.a = authority
+
+    async def IssueToken(
+        self, request: auth_pb2.IssueTokenRequest, context: Ctx
+    ) -> auth_pb2.IssueTokenResponse:
+        issued = await self.a.issue_for_account(
+            request.client_id, request.client_secret, request.audience, list(request.scopes)
+        )
+        return _token_response(issued, request.scopes)
+
+    async def ExchangeToken(
+        self, request: auth_pb2.ExchangeTokenRequest, context: Ctx
+    ) -> auth_pb2.ExchangeTokenResponse:
+        issued = await self.a.exchange(
+            request.subject_token, request.actor_token, request.audience, list(request.scopes)
+        )
+        return auth_pb2.ExchangeTokenResponse(
+            access_token=issued.token,
+            issued_token_type="urn:ietf:params:oauth:token-type:access_token",
+            token_type="Bearer",
+            expire_time=_ts(issued.expires_at),
+        )
+
+    async def VerifyToken(
+        self, request: auth_pb2.VerifyTokenRequest, context: Ctx
+    ) -> auth_pb2.VerifyTokenResponse:
+        principal = await self.a.introspect(request.token, request.audience)
+        claims = struct_pb2.Struct()
+        json_format.ParseDict(principal.claims, claims)
+        return auth_pb2.VerifyTokenResponse(
+            principal=principal_to_pb(principal),
+            claims=claims,
+            expire_time=_ts(float(principal.claims["exp"])),
+        )
+
+    async def GetJwks(
+        self, request: auth_pb2.GetJwksRequest, context: Ctx
+    ) -> auth_pb2.GetJwksResponse:
+        keys = [
+            auth_pb2.JsonWebKey(
+                **{
+                    k: v
+                    for k, v in jwk.items()
+                    if k in auth_pb2.JsonWebKey.DESCRIPTOR.fields_by_name
+                }
+            )
+            for jwk in self.a.ring.jwks()
+        ]
+        return auth_pb2.GetJwksResponse(keys=keys)
+
+    async def GetOpenIdConfiguration(
+        self, request: auth_pb2.GetOpenIdConfigurationRequest, context: Ctx
+    ) -> auth_pb2.GetOpenIdConfigurationResponse:
+        iss = self.a.settings.issuer
+        return auth_pb2.GetOpenIdConfigurationResponse(
+            issuer=iss,
+            jwks_uri=f"{iss}/.well-known/jwks.json",
+            token_endpoint=f"{iss}/v1/auth/token",
+            grant_types_supported=[
+                "client_credentials",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ],
+            id_token_signing_alg_values_supported=["ES256", "RS256"],
+            subject_types_supported=["public"],
+            response_types_supported=["token"],
+        )
+
+    async def RotateSigningKey(
+        self, request: auth_pb2.RotateSigningKeyRequest, context: Ctx
+    ) -> auth_pb2.RotateSigningKeyResponse:
+        alg = request.algorithm or self.a.settings.signing_alg
+        new = self.a.ring.rotate(alg)
+        return auth_pb2.RotateSigningKeyResponse(
+            kid=new.meta.kid, active_time=_ts(new.meta.active_from)
+        )
+
+    # -- roles --------------------------------------------------------------
+
+    async def CreateRole(
+        self, request: auth_pb2.CreateRoleRequest, context: Ctx
+    ) -> auth_pb2.CreateRoleResponse:
+        role = await self.a.create_role(_caller(), role_from_pb(request.role))
+        return auth_pb2.CreateRoleResponse(role=role_to_pb(role))
+
+    async def GetRole(
+        self, request: auth_pb2.GetRoleRequest, context: Ctx
+    ) -> auth_pb2.GetRoleResponse:
+        return auth_pb2.GetRoleResponse(role=role_to_pb(await self.a.store.get_role(request.name)))
+
+    async def ListRoles(
+        self, request: auth_pb2.ListRolesRequest, context: Ctx
+    ) -> auth_pb2.ListRolesResponse:
+        items, token = page(await self.a.store.list_roles(), request.page_size, request.page_token)
+        return auth_pb2.ListRolesResponse(
+            roles=[role_to_pb(r) for r in items], next_page_token=token
+        )
+
+    async def UpdateRole(
+        self, request: auth_pb2.UpdateRoleRequest, context: Ctx
+    ) -> auth_pb2.UpdateRoleResponse:
+        old = role_to_pb(await self.a.store.get_role(request.role.name))
+        merged = _merge(request.update_mask, request.role, old, "role")
+        role = await self.a.update_role(_caller(), role_from_pb(merged))
+        return auth_pb2.UpdateRoleResponse(role=role_to_pb(role))
+
+    async def DeleteRole(
+        self, request: auth_pb2.DeleteRoleRequest, context: Ctx
+    ) -> auth_pb2.DeleteRoleResponse:
+        await self.a.store.delete_role(request.name)
+        return auth_pb2.DeleteRoleResponse()
+
+    # -- bindings -------------------------------------------------------------
+
+    async def CreateRoleBinding(
+        self, request: auth_pb2.CreateRoleBindingRequest, context: Ctx
+    ) -> auth_pb2.CreateRoleBindingResponse:
+        b = await self.a.create_binding(_caller(), binding_from_pb(request.role_binding))
+        return auth_pb2.CreateRoleBindingResponse(role_binding=binding_to_pb(b))
+
+    async def GetRoleBinding(
+        self, request: auth_pb2.GetRoleBindingRequest, context: Ctx
+    ) -> auth_pb2.GetRoleBindingResponse:
+        return auth_pb2.GetRoleBindingResponse(
+            role_binding=binding_to_pb(await self.a.store.get_binding(request.name))
+        )
+
+    async def ListRoleBindings(
+        self, request: auth_pb2.ListRoleBindingsRequest, context: Ctx
+    ) -> auth_pb2.ListRoleBindingsResponse:
+        items = [
+            b
+            for b in await self.a.store.list_bindings()
+            if (not request.namespace or b.namespace == request.namespace)
+            and (not request.subject or any(s.name == request.subject for s in b.subjects))
+        ]
+        chunk, token = page(items, request.page_size, request.page_token)
+        return auth_pb2.ListRoleBindingsResponse(
+            role_bindings=[binding_to_pb(b) for b in chunk], next_page_token=token
+        )
+
+    async def UpdateRoleBinding(
+        self, request: auth_pb2.UpdateRoleBindingRequest, context: Ctx
+    ) -> auth_pb2.UpdateRoleBindingResponse:
+        old = binding_to_pb(await self.a.store.get_binding(request.role_binding.name))
+        merged = _merge(request.update_mask, request.role_binding, old, "role_binding")
+        b = await self.a.update_binding(_caller(), binding_from_pb(merged))
+        return auth_pb2.UpdateRoleBindingResponse(role_binding=binding_to_pb(b))
+
+    async def DeleteRoleBinding(
+        self, request: auth_pb2.DeleteRoleBindingRequest, context: Ctx
+    ) -> auth_pb2.DeleteRoleBindingResponse:
+        await self.a.store.delete_binding(request.name)
+        return auth_pb2.DeleteRoleBindingResponse()
+
+    # -- trusted issuers ---------------------------------------------------------
+
+    async def CreateTrustedIssuer(
+        self, request: auth_pb2.CreateTrustedIssuerRequest, context: Ctx
+    ) -> auth_pb2.CreateTrustedIssuerResponse:
+        stored = await self.a.store.put_issuer(issuer_from_pb(request.trusted_issuer), "create")
+        await self.a.refresh_issuers()
+        return auth_pb2.CreateTrustedIssuerResponse(trusted_issuer=issuer_to_pb(stored))
+
+    async def GetTrustedIssuer(
+        self, request: auth_pb2.GetTrustedIssuerRequest, context: Ctx
+    ) -> auth_pb2.GetTrustedIssuerResponse:
+        return auth_pb2.GetTrustedIssuerResponse(
+            trusted_issuer=issuer_to_pb(await self.a.store.get_issuer(request.name))
+        )
+
+    async def ListTrustedIssuers(
+        self, request: auth_pb2.ListTrustedIssuersRequest, context: Ctx
+    ) -> auth_pb2.ListTrustedIssuersResponse:
+        items, token = page(
+            await self.a.store.list_issuers(), request.page_size, request.page_token
+        )
+        return auth_pb2.ListTrustedIssuersResponse(
+            trusted_issuers=[issuer_to_pb(i) for i in items], next_page_token=token
+        )
+
+    async def UpdateTrustedIssuer(
+        self, request: auth_pb2.UpdateTrustedIssuerRequest, context: Ctx
+    ) -> auth_pb2.UpdateTrustedIssuerResponse:
+        old = issuer_to_pb(await self.a.store.get_issuer(request.trusted_issuer.name))
+        merged = _merge(request.update_mask, request.trusted_issuer, old, "trusted_issuer")
+        stored = await self.a.store.put_issuer(issuer_from_pb(merged), "update")
+        await self.a.refresh_issuers()
+        return auth_pb2.UpdateTrustedIssuerResponse(trusted_issuer=issuer_to_pb(stored))
+
+    async def DeleteTrustedIssuer(
+        self, request: auth_pb2.DeleteTrustedIssuerRequest, context: Ctx
+    ) -> auth_pb2.DeleteTrustedIssuerResponse:
+        await self.a.store.delete_issuer(request.name)
+        await self.a.refresh_issuers()
+        return auth_pb2.DeleteTrustedIssuerResponse()
+
+    # -- service accounts -----------------------------------------------------
+
+    async def CreateServiceAccount(
+        self, request: auth_pb2.CreateServiceAccountRequest, context: Ctx
+    ) -> auth_pb2.CreateServiceAccountResponse:
+        secret = secrets.token_urlsafe(32)
+        pb = request.service_account
+        account = await self.a.create_account(
+            _caller(), ServiceAccount(pb.name, tuple(pb.roles), pb.description), secret
+        )
+        return auth_pb2.CreateServiceAccountResponse(
+            service_account=account_to_pb(account), client_secret=secret
+        )
+
+    async def ListServiceAccounts(
+        self, request: auth_pb2.ListServiceAccountsRequest, context: Ctx
+    ) -> auth_pb2.ListServiceAccountsResponse:
+        items, token = page(
+            await self.a.store.list_accounts(), request.page_size, request.page_token
+        )
+        return auth_pb2.ListServiceAccountsResponse(
+            service_accounts=[account_to_pb(a) for a in items], next_page_token=token
+        )
+
+    async def DeleteServiceAccount(
+        self, request: auth_pb2.DeleteServiceAccountRequest, context: Ctx
+    ) -> auth_pb2.DeleteServiceAccountResponse:
+        await self.a.store.delete_account(request.name)
+        return auth_pb2.DeleteServiceAccountResponse()
+
+    async def CheckPermission(
+        self, request: auth_pb2.CheckPermissionRequest, context: Ctx
+    ) -> auth_pb2.CheckPermissionResponse:
+        if request.HasField("principal"):
+            p = request.principal
+            who = Principal(
+                subject=p.subject, issuer=p.issuer, roles=tuple(p.roles), groups=tuple(p.groups)
+            )
+        else:
+            who = _caller()
+        by = await self.a.check(who, request.permission, request.namespace)
+        return auth_pb2.CheckPermissionResponse(allowed=by is not None, granted_by=by or "")
+
+
+def build_authority(runtime: Runtime) -> Authority:
+    """The Authority of this process: keys from the data dir, store in Redis."""
+    settings = AuthSettings.from_env(runtime.config)
+    ring = KeyRing(
+        settings.key_dir, publish_delay=settings.publish_delay, max_token_ttl=settings.max_token_ttl
     )
+    ring.load_or_create(settings.signing_alg, settings.key_file)
+    return Authority(settings, ring, AuthStore(runtime.redis, runtime.key("auth")))
 
 
 def register(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
     """Add auth-service's servicers to ``server``."""
-    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(), server)  # type: ignore[abstract]  # pending RPCs answer UNIMPLEMENTED
+    authority = build_authority(runtime)
+    runtime.starters.append(lambda: _start(authority))
+    runtime.closers.append(authority.close)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(authority), server)
     return [auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name]
+
+
+async def _start(authority: Authority) -> None:
+    from autoecoops.kernel.auth.seed import load_seed
+
+    seed_file = authority.settings.seed_file
+    await authority.start(load_seed(seed_file) if seed_file else None)

@@ -30,6 +30,8 @@ class MethodInfo:
     idempotent: bool
     audited: bool
     public: bool
+    #: Dotted request field naming the namespace RBAC is checked in ('' = cluster-wide).
+    namespace_field: str
     client_streaming: bool
     server_streaming: bool
     request_type: type[message.Message]
@@ -69,6 +71,7 @@ def method_info(path: str) -> MethodInfo | None:
         idempotent=policy.idempotent,
         audited=policy.audited,
         public=policy.public,
+        namespace_field=policy.namespace_field,
         client_streaming=method.client_streaming,
         server_streaming=method.server_streaming,
         request_type=req,
@@ -148,3 +151,11 @@ def _check(plan: _Plan, msg: message.Message, prefix: str, out: list[FieldViolat
                 _check(sub, item, f"{prefix}{f.name}[{i}].", out)
         elif msg.HasField(f.name):
             _check(sub, getattr(msg, f.name), f"{prefix}{f.name}.", out)
+
+
+def field_value(msg: message.Message, path: str) -> str:
+    """The string at dotted ``path`` in ``msg`` ('' when unset)."""
+    value: object = msg
+    for part in path.split("."):
+        value = getattr(value, part, "")
+    return value if isinstance(value, str) else ""

@@ -31,7 +31,7 @@ from autoecoops.kernel.mesh.auth import (
     bearer_token,
     current_principal,
 )
-from autoecoops.kernel.mesh.descriptors import MethodInfo, method_info
+from autoecoops.kernel.mesh.descriptors import MethodInfo, field_value, method_info
 from autoecoops.kernel.mesh.errors import (
     STATUS_DETAILS_KEY,
     AutoEcoOpsError,
@@ -124,8 +124,24 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 f"{info.full_name} declares no permission and is denied",
                 reason="PERMISSION_UNDECLARED",
             )
-        if self._authorizer is not None:
-            await self._authorizer.check(principal, info.permission)
+
+    async def _authorize(self, call: _Call, request: pb_message.Message | None) -> None:
+        """RBAC for the method's permission, in the request's namespace if it names one."""
+        info = call.info
+        principal = current_principal.get()
+        if info.public or principal is None:
+            return
+        if self._authorizer is None:
+            # No RBAC configured means nothing may pass, not everything.
+            raise PermissionDenied(
+                f"{info.full_name}: no authorizer is configured", reason="RBAC_UNAVAILABLE"
+            )
+        namespace = (
+            field_value(request, info.namespace_field)
+            if request is not None and info.namespace_field
+            else ""
+        )
+        await self._authorizer.check(principal, info.permission, namespace)
 
     @staticmethod
     def _decode(call: _Call, raw: bytes) -> pb_message.Message:
@@ -193,13 +209,18 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         decode: Callable[[_Call, Any], Any] = (
             self._decode_stream if info.client_streaming else self._decode
         )
-        admit, fail, metrics = self._admit, self._abort, call.metrics
+        admit, authorize, fail, metrics = self._admit, self._authorize, self._abort, call.metrics
+        streaming_in = info.client_streaming
 
         async def respond_once(raw: Any, context: grpc.aio.ServicerContext) -> Any:
             start, code = time.perf_counter(), "OK"
             try:
                 await admit(call, context)
-                result = behavior(decode(call, raw), context)
+                request = decode(call, raw)
+                # Client streams are authorized before the first message; a
+                # namespace field in them is the handler's to check.
+                await authorize(call, None if streaming_in else request)
+                result = behavior(request, context)
                 if inspect.isawaitable(result):
                     result = await result
                 return result
@@ -216,7 +237,9 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             start, code = time.perf_counter(), "OK"
             try:
                 await admit(call, context)
-                result = behavior(decode(call, raw), context)
+                request = decode(call, raw)
+                await authorize(call, None if streaming_in else request)
+                result = behavior(request, context)
                 if hasattr(result, "__aiter__"):
                     async for item in result:
                         yield item

@@ -13,7 +13,7 @@ import asyncio
 import importlib
 import logging
 import signal
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -59,6 +59,8 @@ class Runtime:
     authorizer: Authorizer | None = None
     #: Callables run (and awaited if they return a coroutine) on shutdown, last first.
     closers: list[Callable[[], Any]] = field(default_factory=list)
+    #: Coroutines a service's ``register`` queues to run before it reports SERVING.
+    starters: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     _redis: aioredis.Redis | None = None
 
     @property
@@ -136,7 +138,10 @@ class ServiceServer:
 
     async def start(self) -> int:
         """Register servicers, bind the port, start, and report SERVING."""
+        queued = len(self.runtime.starters)
         self.services = list(self._register(self.server, self.runtime))
+        for starter in self.runtime.starters[queued:]:
+            await starter()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             _Reflection([*self.services, HEALTH_SERVICE, reflection.SERVICE_NAME]), self.server
@@ -169,7 +174,14 @@ class Mesh:
 
     def __init__(self, config: MeshConfig, runtime: Runtime | None = None) -> None:
         self.config = config
-        self.runtime = runtime or Runtime(config=config, clients=ClientFactory(config))
+        if runtime is None:
+            # The composition root: tokens verified with auth-service's keys,
+            # RBAC from its store. Imported here because auth is a service
+            # built on this runtime, not part of it.
+            from autoecoops.kernel.auth.mesh import secure
+
+            runtime = secure(Runtime(config=config, clients=ClientFactory(config)))
+        self.runtime = runtime
         self.servers: list[ServiceServer] = []
 
     async def start(

@@ -27,6 +27,20 @@ class RunningMesh:
     proc: subprocess.Popen[str]
     addrs: dict[str, str]
     output: list[str]
+    env: dict[str, str]
+
+    def cli(self, *args: str) -> str:
+        """Run another `autoecoops` command against this mesh's configuration."""
+        done = subprocess.run(
+            [str(BIN / "autoecoops"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if done.returncode:
+            raise AssertionError(f"autoecoops {args} failed: {done.stderr}")
+        return done.stdout
 
     def grpcurl(
         self,
@@ -76,7 +90,7 @@ def start_up(tmp_path: Path, extra_env: dict[str, str] | None = None) -> Running
             break
         output.append(line)
         if "services SERVING" in line:
-            return RunningMesh(proc, addrs, output)
+            return RunningMesh(proc, addrs, output, env)
     proc.kill()
     raise AssertionError("autoecoops up did not report SERVING:\n" + "".join(output))
 

@@ -71,13 +71,33 @@ def test_protected_call_without_a_token_is_unauthenticated(mesh: RunningMesh) ->
     assert "CREDENTIALS_MISSING" in done.stdout + done.stderr
 
 
-def test_pending_public_call_is_unimplemented_and_says_why(mesh: RunningMesh) -> None:
+def test_public_jwks_serves_the_signing_key(mesh: RunningMesh) -> None:
+    out = mesh.grpcurl("auth-service", "autoecoops.auth.v1.AuthService/GetJwks", data={}).stdout
+    keys = json.loads(out)["keys"]
+    assert keys and keys[0]["kty"] == "EC" and keys[0]["alg"] == "ES256" and keys[0]["kid"]
+
+
+def test_a_token_from_autoecoops_token_is_accepted_across_the_mesh(mesh: RunningMesh) -> None:
+    token = mesh.cli("token", "--subject", "alice", "--roles", "admin").strip()
+    auth = ("-H", f"authorization: Bearer {token}")
+    out = mesh.grpcurl(
+        "auth-service", "autoecoops.auth.v1.AuthService/ListRoles", data={}, flags=auth
+    ).stdout
+    assert "admin" in [r["name"] for r in json.loads(out)["roles"]]
+    out = mesh.grpcurl(
+        "auth-service",
+        "autoecoops.auth.v1.AuthService/VerifyToken",
+        data={"token": token},
+        flags=auth,
+    ).stdout
+    assert json.loads(out)["principal"]["subject"] == "alice"
+    # A tampered token is refused with a reason, and the service keeps serving.
+    bad = ("-H", f"authorization: Bearer {token[:-4]}AAAA")
     done = mesh.grpcurl(
-        "auth-service", "autoecoops.auth.v1.AuthService/GetJwks", data={}, check=False
+        "auth-service", "autoecoops.auth.v1.AuthService/ListRoles", data={}, flags=bad, check=False
     )
     text = done.stdout + done.stderr
-    assert "Code: Unimplemented" in text
-    assert "not implemented yet" in text
+    assert "Code: Unauthenticated" in text and "TOKEN_INVALID" in text
 
 
 def test_malformed_json_request_is_rejected_and_the_service_keeps_serving(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from pathlib import Path
 
 import pytest
 from google.api import annotations_pb2
@@ -12,7 +13,9 @@ from google.protobuf import descriptor
 
 import autoecoops
 from autoecoops.common.v1 import options_pb2
-from autoecoops.kernel.mesh.server import CATALOG, load_register
+from autoecoops.kernel.mesh.clients import ClientFactory
+from autoecoops.kernel.mesh.server import CATALOG, Runtime, load_register
+from tests.conftest import make_config
 
 
 def _files() -> list[descriptor.FileDescriptor]:
@@ -94,11 +97,15 @@ class _Recorder:
         self.names.add(name)
 
 
-def test_every_contract_service_is_served_by_one_mesh_service() -> None:
+def test_every_contract_service_is_served_by_one_mesh_service(
+    tmp_path: Path, redis_url: str
+) -> None:
+    cfg = make_config(data_dir=tmp_path, redis_url=redis_url)
+    runtime = Runtime(config=cfg, clients=ClientFactory(cfg))
     served: dict[str, str] = {}
     for name in CATALOG:
         recorder = _Recorder()
-        returned = load_register(name)(recorder, None)  # type: ignore[arg-type]
+        returned = load_register(name)(recorder, runtime)  # type: ignore[arg-type]
         assert set(returned) == recorder.names, (
             f"{name} reports what it registers for health/reflection"
         )

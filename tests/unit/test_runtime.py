@@ -170,8 +170,19 @@ async def test_unknown_method_is_unimplemented(start_mesh: StartMesh) -> None:
         await still_serving(ch)
 
 
+class PendingServicer(auth_pb2_grpc.AuthServiceServicer):
+    """A servicer with nothing implemented yet."""
+
+    PENDING = "it lands with the auth-service issue"
+
+
+def pending(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(PendingServicer(), server)  # type: ignore[abstract]
+    return [AUTH]
+
+
 async def test_pending_method_says_what_is_missing(start_mesh: StartMesh) -> None:
-    mesh = await start_mesh(["auth-service"])
+    mesh = await start_mesh(["auth-service"], {"auth-service": pending})
     async with channel(mesh) as ch:
         stub = auth_pb2_grpc.AuthServiceStub(ch)
         with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -1517,3 +1517,186 @@ class CheckPermissionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CheckPermissionResponse: _TypeAlias = CheckPermissionResponse  # noqa: Y015
+
+@_typing.final
+class ServiceAccount(_message.Message):
+    """A service account: a non-human client that gets tokens with client credentials."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROLES_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The account's name; also its client id and its token's subject."""
+    description: _builtins.str
+    """A human description."""
+    @_builtins.property
+    def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Roles its tokens carry."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was created."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        roles: _abc.Iterable[_builtins.str] | None = ...,
+        description: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "name", b"name", "roles", b"roles"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServiceAccount: _TypeAlias = ServiceAccount  # noqa: Y015
+
+@_typing.final
+class CreateServiceAccountRequest(_message.Message):
+    """CreateServiceAccountRequest creates a service account."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_ACCOUNT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def service_account(self) -> Global___ServiceAccount:
+        """The account to create."""
+
+    def __init__(
+        self,
+        *,
+        service_account: Global___ServiceAccount | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["service_account", b"service_account"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["service_account", b"service_account"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateServiceAccountRequest: _TypeAlias = CreateServiceAccountRequest  # noqa: Y015
+
+@_typing.final
+class CreateServiceAccountResponse(_message.Message):
+    """CreateServiceAccountResponse returns the account and its secret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_ACCOUNT_FIELD_NUMBER: _builtins.int
+    CLIENT_SECRET_FIELD_NUMBER: _builtins.int
+    client_secret: _builtins.str
+    """The client secret. It is shown only here; only a slow hash is stored."""
+    @_builtins.property
+    def service_account(self) -> Global___ServiceAccount:
+        """The account as stored."""
+
+    def __init__(
+        self,
+        *,
+        service_account: Global___ServiceAccount | None = ...,
+        client_secret: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["service_account", b"service_account"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_secret", b"client_secret", "service_account", b"service_account"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateServiceAccountResponse: _TypeAlias = CreateServiceAccountResponse  # noqa: Y015
+
+@_typing.final
+class ListServiceAccountsRequest(_message.Message):
+    """ListServiceAccountsRequest pages through service accounts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """The maximum number of accounts to return."""
+    page_token: _builtins.str
+    """A page token from a previous response."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListServiceAccountsRequest: _TypeAlias = ListServiceAccountsRequest  # noqa: Y015
+
+@_typing.final
+class ListServiceAccountsResponse(_message.Message):
+    """ListServiceAccountsResponse is one page of service accounts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_ACCOUNTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token of the next page; empty on the last page."""
+    @_builtins.property
+    def service_accounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServiceAccount]:
+        """The accounts."""
+
+    def __init__(
+        self,
+        *,
+        service_accounts: _abc.Iterable[Global___ServiceAccount] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "service_accounts", b"service_accounts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListServiceAccountsResponse: _TypeAlias = ListServiceAccountsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteServiceAccountRequest(_message.Message):
+    """DeleteServiceAccountRequest names an account to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The account's name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteServiceAccountRequest: _TypeAlias = DeleteServiceAccountRequest  # noqa: Y015
+
+@_typing.final
+class DeleteServiceAccountResponse(_message.Message):
+    """DeleteServiceAccountResponse is empty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteServiceAccountResponse: _TypeAlias = DeleteServiceAccountResponse  # noqa: Y015

@@ -141,6 +141,21 @@ class AuthServiceStub:
                 request_serializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.DeleteTrustedIssuerRequest.SerializeToString,
                 response_deserializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.DeleteTrustedIssuerResponse.FromString,
                 _registered_method=True)
+        self.CreateServiceAccount = channel.unary_unary(
+                '/autoecoops.auth.v1.AuthService/CreateServiceAccount',
+                request_serializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.CreateServiceAccountRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.CreateServiceAccountResponse.FromString,
+                _registered_method=True)
+        self.ListServiceAccounts = channel.unary_unary(
+                '/autoecoops.auth.v1.AuthService/ListServiceAccounts',
+                request_serializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.ListServiceAccountsRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.ListServiceAccountsResponse.FromString,
+                _registered_method=True)
+        self.DeleteServiceAccount = channel.unary_unary(
+                '/autoecoops.auth.v1.AuthService/DeleteServiceAccount',
+                request_serializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.DeleteServiceAccountRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.DeleteServiceAccountResponse.FromString,
+                _registered_method=True)
         self.CheckPermission = channel.unary_unary(
                 '/autoecoops.auth.v1.AuthService/CheckPermission',
                 request_serializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.CheckPermissionRequest.SerializeToString,
@@ -302,6 +317,27 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateServiceAccount(self, request, context):
+        """Creates a service account and returns its client secret, once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListServiceAccounts(self, request, context):
+        """Lists service accounts (never their secrets).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteServiceAccount(self, request, context):
+        """Deletes a service account; tokens it already holds expire on their own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CheckPermission(self, request, context):
         """Answers whether a subject holds a permission, cluster-wide or in a namespace.
         """
@@ -416,6 +452,21 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.DeleteTrustedIssuer,
                     request_deserializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.DeleteTrustedIssuerRequest.FromString,
                     response_serializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.DeleteTrustedIssuerResponse.SerializeToString,
+            ),
+            'CreateServiceAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateServiceAccount,
+                    request_deserializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.CreateServiceAccountRequest.FromString,
+                    response_serializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.CreateServiceAccountResponse.SerializeToString,
+            ),
+            'ListServiceAccounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListServiceAccounts,
+                    request_deserializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.ListServiceAccountsRequest.FromString,
+                    response_serializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.ListServiceAccountsResponse.SerializeToString,
+            ),
+            'DeleteServiceAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteServiceAccount,
+                    request_deserializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.DeleteServiceAccountRequest.FromString,
+                    response_serializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.DeleteServiceAccountResponse.SerializeToString,
             ),
             'CheckPermission': grpc.unary_unary_rpc_method_handler(
                     servicer.CheckPermission,
@@ -992,6 +1043,87 @@ class AuthService:
             '/autoecoops.auth.v1.AuthService/DeleteTrustedIssuer',
             autoecoops_dot_auth_dot_v1_dot_auth__pb2.DeleteTrustedIssuerRequest.SerializeToString,
             autoecoops_dot_auth_dot_v1_dot_auth__pb2.DeleteTrustedIssuerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateServiceAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.auth.v1.AuthService/CreateServiceAccount',
+            autoecoops_dot_auth_dot_v1_dot_auth__pb2.CreateServiceAccountRequest.SerializeToString,
+            autoecoops_dot_auth_dot_v1_dot_auth__pb2.CreateServiceAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListServiceAccounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.auth.v1.AuthService/ListServiceAccounts',
+            autoecoops_dot_auth_dot_v1_dot_auth__pb2.ListServiceAccountsRequest.SerializeToString,
+            autoecoops_dot_auth_dot_v1_dot_auth__pb2.ListServiceAccountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteServiceAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.auth.v1.AuthService/DeleteServiceAccount',
+            autoecoops_dot_auth_dot_v1_dot_auth__pb2.DeleteServiceAccountRequest.SerializeToString,
+            autoecoops_dot_auth_dot_v1_dot_auth__pb2.DeleteServiceAccountResponse.FromString,
             options,
             channel_credentials,
             insecure,

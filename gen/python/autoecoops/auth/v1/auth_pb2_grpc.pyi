@@ -81,6 +81,12 @@ class AuthServiceStub:
     """Updates the fields of a trusted issuer named by the update mask."""
     DeleteTrustedIssuer: _grpc.UnaryUnaryMultiCallable[_auth_pb2.DeleteTrustedIssuerRequest, _auth_pb2.DeleteTrustedIssuerResponse]
     """Stops trusting an issuer; its tokens are rejected from then on."""
+    CreateServiceAccount: _grpc.UnaryUnaryMultiCallable[_auth_pb2.CreateServiceAccountRequest, _auth_pb2.CreateServiceAccountResponse]
+    """Creates a service account and returns its client secret, once."""
+    ListServiceAccounts: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListServiceAccountsRequest, _auth_pb2.ListServiceAccountsResponse]
+    """Lists service accounts (never their secrets)."""
+    DeleteServiceAccount: _grpc.UnaryUnaryMultiCallable[_auth_pb2.DeleteServiceAccountRequest, _auth_pb2.DeleteServiceAccountResponse]
+    """Deletes a service account; tokens it already holds expire on their own."""
     CheckPermission: _grpc.UnaryUnaryMultiCallable[_auth_pb2.CheckPermissionRequest, _auth_pb2.CheckPermissionResponse]
     """Answers whether a subject holds a permission, cluster-wide or in a namespace."""
 
@@ -137,6 +143,12 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """Updates the fields of a trusted issuer named by the update mask."""
     DeleteTrustedIssuer: _aio.UnaryUnaryMultiCallable[_auth_pb2.DeleteTrustedIssuerRequest, _auth_pb2.DeleteTrustedIssuerResponse]  # type: ignore[assignment]
     """Stops trusting an issuer; its tokens are rejected from then on."""
+    CreateServiceAccount: _aio.UnaryUnaryMultiCallable[_auth_pb2.CreateServiceAccountRequest, _auth_pb2.CreateServiceAccountResponse]  # type: ignore[assignment]
+    """Creates a service account and returns its client secret, once."""
+    ListServiceAccounts: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListServiceAccountsRequest, _auth_pb2.ListServiceAccountsResponse]  # type: ignore[assignment]
+    """Lists service accounts (never their secrets)."""
+    DeleteServiceAccount: _aio.UnaryUnaryMultiCallable[_auth_pb2.DeleteServiceAccountRequest, _auth_pb2.DeleteServiceAccountResponse]  # type: ignore[assignment]
+    """Deletes a service account; tokens it already holds expire on their own."""
     CheckPermission: _aio.UnaryUnaryMultiCallable[_auth_pb2.CheckPermissionRequest, _auth_pb2.CheckPermissionResponse]  # type: ignore[assignment]
     """Answers whether a subject holds a permission, cluster-wide or in a namespace."""
 
@@ -316,6 +328,30 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.DeleteTrustedIssuerResponse, _abc.Awaitable[_auth_pb2.DeleteTrustedIssuerResponse]]:
         """Stops trusting an issuer; its tokens are rejected from then on."""
+
+    @_abc_1.abstractmethod
+    def CreateServiceAccount(
+        self,
+        request: _auth_pb2.CreateServiceAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.CreateServiceAccountResponse, _abc.Awaitable[_auth_pb2.CreateServiceAccountResponse]]:
+        """Creates a service account and returns its client secret, once."""
+
+    @_abc_1.abstractmethod
+    def ListServiceAccounts(
+        self,
+        request: _auth_pb2.ListServiceAccountsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ListServiceAccountsResponse, _abc.Awaitable[_auth_pb2.ListServiceAccountsResponse]]:
+        """Lists service accounts (never their secrets)."""
+
+    @_abc_1.abstractmethod
+    def DeleteServiceAccount(
+        self,
+        request: _auth_pb2.DeleteServiceAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.DeleteServiceAccountResponse, _abc.Awaitable[_auth_pb2.DeleteServiceAccountResponse]]:
+        """Deletes a service account; tokens it already holds expire on their own."""
 
     @_abc_1.abstractmethod
     def CheckPermission(

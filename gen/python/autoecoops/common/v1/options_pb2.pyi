@@ -31,6 +31,7 @@ class MethodPolicy(_message.Message):
     IDEMPOTENT_FIELD_NUMBER: _builtins.int
     AUDITED_FIELD_NUMBER: _builtins.int
     PUBLIC_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_FIELD_NUMBER: _builtins.int
     permission: _builtins.str
     """The RBAC permission the caller must hold, e.g. "memory.documents.search".
     Empty only when public is true; an RPC with neither is denied.
@@ -43,6 +44,11 @@ class MethodPolicy(_message.Message):
     """True when a successful call writes an entry to the audit trail."""
     public: _builtins.bool
     """True for the few RPCs callable without a token (token issuance, JWKS)."""
+    namespace_field: _builtins.str
+    """The request field (a dotted path) naming the namespace/tenant the call
+    acts in, e.g. "namespace". RBAC then honours namespace-scoped bindings;
+    empty means the permission must be held cluster-wide.
+    """
     def __init__(
         self,
         *,
@@ -50,10 +56,11 @@ class MethodPolicy(_message.Message):
         idempotent: _builtins.bool = ...,
         audited: _builtins.bool = ...,
         public: _builtins.bool = ...,
+        namespace_field: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audited", b"audited", "idempotent", b"idempotent", "permission", b"permission", "public", b"public"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audited", b"audited", "idempotent", b"idempotent", "namespace_field", b"namespace_field", "permission", b"permission", "public", b"public"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
