@@ -164,18 +164,27 @@ def consistency_ranges(old: int, new: int) -> list[tuple[int, int]]:
     return out[::-1]
 
 
+def proof_nodes(ranges: Sequence[tuple[int, int]]) -> list[Node]:
+    """The stored nodes a proof made of ``ranges`` needs, in the order ``assemble`` takes them."""
+    return [n for lo, hi in ranges for n in range_nodes(lo, hi)]
+
+
+def assemble(ranges: Sequence[tuple[int, int]], hashes: Sequence[bytes]) -> list[bytes]:
+    """Fold the hashes of ``proof_nodes(ranges)`` into one hash per range."""
+    out, at = [], 0
+    for lo, hi in ranges:
+        width = len(range_nodes(lo, hi))
+        out.append(fold(hashes[at : at + width]))
+        at += width
+    return out
+
+
 def prove(
     ranges: Sequence[tuple[int, int]], read: Callable[[Sequence[Node]], Sequence[bytes]]
 ) -> list[bytes]:
     """Hash each range from stored nodes, fetched with one ``read`` call."""
-    plans = [range_nodes(lo, hi) for lo, hi in ranges]
-    flat = [n for plan in plans for n in plan]
-    hashes = list(read(flat)) if flat else []
-    out, at = [], 0
-    for plan in plans:
-        out.append(fold(hashes[at : at + len(plan)]))
-        at += len(plan)
-    return out
+    nodes = proof_nodes(ranges)
+    return assemble(ranges, list(read(nodes)) if nodes else [])
 
 
 def verify_inclusion(
