@@ -100,30 +100,28 @@ async def start_mesh(tmp_path: Path, redis_url: str, key_prefix: str) -> AsyncIt
         await mesh.stop(grace=0)
 
 
-MintToken = Callable[..., str]
+class MintToken:
+    """Signs real tokens with the key ring auth-service loads from the test's data dir."""
+
+    def __init__(self, data_dir: Path) -> None:
+        from autoecoops.kernel.auth.keys import KeyRing
+        from autoecoops.kernel.auth.settings import AuthSettings
+        from autoecoops.kernel.auth.tokens import Issuer
+
+        self.settings = AuthSettings.from_env(MeshConfig(data_dir=data_dir), {})
+        s = self.settings
+        self.ring = KeyRing(s.key_dir, publish_delay=s.publish_delay, max_token_ttl=s.max_token_ttl)
+        self.ring.load_or_create()
+        self.issuer = Issuer(s.issuer, self.ring)
+
+    def __call__(self, subject: str, roles: list[str] | tuple[str, ...] = (), **kwargs: Any) -> str:
+        """``mint_token("alice", ["admin"], ttl=60, groups=[...], act={...})``."""
+        kwargs.setdefault("ttl", 300)
+        kwargs.setdefault("audience", self.settings.audience)
+        return self.issuer.issue(subject, roles=roles, **kwargs).token
 
 
 @pytest.fixture
 def mint_token(tmp_path: Path) -> MintToken:
-    """Sign real tokens with the key ring auth-service will load from ``tmp_path``.
-
-    ``mint_token("alice", roles=["admin"])``; keyword arguments go to
-    ``Issuer.issue`` (ttl, audience, groups, scopes, act, extra, now).
-    """
-    from autoecoops.kernel.auth.keys import KeyRing
-    from autoecoops.kernel.auth.settings import AuthSettings
-    from autoecoops.kernel.auth.tokens import Issuer
-
-    settings = AuthSettings.from_env(MeshConfig(data_dir=tmp_path), {})
-    ring = KeyRing(
-        settings.key_dir, publish_delay=settings.publish_delay, max_token_ttl=settings.max_token_ttl
-    )
-    ring.load_or_create()
-    issuer = Issuer(settings.issuer, ring)
-
-    def mint(subject: str, roles: list[str] | tuple[str, ...] = (), **kwargs: Any) -> str:
-        kwargs.setdefault("ttl", 300)
-        kwargs.setdefault("audience", settings.audience)
-        return issuer.issue(subject, roles=roles, **kwargs).token
-
-    return mint
+    """Real tokens for the mesh that ``start_mesh(..., secure=True)`` starts in ``tmp_path``."""
+    return MintToken(tmp_path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import field_mask_pb2, json_format, struct_pb2, timestamp_pb2
@@ -20,7 +20,7 @@ from autoecoops.kernel.mesh.auth import Principal, current_principal
 from autoecoops.kernel.mesh.errors import FieldViolation, InvalidArgument, Unauthenticated
 from autoecoops.kernel.mesh.server import Runtime
 
-Ctx = grpc.aio.ServicerContext
+Ctx: TypeAlias = grpc.aio.ServicerContext
 _KINDS = {
     auth_pb2.SUBJECT_KIND_USER: "user",
     auth_pb2.SUBJECT_KIND_GROUP: "group",

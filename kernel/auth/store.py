@@ -265,7 +265,9 @@ class AuthStore:
         """A consistent snapshot (version, roles and bindings) read in one transaction."""
         try:
             async with self._r.pipeline(transaction=True) as pipe:
-                pipe.get(self._rbac_version).hgetall(self._roles).hgetall(self._bindings)
+                pipe.get(self._rbac_version)
+                pipe.hgetall(self._roles)
+                pipe.hgetall(self._bindings)
                 version, roles, bindings = await pipe.execute()
         except redis.exceptions.ConnectionError as err:
             raise Unavailable(f"auth store unavailable: {err}", retry_delay=1.0) from None
