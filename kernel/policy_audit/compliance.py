@@ -308,7 +308,7 @@ async def generate(
         frameworks=tuple(frameworks),
         results=results,
         checkpoint=checkpoint,
-        verifier_key=audit.signer.verifier.vkey(),
+        verifier_key=audit.verifier.vkey(),
     )
 
 

@@ -13,7 +13,7 @@ SHIPPED_POLICIES = Path(__file__).resolve().parent / "policies"
 SHIPPED_CONTROLS = Path(__file__).resolve().parent / "controls.yaml"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Settings:
     """What policy-audit needs beyond the mesh settings."""
 

@@ -248,8 +248,9 @@ class Decider:
             doc["identity"] = identity(principal)
         active = self.registry.owner(path)
         decision_id = uuid.uuid4().hex
+        masks: tuple[str, ...] = ()
         if active is None:
-            decision, bundle, revision, masks = Decision(False), "", "", ()
+            decision, bundle, revision = Decision(False), "", ""
         else:
             try:
                 decision = active.compiled.evaluate(path, doc)

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from regopy import Interpreter, LogLevel, RegoError
+from regopy import Interpreter, LogLevel, RegoError  # type: ignore[import-untyped]
 
 
 class CompileError(Exception):

@@ -191,8 +191,8 @@ class AuditStore:
 
     async def entry(self, index: int) -> bytes | None:
         """The leaf bytes of entry ``index``, or None."""
-        got = await self.redis.xrange(self.entries_key, f"{index}-1", f"{index}-1")
-        return got[0][1][b"e"] if got else None
+        got: Any = await self.redis.xrange(self.entries_key, f"{index}-1", f"{index}-1")
+        return bytes(got[0][1][b"e"]) if got else None
 
     async def entries(self, indexes: Sequence[int]) -> dict[int, bytes]:
         """The leaf bytes of several entries (missing ones are left out)."""
@@ -214,7 +214,7 @@ class AuditStore:
         """
         cursor = f"{start}-0"
         while True:
-            got = await self.redis.xrange(
+            got: Any = await self.redis.xrange(
                 self.entries_key, cursor, f"{stop - 1}-18446744073709551615", count=batch
             )
             if not got:
@@ -222,7 +222,7 @@ class AuditStore:
             out: list[tuple[int, bytes]] = []
             for sid, fields in got:
                 ms, _, seq = _text(sid).partition("-")
-                out.append((int(ms), fields.get(b"e", b"")))
+                out.append((int(ms), bytes(fields.get(b"e", b""))))
             yield out
             last = _text(got[-1][0])
             ms, _, seq = last.partition("-")

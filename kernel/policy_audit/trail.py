@@ -35,7 +35,7 @@ from autoecoops.kernel.mesh.errors import (
 )
 from autoecoops.kernel.policy_audit import merkle
 from autoecoops.kernel.policy_audit.canonical import canonical_json, entry_json, parse_entry
-from autoecoops.kernel.policy_audit.checkpoint import CheckpointBody, NoteSigner
+from autoecoops.kernel.policy_audit.checkpoint import CheckpointBody, NoteSigner, NoteVerifier
 from autoecoops.kernel.policy_audit.store import AuditStore, CommitConflict, Prepared
 
 log = logging.getLogger("autoecoops.policy_audit")
@@ -133,14 +133,21 @@ class AuditLog:
     def __init__(
         self,
         store: AuditStore,
-        signer: NoteSigner,
+        signer: NoteSigner | None,
         origin: str,
         *,
         max_entry_bytes: int = 64 * 1024,
         commit_batch: int = 1024,
+        verifier: NoteVerifier | None = None,
     ) -> None:
         self.store = store
         self.signer = signer
+        if verifier is None:
+            if signer is None:
+                raise ValueError("an audit log needs a signer or a verifier")
+            verifier = signer.verifier
+        #: Checks the stored checkpoints; readers without the signing key use one alone.
+        self.verifier = verifier
         self.origin = origin
         self.max_entry_bytes = max_entry_bytes
         self.commit_batch = commit_batch
@@ -323,7 +330,7 @@ class AuditLog:
             )
         signed = self._sign(grown)
         await self.store.commit(
-            start, prepared, nodes, signed.note, signed.time_ns, self.signer.verifier.vkey()
+            start, prepared, nodes, signed.note, signed.time_ns, self.verifier.vkey()
         )
         self._frontier = grown
         self._latest = signed
@@ -332,13 +339,15 @@ class AuditLog:
             self._settle(p, Appended(item.index, leaf, signed), None)
 
     def _sign(self, frontier: merkle.Frontier) -> SignedCheckpoint:
+        if self.signer is None:
+            raise FailedPrecondition("this audit log is open read-only (no signing key)")
         body = CheckpointBody(self.origin, frontier.size, frontier.root())
         return SignedCheckpoint(body, self.signer.sign(body.text()), time.time_ns())
 
     async def _load(self) -> merkle.Frontier:
         """Rebuild the frontier from Redis and check it against the stored checkpoint."""
         head = await self.store.head()
-        vkey = self.signer.verifier.vkey()
+        vkey = self.verifier.vkey()
         if head.vkey and head.vkey != vkey:
             raise FailedPrecondition(
                 f"the audit log in Redis is signed by {head.vkey}, not by this service's key "
@@ -352,7 +361,7 @@ class AuditLog:
             )
         frontier = merkle.Frontier.from_nodes(head.size, hashes)
         if head.note:
-            body = CheckpointBody.parse(self.signer.verifier.open(head.note))
+            body = CheckpointBody.parse(self.verifier.open(head.note))
             if body.size != head.size or body.root_hash != frontier.root():
                 raise DataLoss(
                     "the stored tree does not match the latest signed checkpoint; "
@@ -375,12 +384,11 @@ class AuditLog:
         """The latest signed checkpoint (a fresh one for an empty log)."""
         head = await self.store.head()
         if not head.note:
-            body = CheckpointBody(self.origin, 0, merkle.EMPTY_ROOT)
-            return SignedCheckpoint(body, self.signer.sign(body.text()), time.time_ns())
+            return self._sign(merkle.Frontier())
         latest = self._latest
         if latest is not None and latest.note == head.note:
             return latest
-        body = CheckpointBody.parse(self.signer.verifier.open(head.note))
+        body = CheckpointBody.parse(self.verifier.open(head.note))
         return SignedCheckpoint(body, head.note, head.time_ns)
 
     async def size(self) -> int:
