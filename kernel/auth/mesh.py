@@ -9,6 +9,7 @@ at most once per ``refresh`` seconds.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -98,10 +99,82 @@ class RbacAuthorizer:
         (await self.policy()).check(principal, permission, namespace)
 
 
+class ServiceIdentity:
+    """A mesh service's own token, and delegated tokens for calls on a user's behalf.
+
+    The own token comes from client credentials when
+    ``AUTOECOOPS_SERVICE_CLIENT_ID``/``_SECRET`` are set (Kubernetes: a
+    Secret per service), else it is minted from the local key ring when this
+    process shares auth-service's data directory (`autoecoops up`), else
+    there is none and calls fail UNAUTHENTICATED rather than pretend.
+    """
+
+    def __init__(
+        self, settings: AuthSettings, clients: ClientFactory, env: Mapping[str, str] | None = None
+    ) -> None:
+        env = os.environ if env is None else env
+        self._settings = settings
+        self._clients = clients
+        self.name = env.get("AUTOECOOPS_SERVICE_NAME", "").strip() or "mesh"
+        self._client_id = env.get("AUTOECOOPS_SERVICE_CLIENT_ID", "").strip()
+        self._secret = env.get("AUTOECOOPS_SERVICE_CLIENT_SECRET", "").strip()
+        self._token, self._exp = "", 0.0
+        self._delegated: dict[tuple[str, str], tuple[str, float]] = {}
+        self._lock = asyncio.Lock()
+
+    async def token(self) -> str:
+        """The service's own token, refreshed a minute before it expires."""
+        if self._token and self._exp - 60 > time.time():
+            return self._token
+        async with self._lock:
+            if not (self._token and self._exp - 60 > time.time()):
+                self._token, self._exp = await self._fetch()
+        return self._token
+
+    async def _fetch(self) -> tuple[str, float]:
+        if self._client_id:
+            stub = self._clients.stub(auth_pb2_grpc.AuthServiceStub, "auth-service")
+            reply = await stub.IssueToken(
+                auth_pb2.IssueTokenRequest(client_id=self._client_id, client_secret=self._secret),
+                timeout=10.0,
+            )
+            return reply.access_token, reply.expire_time.ToNanoseconds() / 1e9
+        if (self._settings.key_dir / "keys.json").exists():
+            from autoecoops.kernel.auth.keys import KeyRing
+            from autoecoops.kernel.auth.tokens import Issuer
+
+            s = self._settings
+            ring = KeyRing(s.key_dir, publish_delay=s.publish_delay, max_token_ttl=s.max_token_ttl)
+            ring.load_or_create(s.signing_alg)
+            issued = Issuer(s.issuer, ring).issue(
+                f"system:{self.name}", s.audience, s.token_ttl, roles=["mesh-service"]
+            )
+            return issued.token, issued.expires_at
+        return "", time.time() + 60
+
+    async def on_behalf_of(self, principal: Principal, audience: str) -> list[tuple[str, str]]:
+        """Metadata with a token for ``principal`` towards ``audience``, this service in ``act``."""
+        key = (principal.token, audience)
+        hit = self._delegated.get(key)
+        if hit is None or hit[1] - 30 < time.time():
+            stub = self._clients.stub(auth_pb2_grpc.AuthServiceStub, "auth-service")
+            reply = await stub.ExchangeToken(
+                auth_pb2.ExchangeTokenRequest(
+                    subject_token=principal.token, actor_token=await self.token(), audience=audience
+                )
+            )
+            hit = (reply.access_token, reply.expire_time.ToNanoseconds() / 1e9)
+            if len(self._delegated) > 10_000:
+                self._delegated.clear()
+            self._delegated[key] = hit
+        return [("authorization", f"Bearer {hit[0]}")]
+
+
 def secure(runtime: Runtime) -> Runtime:
-    """Give ``runtime`` the mesh's verifier and RBAC authorizer (needs Redis)."""
+    """Give ``runtime`` the mesh's verifier, RBAC authorizer and service identity."""
     settings = AuthSettings.from_env(runtime.config)
     runtime.verifier = mesh_verifier(settings, runtime.clients)
+    runtime.clients.token_source = ServiceIdentity(settings, runtime.clients)
     if runtime.config.redis_url:
         runtime.authorizer = RbacAuthorizer(AuthStore(runtime.redis, runtime.key("auth")))
     return runtime

@@ -1,20 +1,24 @@
 """The one client factory for calls between services.
 
-Every channel it hands out carries two interceptors: OpenTelemetry's, which
-injects ``traceparent`` so one trace spans every hop, and ``DeadlineInterceptor``,
+Every channel it hands out carries three interceptors: OpenTelemetry's, which
+injects ``traceparent`` so one trace spans every hop; ``DeadlineInterceptor``,
 which gives an outgoing call the *remaining* time of the call being served
-(never a fresh budget), and fails fast once that time is gone.
+(never a fresh budget), and fails fast once that time is gone; and
+``CredentialsInterceptor``, which sends the calling service's own token when
+the call carries none. A call made on a user's behalf passes the delegated
+token (auth's ``on_behalf_of``) in its metadata instead.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from autoecoops.kernel.mesh.config import MeshConfig
+from autoecoops.kernel.mesh.descriptors import method_info
 from autoecoops.kernel.mesh.errors import DeadlineExceeded
 from autoecoops.kernel.mesh.interceptors import current_deadline
 
@@ -41,6 +45,72 @@ def _details(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
     return grpc.aio.ClientCallDetails(
         details.method, timeout, details.metadata, details.credentials, details.wait_for_ready
     )
+
+
+class TokenSource(Protocol):
+    """Where a service gets its own bearer token."""
+
+    async def token(self) -> str:
+        """A valid token ('' when the service has no identity)."""
+        ...
+
+
+def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
+    metadata = list(details.metadata or ())
+    if not token or any(k == "authorization" for k, _ in metadata):
+        return details
+    metadata.append(("authorization", f"Bearer {token}"))
+    return grpc.aio.ClientCallDetails(
+        details.method,
+        details.timeout,
+        grpc.aio.Metadata(*metadata),
+        details.credentials,
+        details.wait_for_ready,
+    )
+
+
+class CredentialsInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.aio.StreamUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.aio.StreamStreamClientInterceptor,  # type: ignore[misc]
+):
+    """Adds the service's own token to calls that carry no authorization."""
+
+    def __init__(self, factory: ClientFactory) -> None:
+        self._factory = factory
+
+    async def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        source = self._factory.token_source
+        method: str = (
+            details.method.decode() if isinstance(details.method, bytes) else details.method
+        )
+        info = method_info(method)
+        # Public RPCs (JWKS, IssueToken) need no token, and getting one may
+        # itself call them.
+        if source is None or info is None or info.public:
+            return details
+        return _with_token(details, await source.token())
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        """Unary call with the service's token."""
+        return await continuation(await self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        """Server-streaming call with the service's token."""
+        return await continuation(await self._details(details), request)
+
+    async def intercept_stream_unary(
+        self, continuation: Any, details: Any, request_iterator: Any
+    ) -> Any:
+        """Client-streaming call with the service's token."""
+        return await continuation(await self._details(details), request_iterator)
+
+    async def intercept_stream_stream(
+        self, continuation: Any, details: Any, request_iterator: Any
+    ) -> Any:
+        """Bidirectional call with the service's token."""
+        return await continuation(await self._details(details), request_iterator)
 
 
 class DeadlineInterceptor(
@@ -85,9 +155,11 @@ def channel_options(config: MeshConfig) -> list[tuple[str, Any]]:
 class ClientFactory:
     """Hands out one pooled channel per target service, with mesh interceptors."""
 
-    def __init__(self, config: MeshConfig) -> None:
+    def __init__(self, config: MeshConfig, token_source: TokenSource | None = None) -> None:
         self._config = config
         self._channels: dict[str, grpc.aio.Channel] = {}
+        #: The calling service's identity; set by auth's ``secure`` at start.
+        self.token_source = token_source
 
     def channel(self, service: str) -> grpc.aio.Channel:
         """The shared channel to ``service`` (a name from the port table)."""
@@ -96,7 +168,11 @@ class ClientFactory:
             ch = grpc.aio.insecure_channel(
                 self._config.addr(service),
                 options=channel_options(self._config),
-                interceptors=[*aio_client_interceptors(), DeadlineInterceptor()],  # type: ignore[no-untyped-call]
+                interceptors=[
+                    *aio_client_interceptors(),  # type: ignore[no-untyped-call]
+                    DeadlineInterceptor(),
+                    CredentialsInterceptor(self),
+                ],
             )
             self._channels[service] = ch
         return ch

@@ -97,7 +97,7 @@ class _Recorder:
         self.names.add(name)
 
 
-def test_every_contract_service_is_served_by_one_mesh_service(
+async def test_every_contract_service_is_served_by_one_mesh_service(
     tmp_path: Path, redis_url: str
 ) -> None:
     cfg = make_config(data_dir=tmp_path, redis_url=redis_url)

@@ -570,3 +570,29 @@ async def test_issuer_url_must_be_https_or_loopback(mesh: Mesh, mint_token: Mint
             metadata=admin,
         )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_service_identity_and_calls_on_a_users_behalf(mesh: Mesh, mint_token: MintToken) -> None:
+    from autoecoops.kernel.auth.mesh import ServiceIdentity
+    from autoecoops.kernel.mesh.auth import Principal
+
+    identity = mesh.runtime.clients.token_source
+    assert isinstance(identity, ServiceIdentity)
+    own = jwt.decode(await identity.token(), options={"verify_signature": False})
+    assert own["sub"] == "system:mesh" and own["roles"] == ["mesh-service"]
+    # The client factory sends the service's token on calls that carry none.
+    stub = mesh.runtime.clients.stub(auth_pb2_grpc.AuthServiceStub, "auth-service")
+    reply = await stub.VerifyToken(auth_pb2.VerifyTokenRequest(token=mint_token("someone")))
+    assert reply.principal.subject == "someone"
+    # ...and the service holds only what mesh-service grants.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ListRoles(auth_pb2.ListRolesRequest())
+    assert reason(info.value)[:2] == (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_MISSING")
+    # On a user's behalf: the user stays the subject, the service is the actor.
+    alice = Principal(subject="alice", token=mint_token("alice", ["viewer"]))
+    metadata = await identity.on_behalf_of(alice, "memory-hub")
+    delegated = metadata[0][1].removeprefix("Bearer ")
+    admin = bearer(mint_token("root", ["admin"]))
+    seen = await auth_stub(mesh).VerifyToken(auth_pb2.VerifyTokenRequest(token=delegated), metadata=admin)
+    assert (seen.principal.subject, list(seen.principal.actors)) == ("alice", ["system:mesh"])
+    assert await identity.on_behalf_of(alice, "memory-hub") == metadata  # cached until near expiry
