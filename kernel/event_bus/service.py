@@ -2,21 +2,318 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
 
-from autoecoops.events.v1 import events_pb2, events_pb2_grpc
+from autoecoops.events.v1 import envelope_pb2, events_pb2, events_pb2_grpc
+from autoecoops.kernel.event_bus.background import start_background
+from autoecoops.kernel.event_bus.bus import DeadLetterSelector, EventBus
+from autoecoops.kernel.event_bus.envelope import PublishContext
+from autoecoops.kernel.event_bus.names import MAX_U64, check_name
+from autoecoops.kernel.event_bus.retry import RetryPolicy
+from autoecoops.kernel.event_bus.settings import EventBusSettings
+from autoecoops.kernel.event_bus.store import DeadLetterRecord, EventStore, TopicInfo
+from autoecoops.kernel.event_bus.subscription import Subscription, SubscriptionLoop
+from autoecoops.kernel.mesh.auth import current_principal
+from autoecoops.kernel.mesh.errors import FieldViolation, InvalidArgument
 from autoecoops.kernel.mesh.server import Runtime
+
+#: Shortest lease a subscriber may ask for, and the longest.
+MIN_VISIBILITY = 0.1
+MAX_VISIBILITY = 12 * 3600.0
+
+
+def _subject() -> str:
+    p = current_principal.get()
+    return p.subject if p is not None else ""
+
+
+def _seconds(d: duration_pb2.Duration) -> float:
+    return d.ToNanoseconds() / 1e9
+
+
+def _timestamp(epoch_seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(epoch_seconds * 1e9))
+    return ts
+
+
+def _ms(ts: timestamp_pb2.Timestamp) -> int:
+    return max(ts.ToMilliseconds(), 0)
+
+
+def _envelope(data: bytes, event_id: str) -> envelope_pb2.Envelope:
+    env = envelope_pb2.Envelope.FromString(data)
+    env.id = event_id
+    return env
+
+
+def _dead_letter(topic: str, d: DeadLetterRecord) -> events_pb2.DeadLetter:
+    return events_pb2.DeadLetter(
+        dead_letter_id=d.id,
+        topic=topic,
+        group=d.group,
+        envelope=_envelope(d.envelope, d.event_id),
+        reason=d.reason,
+        attempts=d.attempts,
+        consumer=d.consumer,
+        dead_letter_time=_timestamp(d.time_ms / 1000),
+    )
+
+
+def _selector(
+    msg: events_pb2.RedriveDeadLettersRequest | events_pb2.PurgeDeadLettersRequest,
+) -> DeadLetterSelector:
+    which = msg.WhichOneof("selector")
+    if which == "ids" and msg.ids.ids:
+        return DeadLetterSelector(ids=list(msg.ids.ids))
+    if which == "filter":
+        f = msg.filter
+        return DeadLetterSelector(
+            group=f.group,
+            event_type=f.event_type,
+            start_ms=_ms(f.start_time) if f.HasField("start_time") else None,
+            end_ms=_ms(f.end_time) if f.HasField("end_time") else None,
+        )
+    if which == "all" and msg.all:
+        return DeadLetterSelector(all=True)
+    raise InvalidArgument(
+        "selector: set ids (non-empty), filter, or all=true",
+        reason="SELECTOR_MISSING",
+        field_violations=[FieldViolation("selector", "one of ids, filter or all is required")],
+    )
+
+
+def _stats(info: TopicInfo, now_ms: int) -> events_pb2.TopicStats:
+    stats = events_pb2.TopicStats(
+        topic=info.name, length=info.length, dead_letter_count=info.dead_letters
+    )
+    for g in info.groups:
+        age = duration_pb2.Duration()
+        if g.oldest_pending_ms is not None:
+            age.FromMilliseconds(max(now_ms - g.oldest_pending_ms, 0))
+        c = g.counters
+        stats.groups.append(
+            events_pb2.ConsumerGroupStats(
+                group=g.name,
+                consumer_count=g.consumers,
+                lag=g.lag,
+                pending=g.pending,
+                oldest_pending_age=age,
+                dead_letter_count=g.dead_letters,
+                delivered_count=c.get("delivered", 0),
+                acked_count=c.get("acked", 0),
+                retried_count=c.get("retried", 0),
+                dead_lettered_count=c.get("dead_lettered", 0),
+            )
+        )
+    return stats
 
 
 class EventBusServicer(events_pb2_grpc.EventBusServiceServicer):
     """Serves autoecoops.events.v1.EventBusService."""
 
-    PENDING = "Redis Streams routing, delivery, retries and the dead-letter queue land with the event-bus issue"
+    def __init__(self, bus: EventBus) -> None:
+        self.bus = bus
+
+    async def Publish(
+        self, request: events_pb2.PublishRequest, context: grpc.aio.ServicerContext
+    ) -> events_pb2.PublishResponse:
+        """Publish one event."""
+        ctx = PublishContext.current(current_principal.get())
+        ((event_id, dup),) = await self.bus.publish(request.topic, [request.envelope], ctx)
+        return events_pb2.PublishResponse(event_id=event_id, duplicate=dup)
+
+    async def PublishBatch(
+        self, request: events_pb2.PublishBatchRequest, context: grpc.aio.ServicerContext
+    ) -> events_pb2.PublishBatchResponse:
+        """Publish several events to one topic, all or none."""
+        ctx = PublishContext.current(current_principal.get())
+        results = await self.bus.publish(request.topic, list(request.envelopes), ctx)
+        return events_pb2.PublishBatchResponse(
+            results=[events_pb2.PublishResult(event_id=i, duplicate=d) for i, d in results]
+        )
+
+    async def Subscribe(
+        self, request: events_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[events_pb2.SubscribeResponse]:
+        """Stream deliveries to one consumer of a group."""
+        loop = SubscriptionLoop(self.bus, self._subscription(request))
+        await loop.setup()
+        async for batch in loop.deliveries():
+            for d in batch:
+                yield events_pb2.SubscribeResponse(
+                    delivery=events_pb2.Delivery(
+                        delivery_id=d.delivery_id,
+                        event_id=d.event_id,
+                        envelope=_envelope(d.envelope, d.event_id),
+                        attempt=d.attempt,
+                        lease_expire_time=_timestamp(d.lease_expire_at),
+                    )
+                )
+
+    def _subscription(self, request: events_pb2.SubscribeRequest) -> Subscription:
+        settings = self.bus.settings
+        self.bus.registry.check_topic(request.topic)
+        check_name(request.group, "group", "consumer group")
+        check_name(request.consumer, "consumer", "consumer")
+        bad: list[FieldViolation] = []
+        limit = settings.max_in_flight_limit
+        if not 0 <= request.max_in_flight <= limit:
+            bad.append(FieldViolation("max_in_flight", f"must be 1 to {limit} (0: default)"))
+        vis = None
+        if request.HasField("visibility_timeout"):
+            vis = _seconds(request.visibility_timeout)
+            if not MIN_VISIBILITY <= vis <= MAX_VISIBILITY:
+                bad.append(FieldViolation("visibility_timeout", "must be 100ms to 12h"))
+        if bad:
+            raise InvalidArgument(
+                "invalid subscription: " + "; ".join(f"{v.field} {v.description}" for v in bad),
+                reason="INVALID_SUBSCRIPTION",
+                field_violations=bad,
+            )
+        policy = (
+            RetryPolicy.from_proto(request.retry_policy)
+            if request.HasField("retry_policy")
+            else None
+        )
+        return Subscription(
+            topic=request.topic,
+            group=request.group,
+            consumer=request.consumer,
+            subject=_subject(),
+            max_in_flight=request.max_in_flight or settings.max_in_flight,
+            visibility_timeout=vis,
+            retry_policy=policy,
+            start="0" if request.start_position == events_pb2.START_POSITION_EARLIEST else "$",
+        )
+
+    async def Ack(
+        self, request: events_pb2.AckRequest, context: grpc.aio.ServicerContext
+    ) -> events_pb2.AckResponse:
+        """Acknowledge deliveries."""
+        out = await self.bus.ack(list(request.delivery_ids), _subject())
+        return events_pb2.AckResponse(acked_count=out.acked, expired_delivery_ids=out.expired)
+
+    async def Nack(
+        self, request: events_pb2.NackRequest, context: grpc.aio.ServicerContext
+    ) -> events_pb2.NackResponse:
+        """Reject a delivery: retry after backoff, or dead-letter."""
+        out = await self.bus.nack(
+            request.delivery_id,
+            _subject(),
+            request.reason,
+            delay=_seconds(request.delay) if request.HasField("delay") else None,
+            dead_letter=request.dead_letter,
+        )
+        reply = events_pb2.NackResponse(dead_lettered=out.dead_lettered)
+        if out.redeliver_at is not None:
+            reply.redeliver_time.CopyFrom(_timestamp(out.redeliver_at))
+        return reply
+
+    async def ExtendLease(
+        self, request: events_pb2.ExtendLeaseRequest, context: grpc.aio.ServicerContext
+    ) -> events_pb2.ExtendLeaseResponse:
+        """Keep deliveries leased while they are worked on."""
+        ext = _seconds(request.extension) if request.HasField("extension") else None
+        leases, expired = await self.bus.extend(list(request.delivery_ids), _subject(), ext)
+        return events_pb2.ExtendLeaseResponse(
+            leases=[
+                events_pb2.Lease(
+                    delivery_id=lease.delivery_id, lease_expire_time=_timestamp(lease.expire_at)
+                )
+                for lease in leases
+            ],
+            expired_delivery_ids=expired,
+        )
+
+    async def ListDeadLetters(
+        self, request: events_pb2.ListDeadLettersRequest, context: grpc.aio.ServicerContext
+    ) -> events_pb2.ListDeadLettersResponse:
+        """A page of a topic's dead letters."""
+        items, token = await self.bus.list_dead_letters(
+            request.topic, request.group, request.page_size, request.page_token
+        )
+        return events_pb2.ListDeadLettersResponse(
+            dead_letters=[_dead_letter(request.topic, d) for d in items], next_page_token=token
+        )
+
+    async def GetDeadLetter(
+        self, request: events_pb2.GetDeadLetterRequest, context: grpc.aio.ServicerContext
+    ) -> events_pb2.GetDeadLetterResponse:
+        """One dead letter."""
+        d = await self.bus.get_dead_letter(request.topic, request.dead_letter_id)
+        return events_pb2.GetDeadLetterResponse(dead_letter=_dead_letter(request.topic, d))
+
+    async def RedriveDeadLetters(
+        self, request: events_pb2.RedriveDeadLettersRequest, context: grpc.aio.ServicerContext
+    ) -> events_pb2.RedriveDeadLettersResponse:
+        """Send dead letters back for delivery."""
+        n = await self.bus.redrive(request.topic, _selector(request))
+        return events_pb2.RedriveDeadLettersResponse(redriven_count=n)
+
+    async def PurgeDeadLetters(
+        self, request: events_pb2.PurgeDeadLettersRequest, context: grpc.aio.ServicerContext
+    ) -> events_pb2.PurgeDeadLettersResponse:
+        """Delete dead letters."""
+        n = await self.bus.purge(request.topic, _selector(request))
+        return events_pb2.PurgeDeadLettersResponse(purged_count=n)
+
+    async def Replay(
+        self, request: events_pb2.ReplayRequest, context: grpc.aio.ServicerContext
+    ) -> events_pb2.ReplayResponse:
+        """Deliver past events to a group again."""
+        start = request.WhichOneof("start")
+        if start is None:
+            raise InvalidArgument(
+                "start: set start_time or start_event_id",
+                reason="INVALID_REPLAY",
+                field_violations=[FieldViolation("start", "required")],
+            )
+        start_id = (
+            f"{_ms(request.start_time)}-0" if start == "start_time" else request.start_event_id
+        )
+        end = request.WhichOneof("end")
+        end_id = None
+        if end == "end_time":
+            end_id = f"{_ms(request.end_time)}-{MAX_U64}"
+        elif end == "end_event_id":
+            end_id = request.end_event_id
+        n = await self.bus.replay(request.topic, request.group, start_id, end_id, request.reset)
+        return events_pb2.ReplayResponse(event_count=n)
+
+    async def GetTopicStats(
+        self, request: events_pb2.GetTopicStatsRequest, context: grpc.aio.ServicerContext
+    ) -> events_pb2.GetTopicStatsResponse:
+        """A topic's length and its groups' progress and counters."""
+        info = await self.bus.topic_stats(request.topic, request.group)
+        return events_pb2.GetTopicStatsResponse(stats=_stats(info, self.bus.now_ms()))
+
+    async def ListTopics(
+        self, request: events_pb2.ListTopicsRequest, context: grpc.aio.ServicerContext
+    ) -> events_pb2.ListTopicsResponse:
+        """Topics that have had events published to them."""
+        infos, token = await self.bus.list_topics(request.page_size, request.page_token)
+        topics = []
+        for i in infos:
+            t = events_pb2.Topic(name=i.name, length=i.length, groups=[g.name for g in i.groups])
+            if i.last_id:
+                t.last_event_time.CopyFrom(_timestamp(int(i.last_id.split("-")[0]) / 1000))
+            topics.append(t)
+        return events_pb2.ListTopicsResponse(topics=topics, next_page_token=token)
+
+
+def build_bus(runtime: Runtime, settings: EventBusSettings | None = None) -> EventBus:
+    """The bus of a runtime: its Redis, under ``<prefix>events:``."""
+    settings = settings or EventBusSettings.from_env()
+    return EventBus(EventStore(runtime.redis, runtime.key("events") + ":", settings), settings)
 
 
 def register(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
-    """Add event-bus's servicers to ``server``."""
-    events_pb2_grpc.add_EventBusServiceServicer_to_server(EventBusServicer(), server)  # type: ignore[abstract]  # pending RPCs answer UNIMPLEMENTED
+    """Add event-bus's servicers to ``server`` and start its background work."""
+    bus = build_bus(runtime)
+    events_pb2_grpc.add_EventBusServiceServicer_to_server(EventBusServicer(bus), server)
+    start_background(bus, runtime)
     return [events_pb2.DESCRIPTOR.services_by_name["EventBusService"].full_name]

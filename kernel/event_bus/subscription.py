@@ -1,0 +1,221 @@
+"""One subscription: leases events to a consumer, never more than it has room for.
+
+The loop, per turn: take over expired leases (XAUTOCLAIM) and settle them as
+failed attempts; lease what the consumer has room for (due retries first,
+then new events); if nothing came, wait for a new event, a retry falling
+due, or room freeing up. It never buffers ahead of the consumer: a delivery's
+lease starts when it is sent, so nothing ages in a pending list while it
+waits in a client buffer.
+
+A Redis outage does not end the subscription: the loop waits with backoff
+and carries on when Redis is back, recreating the group if Redis lost it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from autoecoops.kernel.event_bus import metrics
+from autoecoops.kernel.event_bus.bus import EventBus
+from autoecoops.kernel.event_bus.retry import RetryPolicy
+from autoecoops.kernel.event_bus.store import Entry, NoGroup, Settle, redis_errors
+from autoecoops.kernel.event_bus.tokens import DeliveryRef, subject_tag
+from autoecoops.kernel.mesh.errors import Unavailable
+
+log = logging.getLogger("autoecoops.event_bus")
+
+#: How long an event whose idempotency key another delivery is processing waits
+#: before it is looked at again.
+PARK_MS = 1000
+#: The longest wait between tries while Redis is down.
+MAX_OUTAGE_BACKOFF = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """What a subscriber asked for."""
+
+    topic: str
+    group: str
+    consumer: str
+    #: The subscriber's verified subject; its delivery ids are bound to it.
+    subject: str
+    max_in_flight: int
+    #: Seconds; None keeps the group's current visibility timeout.
+    visibility_timeout: float | None = None
+    #: None keeps the group's current policy.
+    retry_policy: RetryPolicy | None = None
+    #: Where a new group starts: '$' (latest) or '0' (earliest).
+    start: str = "$"
+
+    @property
+    def ordered(self) -> bool:
+        """One at a time, in order: a failed event is retried before the next one."""
+        return self.max_in_flight == 1
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One event leased to the consumer."""
+
+    delivery_id: str
+    event_id: str
+    #: The stored envelope (its id still empty; the event id fills it).
+    envelope: bytes
+    attempt: int
+    #: Epoch seconds.
+    lease_expire_at: float
+
+
+class SubscriptionLoop:
+    """Runs one subscription for as long as its caller iterates."""
+
+    def __init__(self, bus: EventBus, sub: Subscription) -> None:
+        self.bus = bus
+        self.sub = sub
+        self.store = bus.store
+        self._vis_ms = 0
+        self._policy = RetryPolicy()
+        self._next_reclaim = 0.0
+        self._wake = bus.notifier.event(sub.topic, sub.group, sub.consumer)
+
+    async def setup(self) -> None:
+        """Create or join the group; errors here fail the Subscribe call itself."""
+        s = self.sub
+        vis = None if s.visibility_timeout is None else int(s.visibility_timeout * 1000)
+        async with redis_errors():
+            await self.store.ensure_group(
+                s.topic, s.group, s.start, self.bus.now_ms(), s.retry_policy, vis
+            )
+        await self._load_config()
+        await self.bus.tokens()
+
+    async def _load_config(self) -> None:
+        async with redis_errors():
+            cfg = await self.store.group_config(self.sub.topic, self.sub.group)
+        if cfg is not None:
+            self._vis_ms, self._policy = cfg.vis_ms, cfg.policy
+
+    async def deliveries(self) -> AsyncIterator[list[Delivery]]:
+        """Batches of deliveries, as the consumer has room for them."""
+        backoff = 0.1
+        try:
+            while True:
+                try:
+                    batch = await self._turn()
+                    backoff = 0.1
+                except NoGroup:
+                    # Redis lost the group (restarted without it, or it was
+                    # destroyed): recreate it from the oldest retained event;
+                    # the group's dedup marks skip what it had processed.
+                    log.warning(
+                        "group %s of %s is gone; recreating it", self.sub.group, self.sub.topic
+                    )
+                    try:
+                        async with redis_errors():
+                            await self.store.ensure_group(
+                                self.sub.topic, self.sub.group, "0", self.bus.now_ms()
+                            )
+                    except (Unavailable, NoGroup):
+                        await asyncio.sleep(backoff)
+                    continue
+                except Unavailable:
+                    log.warning(
+                        "Redis unavailable; subscription %s/%s retrying in %.1fs",
+                        self.sub.topic,
+                        self.sub.group,
+                        backoff,
+                    )
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, MAX_OUTAGE_BACKOFF)
+                    continue
+                if batch:
+                    yield batch
+        finally:
+            self.bus.notifier.drop(self.sub.topic, self.sub.group, self.sub.consumer)
+
+    async def _turn(self) -> list[Delivery]:
+        s, bus = self.sub, self.bus
+        now = bus.clock()
+        if now >= self._next_reclaim:
+            await self._load_config()
+            await self._reclaim()
+            self._next_reclaim = now + min(self._vis_ms / 2000, 1.0)
+        self._wake.clear()
+        async with redis_errors():
+            res = await self.store.fetch(
+                s.topic,
+                s.group,
+                s.consumer,
+                s.max_in_flight,
+                s.ordered,
+                self._vis_ms,
+                bus.now_ms(),
+                PARK_MS,
+            )
+        if res.deduplicated:
+            metrics.DEDUPLICATED.labels(s.topic, s.group).inc(res.deduplicated)
+        if res.lost:
+            metrics.LOST.labels(s.topic, s.group).inc(res.lost)
+        if res.entries:
+            return await self._deliveries(res.entries)
+        if res.more:
+            return []
+        timeout = bus.settings.poll_interval
+        if res.next_due is not None:
+            timeout = min(timeout, max(res.next_due / 1000 - bus.clock(), 0.001))
+        waiting_in_order = s.ordered and res.next_due is not None
+        if res.free > 0 and not waiting_in_order:
+            async with redis_errors():
+                # Bounded, so a silent network partition cannot hang the loop.
+                await asyncio.wait_for(
+                    self.store.wait_for_events(s.topic, res.last_id, timeout), timeout + 5
+                )
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+        return []
+
+    async def _reclaim(self) -> None:
+        """Settle leases that expired unsettled as failed attempts (with backoff)."""
+        s = self.sub
+        async with redis_errors():
+            entries, lost = await self.store.reclaim(s.topic, s.group, s.consumer, self._vis_ms)
+        if lost:
+            metrics.LOST.labels(s.topic, s.group).inc(lost)
+        if entries:
+            log.info("%d lease(s) expired in %s/%s", len(entries), s.topic, s.group)
+            await self.bus.fail(
+                s.topic,
+                s.group,
+                [Settle(e.id, s.consumer, e.attempt) for e in entries],
+                "lease expired",
+                by="event-bus",
+            )
+
+    async def _deliveries(self, entries: list[Entry]) -> list[Delivery]:
+        s = self.sub
+        tokens = await self.bus.tokens()
+        tag = subject_tag(s.subject)
+        expire = self.bus.clock() + self._vis_ms / 1000
+        out = [
+            Delivery(
+                delivery_id=tokens.encode(
+                    DeliveryRef(s.topic, s.group, s.consumer, e.id, e.attempt, tag)
+                ),
+                event_id=e.event_id,
+                envelope=e.fields.get(b"e", b""),
+                attempt=e.attempt,
+                lease_expire_at=expire,
+            )
+            for e in entries
+        ]
+        metrics.DELIVERED.labels(s.topic, s.group).inc(len(out))
+        retries = sum(1 for e in entries if e.attempt > 1)
+        if retries:
+            metrics.RETRIED.labels(s.topic, s.group).inc(retries)
+        return out
