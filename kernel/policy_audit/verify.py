@@ -176,11 +176,16 @@ async def verify(
         root = frontier.root() if len(leaves) == size else await tree.recomputed(0, size)
     else:
         root = await tree.recomputed(0, size) if size else merkle.EMPTY_ROOT
-    if root != trusted.root_hash and not result.findings:
+    if root != trusted.root_hash:
         located = await _locate(tree, 0, size, trusted.root_hash)
-        result.findings.append(await _explain(store, located))
+        if all(f.index != located.index for f in result.findings):
+            inside = start <= located.index < start + len(leaves)
+            if located.end is None and not (inside and leaves[located.index - start] is MISSING):
+                located = await _explain(store, located)
+            result.findings.append(located)
     if earlier is not None:
         await _check_earlier(store, trusted, earlier, earlier_root, tree, result)
+    result.findings.sort(key=lambda f: f.index)
     return result
 
 
