@@ -21,6 +21,7 @@ from autoecoops.kernel.auth.rbac import BUILTIN_ROLES, Policy
 from autoecoops.kernel.auth.settings import AuthSettings
 from autoecoops.kernel.auth.store import AuthStore
 from autoecoops.kernel.auth.verify import IssuerPolicy, JwksCache, JwtVerifier
+from autoecoops.kernel.mesh.audit import AuditTrail
 from autoecoops.kernel.mesh.auth import Principal
 from autoecoops.kernel.mesh.clients import ClientFactory
 from autoecoops.kernel.mesh.config import SERVICE_NAMES
@@ -174,7 +175,9 @@ def secure(runtime: Runtime) -> Runtime:
     """Give ``runtime`` the mesh's verifier, RBAC authorizer and service identity."""
     settings = AuthSettings.from_env(runtime.config)
     runtime.verifier = mesh_verifier(settings, runtime.clients)
-    runtime.clients.token_source = ServiceIdentity(settings, runtime.clients)
+    identity = ServiceIdentity(settings, runtime.clients)
+    runtime.clients.token_source = identity
+    runtime.auditor = AuditTrail(runtime.clients, identity.name)
     if runtime.config.redis_url:
         runtime.authorizer = RbacAuthorizer(AuthStore(runtime.redis, runtime.key("auth")))
     return runtime

@@ -44,6 +44,18 @@ SERVICES: tuple[ServiceDef, ...] = (
     ServiceDef("machine-ops", 5003, "Platform-03 MachineNativeOps"),
 )
 SERVICE_NAMES = tuple(s.name for s in SERVICES)
+#: The mesh service serving each proto domain (``autoecoops.<domain>.v1``).
+DOMAIN_SERVICE = {
+    "auth": "auth-service",
+    "memory": "memory-hub",
+    "events": "event-bus",
+    "policy": "policy-audit",
+    "audit": "policy-audit",
+    "infra": "infra-manager",
+    "autoops": "autoops",
+    "iaops": "iaops",
+    "machineops": "machine-ops",
+}
 BY_NAME = {s.name: s for s in SERVICES}
 
 

@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf import message as pb_message
@@ -57,15 +57,30 @@ def current_trace_id() -> str:
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
 
 
+class CallAuditor(Protocol):
+    """Writes the audit entry of an RPC whose method option says ``audited``."""
+
+    async def call_succeeded(self, info: MethodInfo, request: pb_message.Message | None) -> None:
+        """Record a success; raise (e.g. Unavailable) if it cannot be recorded."""
+        ...
+
+    async def call_failed(
+        self, info: MethodInfo, request: pb_message.Message | None, error: AutoEcoOpsError
+    ) -> None:
+        """Record a failure or denial (best effort)."""
+        ...
+
+
 class _Call:
     """Per-method plan: what to check before the handler and how to finish."""
 
-    __slots__ = ("info", "metrics", "pending")
+    __slots__ = ("audited", "info", "metrics", "pending")
 
-    def __init__(self, info: MethodInfo, pending: str) -> None:
+    def __init__(self, info: MethodInfo, pending: str, audited: bool) -> None:
         self.info = info
         self.metrics = MethodMetrics(info.path)
         self.pending = pending
+        self.audited = audited
 
 
 class MeshInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -74,9 +89,15 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     Health, reflection and other non-AutoEcoOps services pass through untouched.
     """
 
-    def __init__(self, verifier: TokenVerifier, authorizer: Authorizer | None = None) -> None:
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        authorizer: Authorizer | None = None,
+        auditor: CallAuditor | None = None,
+    ) -> None:
         self._verifier = verifier
         self._authorizer = authorizer
+        self._auditor = auditor
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -196,6 +217,17 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             trailing_metadata=((STATUS_DETAILS_KEY, status.SerializeToString()),),
         )
 
+    async def _audit_failure(self, call: _Call, request: Any, exc: Exception) -> None:
+        """Best-effort entry for an audited call that failed after authentication."""
+        if not call.audited or self._auditor is None or current_principal.get() is None:
+            return
+        if not isinstance(exc, AutoEcoOpsError) or isinstance(exc, Unauthenticated):
+            return
+        try:
+            await self._auditor.call_failed(call.info, request, exc)
+        except Exception:
+            log.warning("could not audit the failure of %s", call.info.full_name, exc_info=True)
+
     # -- wrapping ---------------------------------------------------------
 
     def _wrap(self, info: MethodInfo, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -205,7 +237,16 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             or handler.stream_unary
             or handler.stream_stream
         )
-        call = _Call(info, getattr(getattr(behavior, "__self__", None), "PENDING", ""))
+        servicer = getattr(behavior, "__self__", None)
+        # A service that writes richer entries itself (policy-audit's decision
+        # log) sets AUDITS_ITSELF and the generic entry is skipped.
+        audited = (
+            info.audited
+            and self._auditor is not None
+            and not getattr(servicer, "AUDITS_ITSELF", False)
+        )
+        call = _Call(info, getattr(servicer, "PENDING", ""), audited)
+        auditor = self._auditor
         decode: Callable[[_Call, Any], Any] = (
             self._decode_stream if info.client_streaming else self._decode
         )
@@ -214,6 +255,7 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         async def respond_once(raw: Any, context: grpc.aio.ServicerContext) -> Any:
             start, code = time.perf_counter(), "OK"
+            request = None
             try:
                 await admit(call, context)
                 request = decode(call, raw)
@@ -223,22 +265,30 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 result = behavior(request, context)
                 if inspect.isawaitable(result):
                     result = await result
+                if call.audited:
+                    # Synchronous audit: if it cannot be written, the call fails.
+                    await auditor.call_succeeded(info, None if streaming_in else request)  # type: ignore[union-attr]
                 return result
             except grpc.aio.AbortError:
                 code = _code_name(context)
                 raise
             except Exception as exc:
                 code = _error_code(exc)
+                await self._audit_failure(call, None if streaming_in else request, exc)
                 await fail(call, context, exc)
             finally:
                 metrics.observe(code, time.perf_counter() - start)
 
         async def respond_stream(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             start, code = time.perf_counter(), "OK"
+            request = None
             try:
                 await admit(call, context)
                 request = decode(call, raw)
                 await authorize(call, None if streaming_in else request)
+                if call.audited:
+                    # A stream is audited when it opens; it may run for hours.
+                    await auditor.call_succeeded(info, None if streaming_in else request)  # type: ignore[union-attr]
                 result = behavior(request, context)
                 if hasattr(result, "__aiter__"):
                     async for item in result:
@@ -250,6 +300,7 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 raise
             except Exception as exc:
                 code = _error_code(exc)
+                await self._audit_failure(call, None if streaming_in else request, exc)
                 await fail(call, context, exc)
             finally:
                 metrics.observe(code, time.perf_counter() - start)

@@ -28,7 +28,7 @@ from autoecoops.kernel.mesh.auth import Authorizer, TokenVerifier, UnavailableVe
 from autoecoops.kernel.mesh.clients import ClientFactory
 from autoecoops.kernel.mesh.config import BY_NAME, MeshConfig
 from autoecoops.kernel.mesh.errors import ConfigError
-from autoecoops.kernel.mesh.interceptors import MeshInterceptor
+from autoecoops.kernel.mesh.interceptors import CallAuditor, MeshInterceptor
 from autoecoops.kernel.mesh.redis import connect
 from autoecoops.kernel.mesh.tracing import setup_tracing
 
@@ -57,6 +57,8 @@ class Runtime:
     clients: ClientFactory
     verifier: TokenVerifier = field(default_factory=UnavailableVerifier)
     authorizer: Authorizer | None = None
+    #: Writes the entry of RPCs marked audited; None disables that (tests of the bare runtime).
+    auditor: CallAuditor | None = None
     #: Callables run (and awaited if they return a coroutine) on shutdown, last first.
     closers: list[Callable[[], Any]] = field(default_factory=list)
     #: Coroutines a service's ``register`` queues to run before it reports SERVING.
@@ -127,7 +129,7 @@ class ServiceServer:
             interceptors=[
                 # OTel first, so the mesh interceptor runs inside the call's span.
                 aio_server_interceptor(),  # type: ignore[no-untyped-call]
-                MeshInterceptor(runtime.verifier, runtime.authorizer),
+                MeshInterceptor(runtime.verifier, runtime.authorizer, runtime.auditor),
             ],
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),

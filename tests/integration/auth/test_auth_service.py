@@ -51,7 +51,7 @@ async def mesh(
     start_mesh: StartMesh, mint_token: MintToken, monkeypatch: pytest.MonkeyPatch
 ) -> Mesh:
     monkeypatch.setenv("AUTOECOOPS_AUTH_JWKS_COOLDOWN_SECONDS", str(COOLDOWN))
-    return await start_mesh(["auth-service", "memory-hub"], secure=True)
+    return await start_mesh(["auth-service", "policy-audit", "memory-hub"], secure=True)
 
 
 def auth_stub(mesh: Mesh) -> auth_pb2_grpc.AuthServiceStub:
@@ -572,7 +572,9 @@ async def test_issuer_url_must_be_https_or_loopback(mesh: Mesh, mint_token: Mint
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_service_identity_and_calls_on_a_users_behalf(mesh: Mesh, mint_token: MintToken) -> None:
+async def test_service_identity_and_calls_on_a_users_behalf(
+    mesh: Mesh, mint_token: MintToken
+) -> None:
     from autoecoops.kernel.auth.mesh import ServiceIdentity
     from autoecoops.kernel.mesh.auth import Principal
 
@@ -593,6 +595,69 @@ async def test_service_identity_and_calls_on_a_users_behalf(mesh: Mesh, mint_tok
     metadata = await identity.on_behalf_of(alice, "memory-hub")
     delegated = metadata[0][1].removeprefix("Bearer ")
     admin = bearer(mint_token("root", ["admin"]))
-    seen = await auth_stub(mesh).VerifyToken(auth_pb2.VerifyTokenRequest(token=delegated), metadata=admin)
+    seen = await auth_stub(mesh).VerifyToken(
+        auth_pb2.VerifyTokenRequest(token=delegated), metadata=admin
+    )
     assert (seen.principal.subject, list(seen.principal.actors)) == ("alice", ["system:mesh"])
     assert await identity.on_behalf_of(alice, "memory-hub") == metadata  # cached until near expiry
+
+
+async def test_role_and_binding_changes_and_denials_are_audited(
+    mesh: Mesh, mint_token: MintToken
+) -> None:
+    from autoecoops.audit.v1 import audit_pb2, audit_pb2_grpc
+
+    auth = auth_stub(mesh)
+    admin = bearer(mint_token("root", ["admin"]))
+    await auth.CreateRole(
+        auth_pb2.CreateRoleRequest(role=auth_pb2.Role(name="auditor", permissions=["audit.*"])),
+        metadata=admin,
+    )
+    await auth.CreateRoleBinding(
+        auth_pb2.CreateRoleBindingRequest(
+            role_binding=auth_pb2.RoleBinding(
+                name="ops-auditors",
+                role="auditor",
+                subjects=[auth_pb2.Subject(kind=auth_pb2.SUBJECT_KIND_GROUP, name="ops")],
+            )
+        ),
+        metadata=admin,
+    )
+    await auth.DeleteRoleBinding(
+        auth_pb2.DeleteRoleBindingRequest(name="ops-auditors"), metadata=admin
+    )
+    eve = bearer(mint_token("eve", ["viewer"]))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await auth.CreateRole(
+            auth_pb2.CreateRoleRequest(role=auth_pb2.Role(name="mine", permissions=["*"])),
+            metadata=eve,
+        )
+    trail = audit_pb2_grpc.AuditServiceStub(
+        grpc.aio.insecure_channel(mesh.config.addr("policy-audit"))
+    )
+    entries = (
+        await trail.ListEntries(
+            audit_pb2.ListEntriesRequest(type="rpc", page_size=100), metadata=admin
+        )
+    ).entries
+    seen = [
+        (e.action.rsplit(".", 1)[1], e.resource, e.actor.subject, e.outcome, e.service)
+        for e in entries
+    ]
+    assert ("CreateRole", "role/auditor", "root", audit_pb2.OUTCOME_SUCCESS, "auth-service") in seen
+    assert (
+        "CreateRoleBinding",
+        "role_binding/ops-auditors",
+        "root",
+        audit_pb2.OUTCOME_SUCCESS,
+        "auth-service",
+    ) in seen
+    assert (
+        "DeleteRoleBinding",
+        "ops-auditors",
+        "root",
+        audit_pb2.OUTCOME_SUCCESS,
+        "auth-service",
+    ) in seen
+    assert ("CreateRole", "role/mine", "eve", audit_pb2.OUTCOME_DENIED, "auth-service") in seen
+    assert all(len(e.trace_id) == 32 for e in entries)
