@@ -537,6 +537,7 @@ class ApplicationStatus(_message.Message):
     RESOURCES_FIELD_NUMBER: _builtins.int
     OPERATION_STATE_FIELD_NUMBER: _builtins.int
     RECONCILE_TIME_FIELD_NUMBER: _builtins.int
+    CONDITIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def sync(self) -> Global___SyncStatus:
         """Whether the live state matches Git."""
@@ -557,6 +558,12 @@ class ApplicationStatus(_message.Message):
     def reconcile_time(self) -> _timestamp_pb2.Timestamp:
         """When the reconciler last compared Git and live state."""
 
+    @_builtins.property
+    def conditions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApplicationCondition]:
+        """Problems found by the last reconcile or operation, e.g. a manifest that
+        does not parse; empty when there are none.
+        """
+
     def __init__(
         self,
         *,
@@ -565,14 +572,50 @@ class ApplicationStatus(_message.Message):
         resources: _abc.Iterable[Global___ResourceStatus] | None = ...,
         operation_state: Global___OperationState | None = ...,
         reconcile_time: _timestamp_pb2.Timestamp | None = ...,
+        conditions: _abc.Iterable[Global___ApplicationCondition] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["health", b"health", "operation_state", b"operation_state", "reconcile_time", b"reconcile_time", "sync", b"sync"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["health", b"health", "operation_state", b"operation_state", "reconcile_time", b"reconcile_time", "resources", b"resources", "sync", b"sync"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conditions", b"conditions", "health", b"health", "operation_state", b"operation_state", "reconcile_time", b"reconcile_time", "resources", b"resources", "sync", b"sync"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ApplicationStatus: _TypeAlias = ApplicationStatus  # noqa: Y015
+
+@_typing.final
+class ApplicationCondition(_message.Message):
+    """A problem with an application that needs attention."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    OBSERVE_TIME_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """The kind of problem: "ComparisonError" (Git or the cluster could not be
+    read), "SyncError" (the last automated sync failed), "PruneSkipped"
+    (extraneous resources were kept) or "DestinationNotPermitted".
+    """
+    message: _builtins.str
+    """What is wrong, for a human."""
+    @_builtins.property
+    def observe_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was last observed."""
+
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        message: _builtins.str = ...,
+        observe_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["observe_time", b"observe_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "observe_time", b"observe_time", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplicationCondition: _TypeAlias = ApplicationCondition  # noqa: Y015
 
 @_typing.final
 class SyncStatus(_message.Message):
@@ -717,6 +760,7 @@ class OperationState(_message.Message):
     INITIATED_BY_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    RETRY_COUNT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The operation's id, unique per application."""
     phase: Global___OperationPhase.ValueType
@@ -733,6 +777,8 @@ class OperationState(_message.Message):
     """The history entry being rolled back to; 0 for a plain sync."""
     initiated_by: _builtins.str
     """Who started it: a subject, or "automated" for the reconciler."""
+    retry_count: _builtins.int
+    """How many times the operation was retried after a failure."""
     @_builtins.property
     def resource_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResourceResult]:
         """What happened to each resource so far."""
@@ -759,10 +805,11 @@ class OperationState(_message.Message):
         initiated_by: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        retry_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "end_time", b"end_time", "id", b"id", "initiated_by", b"initiated_by", "message", b"message", "phase", b"phase", "prune", b"prune", "resource_results", b"resource_results", "revision", b"revision", "rollback_history_id", b"rollback_history_id", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "end_time", b"end_time", "id", b"id", "initiated_by", b"initiated_by", "message", b"message", "phase", b"phase", "prune", b"prune", "resource_results", b"resource_results", "retry_count", b"retry_count", "revision", b"revision", "rollback_history_id", b"rollback_history_id", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1227,6 +1274,7 @@ class RollbackApplicationRequest(_message.Message):
     HISTORY_ID_FIELD_NUMBER: _builtins.int
     PRUNE_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
+    DISABLE_AUTO_SYNC_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The application's name."""
     history_id: _builtins.int
@@ -1235,6 +1283,11 @@ class RollbackApplicationRequest(_message.Message):
     """Delete live resources absent from that entry's manifests."""
     dry_run: _builtins.bool
     """Compute and validate what would change without applying it."""
+    disable_auto_sync: _builtins.bool
+    """Turn automated sync off in the same call, so the rollback is not undone
+    by the next auto-sync. Without it, rolling back an application with
+    automated sync is refused (FAILED_PRECONDITION).
+    """
     def __init__(
         self,
         *,
@@ -1242,10 +1295,11 @@ class RollbackApplicationRequest(_message.Message):
         history_id: _builtins.int = ...,
         prune: _builtins.bool = ...,
         dry_run: _builtins.bool = ...,
+        disable_auto_sync: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "history_id", b"history_id", "name", b"name", "prune", b"prune"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disable_auto_sync", b"disable_auto_sync", "dry_run", b"dry_run", "history_id", b"history_id", "name", b"name", "prune", b"prune"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -150,7 +150,8 @@ class InfraServiceServicer:
     def RollbackApplication(self, request, context):
         """Starts a sync to the revision of an earlier history entry. Refused
         (FAILED_PRECONDITION) while automated sync is enabled, since it would
-        undo the rollback.
+        undo the rollback, unless the request sets disable_auto_sync, which
+        turns it off first (as Argo CD's UI does).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -58,7 +58,8 @@ class InfraServiceStub:
     RollbackApplication: _grpc.UnaryUnaryMultiCallable[_infra_pb2.RollbackApplicationRequest, _infra_pb2.RollbackApplicationResponse]
     """Starts a sync to the revision of an earlier history entry. Refused
     (FAILED_PRECONDITION) while automated sync is enabled, since it would
-    undo the rollback.
+    undo the rollback, unless the request sets disable_auto_sync, which
+    turns it off first (as Argo CD's UI does).
     """
     ListApplicationHistory: _grpc.UnaryUnaryMultiCallable[_infra_pb2.ListApplicationHistoryRequest, _infra_pb2.ListApplicationHistoryResponse]
     """Lists an application's deployment history, newest first."""
@@ -97,7 +98,8 @@ class InfraServiceAsyncStub(InfraServiceStub):
     RollbackApplication: _aio.UnaryUnaryMultiCallable[_infra_pb2.RollbackApplicationRequest, _infra_pb2.RollbackApplicationResponse]  # type: ignore[assignment]
     """Starts a sync to the revision of an earlier history entry. Refused
     (FAILED_PRECONDITION) while automated sync is enabled, since it would
-    undo the rollback.
+    undo the rollback, unless the request sets disable_auto_sync, which
+    turns it off first (as Argo CD's UI does).
     """
     ListApplicationHistory: _aio.UnaryUnaryMultiCallable[_infra_pb2.ListApplicationHistoryRequest, _infra_pb2.ListApplicationHistoryResponse]  # type: ignore[assignment]
     """Lists an application's deployment history, newest first."""
@@ -181,7 +183,8 @@ class InfraServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_infra_pb2.RollbackApplicationResponse, _abc.Awaitable[_infra_pb2.RollbackApplicationResponse]]:
         """Starts a sync to the revision of an earlier history entry. Refused
         (FAILED_PRECONDITION) while automated sync is enabled, since it would
-        undo the rollback.
+        undo the rollback, unless the request sets disable_auto_sync, which
+        turns it off first (as Argo CD's UI does).
         """
 
     @_abc_1.abstractmethod
