@@ -343,12 +343,13 @@ def _path_of(template: PathTemplate) -> tuple[str, list[tuple[str, Variable, int
             params.append((var.dotted, var, -1))
         else:
             previous = ""
+            wildcards = sum(1 for seg in var.pattern if seg.kind != LITERAL)
             for k, seg in enumerate(var.pattern):
                 if seg.kind == LITERAL:
                     parts.append(seg.text)
                     previous = seg.text
                     continue
-                name = previous[:-1] if previous.endswith("s") and len(previous) > 1 else ""
+                name = var.dotted if wildcards == 1 else _singular(previous)
                 if not name or name in used:
                     name = f"{var.dotted}_{k}"
                 used.add(name)
@@ -357,6 +358,16 @@ def _path_of(template: PathTemplate) -> tuple[str, list[tuple[str, Variable, int
         i = var.end
     path = "/" + "/".join(parts)
     return path + (":" + template.verb if template.verb else ""), params
+
+
+def _singular(collection: str) -> str:
+    # "projects" -> "project", "policies" -> "policy": names for the
+    # parameters of a spelled-out resource name.
+    if collection.endswith("ies") and len(collection) > 3:
+        return collection[:-3] + "y"
+    if collection.endswith("s") and len(collection) > 1:
+        return collection[:-1]
+    return ""
 
 
 class _Builder:
@@ -442,10 +453,9 @@ class _Builder:
     ) -> None:
         for f in desc.fields:
             proto_path = proto_prefix + f.name
-            if any(
-                proto_path == x or x.startswith(proto_path + ".") or proto_path.startswith(x + ".")
-                for x in bound
-            ):
+            # A field bound by the path or body (or inside one) is not a
+            # parameter; the other fields of a message that holds one are.
+            if any(proto_path == x or proto_path.startswith(x + ".") for x in bound):
                 continue
             name = json_prefix + f.json_name
             if is_map(f):

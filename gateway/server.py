@@ -10,6 +10,7 @@ and ``autoecoops serve gateway`` run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -108,7 +109,9 @@ class GatewayServer:
         """Stop accepting, let in-flight requests finish (the grace period), close channels."""
         self._server.should_exit = True
         if self._ticker is not None:
-            await self._ticker
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
             self._ticker = None
         await self._server.shutdown(sockets=[self._sock])
         await self.app.backends.close()

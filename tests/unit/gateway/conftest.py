@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+import pytest_asyncio
 from google.protobuf import descriptor, descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
@@ -232,50 +233,72 @@ class Kitchen:
         return f"http://127.0.0.1:{self.gateway.port}"
 
 
-@pytest.fixture
+async def _start(
+    service: descriptor.ServiceDescriptor,
+    bindings: list[Binding],
+    settings: GatewaySettings | None,
+    backend: bool,
+    cleanup: list[Callable[[], Any]],
+) -> Kitchen:
+    servicer = KitchenServicer()
+    port = free_port()
+    if backend:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((_handlers(service, servicer),))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        cleanup.append(lambda: server.stop(0))
+    config = MeshConfig(addrs={BACKEND: f"127.0.0.1:{port}"}, shutdown_grace=1.0)
+    gateway = await start_gateway(
+        config,
+        settings or GatewaySettings(port=0),
+        bindings=bindings,
+        clients=ClientFactory(config),
+    )
+    cleanup.append(gateway.stop)
+    http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.port}", timeout=10)
+    cleanup.append(http.aclose)
+    return Kitchen(servicer, gateway, http, port)
+
+
+async def _cleanup(cleanup: list[Callable[[], Any]]) -> None:
+    for close in reversed(cleanup):
+        await close()
+
+
+# The tests of a module share one event loop, so one backend and gateway
+# serve all of them (starting a pair per test would dominate the run time).
+
+
+@pytest_asyncio.fixture(loop_scope="module")
 async def start_kitchen(
     kitchen_service: descriptor.ServiceDescriptor, kitchen_bindings: list[Binding]
 ) -> AsyncIterator[Callable[..., Any]]:
-    """Start the backend (unless ``backend=False``) and a gateway with ``settings``."""
-    servers: list[grpc.aio.Server] = []
-    gateways: list[GatewayServer] = []
-    clients: list[httpx.AsyncClient] = []
+    """Start a backend (unless ``backend=False``) and a gateway with ``settings``."""
+    cleanup: list[Callable[[], Any]] = []
 
     async def start(settings: GatewaySettings | None = None, backend: bool = True) -> Kitchen:
-        servicer = KitchenServicer()
-        port = free_port()
-        if backend:
-            server = grpc.aio.server()
-            server.add_generic_rpc_handlers((_handlers(kitchen_service, servicer),))
-            server.add_insecure_port(f"127.0.0.1:{port}")
-            await server.start()
-            servers.append(server)
-        config = MeshConfig(addrs={BACKEND: f"127.0.0.1:{port}"}, shutdown_grace=1.0)
-        gateway = await start_gateway(
-            config,
-            settings or GatewaySettings(port=0),
-            bindings=kitchen_bindings,
-            clients=ClientFactory(config),
-        )
-        gateways.append(gateway)
-        http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.port}", timeout=10)
-        clients.append(http)
-        return Kitchen(servicer, gateway, http, port)
+        return await _start(kitchen_service, kitchen_bindings, settings, backend, cleanup)
 
     yield start
-    for c in clients:
-        await c.aclose()
-    for g in gateways:
-        await g.stop()
-    for s in servers:
-        await s.stop(0)
+    await _cleanup(cleanup)
 
 
-@pytest.fixture
-async def kitchen(start_kitchen: Callable[..., Any]) -> Kitchen:
-    """A backend and gateway with default settings."""
-    started: Kitchen = await start_kitchen()
-    return started
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_kitchen(
+    kitchen_service: descriptor.ServiceDescriptor, kitchen_bindings: list[Binding]
+) -> AsyncIterator[Kitchen]:
+    """One backend and gateway with default settings for a module."""
+    cleanup: list[Callable[[], Any]] = []
+    yield await _start(kitchen_service, kitchen_bindings, None, True, cleanup)
+    await _cleanup(cleanup)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def kitchen(shared_kitchen: Kitchen) -> Kitchen:
+    """The module's backend and gateway, with the backend's call counts reset."""
+    shared_kitchen.servicer.calls.clear()
+    return shared_kitchen
 
 
 async def raw_request(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:

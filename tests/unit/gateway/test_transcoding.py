@@ -14,6 +14,8 @@ import pytest
 from autoecoops.gateway.settings import GatewaySettings
 from tests.unit.gateway.conftest import Kitchen, raw_request
 
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
 
 def violations(response: httpx.Response) -> dict[str, str]:
     """field -> description of the BadRequest detail of a Status body."""
@@ -42,13 +44,13 @@ async def test_nested_path_variable_sets_the_nested_field(kitchen: Kitchen) -> N
 
 
 async def test_multi_segment_variable_binds_the_whole_name(kitchen: Kitchen) -> None:
-    r = await kitchen.http.get("/v1/shelves/s1/things/t1")
+    r = await kitchen.http.get("/v1/rooms/s1/things/t1")
     assert r.status_code == 200
-    assert r.json() == {"name": "shelves/s1/things/t1"}
+    assert r.json() == {"name": "rooms/s1/things/t1"}
 
 
 async def test_a_path_that_does_not_fit_the_pattern_is_404(kitchen: Kitchen) -> None:
-    for path in ("/v1/shelves/s1/boxes/t1", "/v1/shelves/s1/things", "/v1/shelves/s1/things/t1/x"):
+    for path in ("/v1/rooms/s1/boxes/t1", "/v1/rooms/s1/things", "/v1/rooms/s1/things/t1/x"):
         r = await kitchen.http.get(path)
         assert r.status_code == 404, path
         assert r.json()["code"] == 5
