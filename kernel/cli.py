@@ -80,6 +80,9 @@ def _run(config: MeshConfig, names: Sequence[str]) -> int:
             print(
                 f"  metrics{' ' * (width - 7)}  http://{config.host}:{config.metrics_port}/metrics"
             )
+        if any(srv.name == "auth-service" for srv in mesh.servers):
+            hint = 'TOKEN=$(autoecoops token --subject you --roles admin); then -H "authorization: Bearer $TOKEN"'
+            print(f"  token{' ' * (width - 5)}  {hint}")
         print(
             f"all {len(mesh.servers)} services SERVING in {took:.2f}s; Ctrl-C drains and stops",
             flush=True,

