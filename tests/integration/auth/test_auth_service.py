@@ -661,3 +661,48 @@ async def test_role_and_binding_changes_and_denials_are_audited(
     ) in seen
     assert ("CreateRole", "role/mine", "eve", audit_pb2.OUTCOME_DENIED, "auth-service") in seen
     assert all(len(e.trace_id) == 32 for e in entries)
+
+
+async def test_seed_file_creates_roles_bindings_accounts_and_issuers(
+    start_mesh: StartMesh, mint_token: MintToken, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    seed = tmp_path / "seed.yaml"
+    seed.write_text(
+        """
+roles:
+  - {name: deployer, permissions: [infra.applications.*]}
+bindings:
+  - {name: ci-deployer, role: deployer, namespace: prod, subjects: [{kind: serviceaccount, name: ci}]}
+serviceAccounts:
+  - {name: ci, roles: [viewer], secretEnv: TEST_CI_SECRET}
+trustedIssuers:
+  - {name: corp, issuerUrl: "https://login.corp.example", audiences: [autoecoops], groupRoles: {sre: [admin]}}
+"""
+    )
+    monkeypatch.setenv("AUTOECOOPS_AUTH_SEED_FILE", str(seed))
+    monkeypatch.setenv("TEST_CI_SECRET", "s" * 24)
+    mesh = await start_mesh(["auth-service", "policy-audit"], secure=True)
+    auth = auth_stub(mesh)
+    admin = bearer(mint_token("root", ["admin"]))
+    assert (
+        await auth.GetRole(auth_pb2.GetRoleRequest(name="deployer"), metadata=admin)
+    ).role.permissions == ["infra.applications.*"]
+    binding = (
+        await auth.GetRoleBinding(
+            auth_pb2.GetRoleBindingRequest(name="ci-deployer"), metadata=admin
+        )
+    ).role_binding
+    assert (binding.namespace, binding.subjects[0].kind) == (
+        "prod",
+        auth_pb2.SUBJECT_KIND_SERVICE_ACCOUNT,
+    )
+    issued = await auth.IssueToken(
+        auth_pb2.IssueTokenRequest(client_id="ci", client_secret="s" * 24)
+    )
+    assert jwt.decode(issued.access_token, options={"verify_signature": False})["sub"] == "ci"
+    issuer = (
+        await auth.GetTrustedIssuer(auth_pb2.GetTrustedIssuerRequest(name="corp"), metadata=admin)
+    ).trusted_issuer
+    assert issuer.issuer_url == "https://login.corp.example" and issuer.group_roles[0].roles == [
+        "admin"
+    ]
