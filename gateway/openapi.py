@@ -339,8 +339,9 @@ def _path_of(template: PathTemplate) -> tuple[str, list[tuple[str, Variable, int
             i += 1
             continue
         if var.single_segment:
-            parts.append("{" + var.dotted + "}")
-            params.append((var.dotted, var, -1))
+            name = _param_name(var.dotted)
+            parts.append("{" + name + "}")
+            params.append((name, var, -1))
         else:
             previous = ""
             wildcards = sum(1 for seg in var.pattern if seg.kind != LITERAL)
@@ -349,15 +350,22 @@ def _path_of(template: PathTemplate) -> tuple[str, list[tuple[str, Variable, int
                     parts.append(seg.text)
                     previous = seg.text
                     continue
-                name = var.dotted if wildcards == 1 else _singular(previous)
+                name = _param_name(var.dotted) if wildcards == 1 else _singular(previous)
                 if not name or name in used:
-                    name = f"{var.dotted}_{k}"
+                    name = f"{_param_name(var.dotted)}_{k}"
                 used.add(name)
                 parts.append("{" + name + "}")
                 params.append((name, var, k))
         i = var.end
     path = "/" + "/".join(parts)
     return path + (":" + template.verb if template.verb else ""), params
+
+
+def _param_name(field_path: str) -> str:
+    # "role.name" -> "role_name": a dot in a path parameter name is legal
+    # OpenAPI, but tools that fill templates with str.format (schemathesis,
+    # several generators) read it as attribute access.
+    return field_path.replace(".", "_")
 
 
 def _singular(collection: str) -> str:
@@ -420,7 +428,11 @@ class _Builder:
             schema = self.schemas.field(leaf)
             if not var.single_segment:
                 schema["pattern"] = var.regex
+            if schema.get("type") == "string":
+                schema["minLength"] = 1  # an empty segment matches no route
             description = self.comments.get(leaf.full_name, "")
+            if name != var.dotted:
+                description = f"Sets `{var.dotted}`. {description}".strip()
         else:
             schema = (
                 {"type": "string", "pattern": "^[^/]+$"}

@@ -125,7 +125,7 @@ async def test_openapi_is_served_as_json_and_yaml(kitchen: Kitchen) -> None:
     assert r.status_code == 200
     doc = r.json()
     assert doc["openapi"] == "3.1.0"
-    assert "/v1/kitchens/{inner.id}" in doc["paths"]
+    assert "/v1/kitchens/{inner_id}" in doc["paths"]
     r = await kitchen.http.get("/openapi.yaml")
     assert r.headers["content-type"] == "application/yaml"
     assert yaml.safe_load(r.text) == doc

@@ -50,7 +50,7 @@ def test_every_binding_is_an_operation_named_service_method(doc: dict[str, Any])
         for path, v in doc["paths"].items()
         for verb, op in v.items()
     }
-    assert ops["KitchenService_Echo"] == ("/v1/kitchens/{inner.id}", "get")
+    assert ops["KitchenService_Echo"] == ("/v1/kitchens/{inner_id}", "get")
     # Additional bindings are numbered from 2, as grpc-gateway does.
     assert ops["KitchenService_Echo2"] == ("/v1/kitchens:echo", "post")
     assert ops["KitchenService_Echo3"] == ("/v1/kitchens/{name}/inner", "put")
@@ -59,7 +59,7 @@ def test_every_binding_is_an_operation_named_service_method(doc: dict[str, Any])
     assert ops["KitchenService_GetThing"] == ("/v1/rooms/{room}/things/{thing}", "get")
     assert ops["KitchenService_GetFile"] == ("/v1/files/{path}", "get")
     assert ops["Gateway_Health"] == ("/healthz", "get")
-    echo = doc["paths"]["/v1/kitchens/{inner.id}"]["get"]
+    echo = doc["paths"]["/v1/kitchens/{inner_id}"]["get"]
     assert echo["tags"] == ["KitchenService"]
     assert echo["summary"] == "Returns its request: the JSON mapping round trip."
     assert echo["x-grpc-method"] == "autoecoops.gatewaytest.v1.KitchenService.Echo"
@@ -69,8 +69,9 @@ def test_every_binding_is_an_operation_named_service_method(doc: dict[str, Any])
 
 
 def test_parameters(doc: dict[str, Any]) -> None:
-    params = {p["name"]: p for p in doc["paths"]["/v1/kitchens/{inner.id}"]["get"]["parameters"]}
-    assert params["inner.id"]["in"] == "path" and params["inner.id"]["required"] is True
+    params = {p["name"]: p for p in doc["paths"]["/v1/kitchens/{inner_id}"]["get"]["parameters"]}
+    assert params["inner_id"]["in"] == "path" and params["inner_id"]["required"] is True
+    assert params["inner_id"]["description"].startswith("Sets `inner.id`.")
     # Every field the path does not bind is a query parameter, by JSON name.
     assert params["int64Value"]["schema"] == {
         "type": "string",
@@ -148,7 +149,7 @@ _INT32 = {"type": "integer", "format": "int32", "minimum": -(2**31), "maximum": 
 
 
 def test_responses_errors_and_security(doc: dict[str, Any]) -> None:
-    echo = doc["paths"]["/v1/kitchens/{inner.id}"]["get"]
+    echo = doc["paths"]["/v1/kitchens/{inner_id}"]["get"]
     assert echo["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
         ".Kitchen"
     )
