@@ -1,0 +1,143 @@
+"""Where each service is and how the client connects to it.
+
+A client reaches every service at its own address (``AUTOECOOPS_<SERVICE>_ADDR``
+or the port table, via ``MeshConfig``), or all of them at one ``target`` (an
+ingress or proxy that routes by gRPC service). Channels use TLS except to a
+loopback address, unless told otherwise; and a bearer token never travels in
+clear text beyond loopback unless the caller says so explicitly.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from autoecoops.kernel.mesh.config import DOMAIN_SERVICE, MeshConfig
+from autoecoops.kernel.mesh.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class TLS:
+    """TLS for the client's channels; all fields optional."""
+
+    #: PEM roots to verify servers with; None uses the system's.
+    root_certificates: bytes | None = None
+    #: PEM private key and certificate chain, for mutual TLS.
+    private_key: bytes | None = None
+    certificate_chain: bytes | None = None
+    #: The name expected in the server certificate, when it is not the host dialled.
+    server_name: str = ""
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """The gRPC channel credentials of these settings."""
+        return grpc.ssl_channel_credentials(
+            self.root_certificates, self.private_key, self.certificate_chain
+        )
+
+
+def host_of(target: str) -> str:
+    """The host of ``host:port``, ``[v6]:port``, ``dns:///host:port`` or a unix: target."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return "unix"
+    if "://" in target:
+        target = target.split("://", 1)[1].lstrip("/")
+    elif target.startswith("dns:"):
+        target = target[4:]
+    if target.startswith("["):
+        return target[1 : target.find("]")]
+    return target.rsplit(":", 1)[0] if target.count(":") == 1 else target
+
+
+def is_loopback(target: str) -> bool:
+    """True when ``target`` cannot leave this machine."""
+    host = host_of(target)
+    if host in {"unix", "localhost"} or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def tls_for(target: str, tls: bool | TLS | None) -> TLS | None:
+    """The TLS settings for ``target``: None (plaintext) or the settings to use.
+
+    ``tls=None`` means TLS except to loopback, where a local mesh listens in
+    plaintext.
+    """
+    if isinstance(tls, TLS):
+        return tls
+    if tls is None:
+        return None if is_loopback(target) else TLS()
+    return TLS() if tls else None
+
+
+def check_credentials(target: str, tls: TLS | None, allow_insecure: bool) -> None:
+    """Refuse to send a bearer token in clear text beyond loopback."""
+    if tls is None and not allow_insecure and not is_loopback(target):
+        raise ConfigError(
+            f"{target}: credentials would be sent without TLS to a non-loopback address; "
+            "use tls=True (or TLS(...)), or pass allow_insecure_credentials=True"
+        )
+
+
+def channel_options(
+    config: MeshConfig, tls: TLS | None, extra: Sequence[tuple[str, Any]] = ()
+) -> list[tuple[str, Any]]:
+    """Channel arguments: message limits from the mesh config, keepalive, then ``extra``."""
+    options: dict[str, Any] = {
+        "grpc.max_receive_message_length": config.max_message_bytes,
+        "grpc.max_send_message_length": config.max_message_bytes,
+        "grpc.keepalive_time_ms": 30_000,
+        "grpc.keepalive_permit_without_calls": 1,
+        # The SDK retries itself, by the contract's idempotent flag; gRPC's
+        # own retries (transparent ones aside) would retry the rest too.
+        "grpc.enable_retries": 0,
+    }
+    if tls is not None and tls.server_name:
+        options["grpc.ssl_target_name_override"] = tls.server_name
+    options.update(dict(extra))
+    return list(options.items())
+
+
+class Routes:
+    """The address of each service: ``addresses``, else ``target``, else the mesh config."""
+
+    def __init__(
+        self, target: str | None, addresses: Mapping[str, str] | None, config: MeshConfig
+    ) -> None:
+        self._target = target
+        self._addresses = dict(addresses or {})
+        self._config = config
+
+    def address(self, service: str) -> str:
+        """Where to dial the proto service ``service`` (``package.Service``).
+
+        ``addresses`` may name it by its full name or by its mesh service name
+        (``memory-hub``).
+        """
+        if service in self._addresses:
+            return self._addresses[service]
+        mesh = mesh_service(service)
+        if mesh is not None and mesh in self._addresses:
+            return self._addresses[mesh]
+        if self._target:
+            return self._target
+        if mesh is not None:
+            return self._config.addr(mesh)
+        raise ConfigError(
+            f"no address for {service}: it is not in the mesh's port table; "
+            f"pass target=... or addresses={{{service!r}: 'host:port'}}"
+        )
+
+
+def mesh_service(service: str) -> str | None:
+    """The mesh service that serves proto service ``autoecoops.<domain>.v1.X``."""
+    parts = service.split(".")
+    if len(parts) >= 3 and parts[0] == "autoecoops":
+        return DOMAIN_SERVICE.get(parts[1])
+    return None

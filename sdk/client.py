@@ -1,0 +1,182 @@
+"""``Client`` and ``AsyncClient``: one object for the whole mesh.
+
+Each service is an attribute (``client.memory``, ``client.events``, ...)
+whose methods are its RPCs in snake_case. Addresses come from the arguments
+or from the ``AUTOECOOPS_*`` variables (``MeshConfig``), the same ones the
+servers read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from autoecoops.kernel.mesh.config import MeshConfig
+from autoecoops.sdk.calls import Timeout
+from autoecoops.sdk.channels import TLS, Routes
+from autoecoops.sdk.clock import SYSTEM, Clock
+from autoecoops.sdk.credentials import Credentials
+from autoecoops.sdk.retry import DEFAULT_RETRY, Retry, RetryThrottle
+from autoecoops.sdk.services import AsyncServices, Services
+from autoecoops.sdk.transport import AsyncTransport, SyncTransport
+
+#: The overall deadline of a unary call when neither client nor call sets one.
+DEFAULT_TIMEOUT = 30.0
+
+
+def _settings(
+    target: str | None,
+    addresses: Mapping[str, str] | None,
+    config: MeshConfig | None,
+    credentials: Credentials | None,
+    tls: bool | TLS | None,
+    allow_insecure_credentials: bool,
+    retry: Retry,
+    timeout: Timeout,
+    throttle: RetryThrottle | None,
+    metadata: Sequence[tuple[str, str | bytes]],
+    channel_options: Sequence[tuple[str, Any]],
+    clock: Clock,
+) -> dict[str, Any]:
+    config = config if config is not None else MeshConfig.from_env()
+    return {
+        "routes": Routes(target, addresses, config),
+        "config": config,
+        "credentials": credentials,
+        "tls": tls,
+        "allow_insecure_credentials": allow_insecure_credentials,
+        "retry": retry,
+        "timeout": timeout,
+        "throttle": throttle,
+        "metadata": metadata,
+        "options": channel_options,
+        "clock": clock,
+    }
+
+
+class Client(Services):
+    """A blocking client for every service of the mesh.
+
+    Args:
+        target: one ``host:port`` for every service (an ingress or proxy
+            routing by gRPC service); None dials each service at its own address.
+        addresses: per-service addresses, by mesh name (``memory-hub``) or
+            proto service (``autoecoops.memory.v1.MemoryService``).
+        config: the mesh configuration for defaults; None reads ``AUTOECOOPS_*``.
+        credentials: how to get a bearer token; None sends none.
+        tls: True, False, ``TLS(...)``, or None for TLS except to loopback.
+        allow_insecure_credentials: send credentials without TLS beyond loopback.
+        retry: the default policy for idempotent calls (per call: ``retry=``).
+        timeout: the default overall deadline of a unary call, attempts included.
+        throttle: gRPC retry throttling per server; None disables it.
+        metadata: sent with every call.
+        channel_options: extra gRPC channel arguments.
+        clock: time and randomness (tests pass fakes).
+    """
+
+    _transport: SyncTransport
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        addresses: Mapping[str, str] | None = None,
+        config: MeshConfig | None = None,
+        credentials: Credentials | None = None,
+        tls: bool | TLS | None = None,
+        allow_insecure_credentials: bool = False,
+        retry: Retry = DEFAULT_RETRY,
+        timeout: Timeout = DEFAULT_TIMEOUT,
+        throttle: RetryThrottle | None = RetryThrottle(),  # noqa: B008 -- immutable
+        metadata: Sequence[tuple[str, str | bytes]] = (),
+        channel_options: Sequence[tuple[str, Any]] = (),
+        clock: Clock = SYSTEM,
+    ) -> None:
+        super().__init__()
+        self._transport = SyncTransport(
+            **_settings(
+                target,
+                addresses,
+                config,
+                credentials,
+                tls,
+                allow_insecure_credentials,
+                retry,
+                timeout,
+                throttle,
+                metadata,
+                channel_options,
+                clock,
+            )
+        )
+
+    def close(self) -> None:
+        """Close the channels; a call waiting to retry gives up."""
+        self._transport.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncClient(AsyncServices):
+    """An asyncio client for every service of the mesh; the arguments are ``Client``'s."""
+
+    _transport: AsyncTransport
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        addresses: Mapping[str, str] | None = None,
+        config: MeshConfig | None = None,
+        credentials: Credentials | None = None,
+        tls: bool | TLS | None = None,
+        allow_insecure_credentials: bool = False,
+        retry: Retry = DEFAULT_RETRY,
+        timeout: Timeout = DEFAULT_TIMEOUT,
+        throttle: RetryThrottle | None = RetryThrottle(),  # noqa: B008 -- immutable
+        metadata: Sequence[tuple[str, str | bytes]] = (),
+        channel_options: Sequence[tuple[str, Any]] = (),
+        clock: Clock = SYSTEM,
+    ) -> None:
+        super().__init__()
+        self._transport = AsyncTransport(
+            **_settings(
+                target,
+                addresses,
+                config,
+                credentials,
+                tls,
+                allow_insecure_credentials,
+                retry,
+                timeout,
+                throttle,
+                metadata,
+                channel_options,
+                clock,
+            )
+        )
+
+    async def close(self) -> None:
+        """Close the channels; a call waiting to retry gives up."""
+        await self._transport.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
