@@ -105,17 +105,21 @@ class _Services:
             self._subclients[name] = sub
         return sub
 
-    def __getattr__(self, name: str) -> Any:
-        svc = catalog.find(name)
-        if svc is None:
-            raise AttributeError(
-                f"{type(self).__name__} has no service {name!r}; services: "
-                + ", ".join(attr for attr, _ in catalog.all_services())
-            )
-        sub = self.service(svc.full_name)
-        # Found once; later lookups are plain attribute reads.
-        self.__dict__[name] = sub
-        return sub
+    if not TYPE_CHECKING:
+        # Run time only: to the type checker, the services are the properties
+        # of services.pyi, so a misspelt one is an error rather than Any.
+
+        def __getattr__(self, name: str) -> Any:
+            svc = catalog.find(name)
+            if svc is None:
+                raise AttributeError(
+                    f"{type(self).__name__} has no service {name!r}; services: "
+                    + ", ".join(attr for attr, _ in catalog.all_services())
+                )
+            sub = self.service(svc.full_name)
+            # Found once; later lookups are plain attribute reads.
+            self.__dict__[name] = sub
+            return sub
 
 
 class Services(_Services):
