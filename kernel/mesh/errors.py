@@ -54,10 +54,13 @@ class AutoEcoOpsError(Exception):
         resource_type: str = "",
         resource_name: str = "",
         trace_id: str = "",
+        domain: str = DOMAIN,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
+        #: The ErrorInfo domain: who defines ``reason`` (ours, or an upstream's).
+        self.domain = domain
         self.metadata: dict[str, str] = dict(metadata or {})
         self.field_violations = tuple(field_violations)
         #: Seconds the server asks the client to wait before retrying.
@@ -74,7 +77,7 @@ class AutoEcoOpsError(Exception):
         """The google.rpc.Status with ErrorInfo and whichever other details apply."""
         status = status_pb2.Status(code=self.code.value[0], message=self.message)
         info = error_details_pb2.ErrorInfo(
-            reason=self.reason, domain=DOMAIN, metadata=self.metadata
+            reason=self.reason, domain=self.domain, metadata=self.metadata
         )
         status.details.add().Pack(info)
         if self.field_violations:
@@ -115,6 +118,7 @@ class AutoEcoOpsError(Exception):
                 info = error_details_pb2.ErrorInfo()
                 any_detail.Unpack(info)
                 kwargs["reason"] = info.reason
+                kwargs["domain"] = info.domain
                 kwargs["metadata"] = dict(info.metadata)
             elif any_detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
