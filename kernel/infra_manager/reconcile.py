@@ -277,7 +277,11 @@ class Reconciler:
                 conditions.append(Condition(kind, err.message, m.clock()))
         status = m.status_of(app, cmp, conditions)
         await m.store.set_status(name, status)
-        await self._report_drift(app, cmp, will_heal=started or decision.recheck_in is not None)
+        detect_only = self.settings.detect_only or app.sync_policy.detect_only
+        # An application never synced is just OutOfSync; there is no deployment to drift from
+        # (detect-only applications are never synced, so for them any difference is drift).
+        if last or detect_only:
+            await self._report_drift(app, cmp, will_heal=started or decision.recheck_in is not None)
         return decision.recheck_in
 
     async def _expire_stale_operation(self, name: str) -> None:
