@@ -21,7 +21,15 @@ from google.protobuf import message
 from autoecoops.kernel.auth.rbac import BUILTIN_ROLES, Binding, Policy, Role, Subject
 from autoecoops.kernel.infra_manager.cluster import EmbeddedCluster
 from autoecoops.kernel.infra_manager.manager import DEPLOY_PERMISSION, InfraManager
-from autoecoops.kernel.infra_manager.model import Application, Automated, Destination, Operation, Phase, Source, SyncPolicy
+from autoecoops.kernel.infra_manager.model import (
+    Application,
+    Automated,
+    Destination,
+    Operation,
+    Phase,
+    Source,
+    SyncPolicy,
+)
 from autoecoops.kernel.infra_manager.reconcile import Reconciler
 from autoecoops.kernel.infra_manager.settings import InfraSettings
 from autoecoops.kernel.infra_manager.source import GitSource
@@ -45,7 +53,7 @@ FAST = InfraSettings(
 
 def deployment(name: str, replicas: int = 1, image: str = "nginx:1.25", **annotations: str) -> str:
     """A Deployment manifest."""
-    ann = "".join(f"\n    {k}: \"{v}\"" for k, v in annotations.items())
+    ann = "".join(f'\n    {k}: "{v}"' for k, v in annotations.items())
     return f"""apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -68,8 +76,8 @@ spec:
 
 def configmap(name: str, data: dict[str, str] | None = None, **annotations: str) -> str:
     """A ConfigMap manifest."""
-    body = "".join(f"\n  {k}: \"{v}\"" for k, v in (data or {"key": "value"}).items())
-    ann = "".join(f"\n    {k}: \"{v}\"" for k, v in annotations.items())
+    body = "".join(f'\n  {k}: "{v}"' for k, v in (data or {"key": "value"}).items())
+    ann = "".join(f'\n    {k}: "{v}"' for k, v in annotations.items())
     return (
         f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}"
         + (f"\n  annotations:{ann}" if ann else "")
@@ -190,7 +198,9 @@ class Infra:
         """Create an application."""
         return await self.manager.create(app, principal)
 
-    async def sync(self, name: str = "web", principal: Principal = ADMIN, **kwargs: Any) -> Operation:
+    async def sync(
+        self, name: str = "web", principal: Principal = ADMIN, **kwargs: Any
+    ) -> Operation:
         """Sync and wait for the operation to finish."""
         await self.manager.sync(name, principal, **kwargs)
         op = await self.manager.wait(name)
@@ -203,7 +213,9 @@ class Infra:
         await self.reconciler.reconcile(name)
         return await self.manager.wait(name)
 
-    async def live(self, kind: str, name: str, namespace: str = "team-a", group: str = "", version: str = "v1") -> dict[str, Any] | None:
+    async def live(
+        self, kind: str, name: str, namespace: str = "team-a", group: str = "", version: str = "v1"
+    ) -> dict[str, Any] | None:
         """A live object of the embedded cluster."""
         from autoecoops.kernel.infra_manager.model import Ref
 
@@ -228,7 +240,9 @@ async def infra(redis_url: str, key_prefix: str, tmp_path: Path) -> AsyncIterato
         authorizer=PolicyAuthorizer(team_policy()),
     )
     reconciler = Reconciler(manager, settings, rand=lambda: 0.0)
-    harness = Infra(manager, reconciler, cluster, GitRepo(tmp_path / "repo"), events, audit, tmp_path)
+    harness = Infra(
+        manager, reconciler, cluster, GitRepo(tmp_path / "repo"), events, audit, tmp_path
+    )
     yield harness
     await manager.close()
     git.close()

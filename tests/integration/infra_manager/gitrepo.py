@@ -40,14 +40,14 @@ class GitRepo:
         added = [str(self.path / n) for n, t in files.items() if t is not None]
         if added:
             porcelain.add(self.repo, paths=added)
-        sha = porcelain.commit(
-            self.repo, message=message.encode(), author=AUTHOR, committer=AUTHOR
-        )
+        sha = porcelain.commit(self.repo, message=message.encode(), author=AUTHOR, committer=AUTHOR)
         return sha.decode() if isinstance(sha, bytes) else str(sha)
 
     def tag(self, name: str) -> None:
         """An annotated tag on HEAD."""
-        porcelain.tag_create(self.repo, name.encode(), author=AUTHOR, message=b"release", annotated=True)
+        porcelain.tag_create(
+            self.repo, name.encode(), author=AUTHOR, message=b"release", annotated=True
+        )
 
     def branch(self, name: str) -> None:
         """A branch at HEAD."""

@@ -52,7 +52,11 @@ async def test_create_and_sync(infra: Infra) -> None:
 
     op = succeeded(await infra.sync())
     assert op.revision == commit and op.initiated_by == "alice"
-    assert [r.ref.kind for r in op.results] == ["ConfigMap", "ConfigMap", "Deployment"]  # kind order
+    assert [r.ref.kind for r in op.results] == [
+        "ConfigMap",
+        "ConfigMap",
+        "Deployment",
+    ]  # kind order
     live = await infra.cluster.get(WEB)
     assert live is not None
     assert live["metadata"]["labels"]["autoecoops.io/application"] == "web"
@@ -61,7 +65,11 @@ async def test_create_and_sync(infra: Infra) -> None:
     await infra.reconciler.reconcile("web")
     status = await infra.store.status("web")
     assert status is not None
-    assert (status.sync, status.health, status.revision) == (SyncCode.SYNCED, Health.HEALTHY, commit)
+    assert (status.sync, status.health, status.revision) == (
+        SyncCode.SYNCED,
+        Health.HEALTHY,
+        commit,
+    )
     assert len(status.resources) == 3
 
     (entry,) = await infra.manager.history("web")
@@ -129,11 +137,19 @@ async def test_without_self_heal_drift_stays_and_detect_only_never_syncs(infra: 
     infra.repo.commit(two_resources())
     await infra.create(infra.app("plain", automated=Automated()))
     await infra.create(
-        infra.app("watch", path="deploy", namespace="team-b", automated=Automated(self_heal=True), policy={"detect_only": True})
+        infra.app(
+            "watch",
+            path="deploy",
+            namespace="team-b",
+            automated=Automated(self_heal=True),
+            policy={"detect_only": True},
+        )
     )
     await infra.settle("plain")
     await infra.settle("watch")
-    assert await infra.cluster.get(Ref("apps", "v1", "Deployment", "team-b", "web")) is None  # detect-only
+    assert (
+        await infra.cluster.get(Ref("apps", "v1", "Deployment", "team-b", "web")) is None
+    )  # detect-only
     watch = await infra.store.status("watch")
     assert watch is not None and watch.sync is SyncCode.OUT_OF_SYNC
 
@@ -141,7 +157,9 @@ async def test_without_self_heal_drift_stays_and_detect_only_never_syncs(infra: 
     await infra.cluster.update(plain_web, lambda o: o["spec"].update(replicas=4))
     await infra.settle("plain")
     live = await infra.cluster.get(plain_web)
-    assert live is not None and live["spec"]["replicas"] == 4  # selfHeal off: reported, not corrected
+    assert (
+        live is not None and live["spec"]["replicas"] == 4
+    )  # selfHeal off: reported, not corrected
     drifts = {e.application: e for e in infra.events.of("DriftDetected")}
     assert drifts["watch"].self_heal is False and drifts["plain"].self_heal is False
     assert [e.application for e in infra.events.of("SyncStarted")] == ["plain"]
@@ -176,7 +194,9 @@ async def test_ignore_differences_and_defaulted_fields_are_not_drift(infra: Infr
     cmp = await infra.manager.diff("web")
     assert cmp.sync is SyncCode.SYNCED, [d.text() for d in cmp.drifted()]
 
-    await infra.cluster.update(WEB, lambda o: o["spec"]["template"]["spec"]["containers"][0].update(image="evil:1"))
+    await infra.cluster.update(
+        WEB, lambda o: o["spec"]["template"]["spec"]["containers"][0].update(image="evil:1")
+    )
     cmp = await infra.manager.diff("web")
     (d,) = cmp.drifted()
     assert "-    - image: evil:1" in d.text() or "image: evil:1" in d.text()
@@ -190,9 +210,13 @@ async def test_prune_only_when_asked_and_never_to_empty_without_allow_empty(infr
     notes = Ref("", "v1", "ConfigMap", "team-a", "notes")
 
     cmp = await infra.manager.diff("web")
-    assert [(str(d.ref), d.status) for d in cmp.drifted()] == [(str(notes), ResourceSync.EXTRANEOUS)]
+    assert [(str(d.ref), d.status) for d in cmp.drifted()] == [
+        (str(notes), ResourceSync.EXTRANEOUS)
+    ]
     op = succeeded(await infra.sync())
-    assert [(r.ref, r.code) for r in op.results if r.ref == notes] == [(notes, ResultCode.PRUNE_SKIPPED)]
+    assert [(r.ref, r.code) for r in op.results if r.ref == notes] == [
+        (notes, ResultCode.PRUNE_SKIPPED)
+    ]
     assert await infra.cluster.get(notes) is not None
     op = succeeded(await infra.sync(prune=True))
     assert await infra.cluster.get(notes) is None
@@ -263,7 +287,9 @@ async def test_a_wave_that_never_gets_healthy_fails_and_runs_syncfail(infra: Inf
     op = await infra.sync()
     assert op.phase is Phase.FAILED
     assert "wave 0 was not Healthy within 0.5s" in op.message and "Progressing" in op.message
-    assert [r.message.split(":")[0] for r in op.results if r.ref.name == "notify"] == ["SyncFail hook"]
+    assert [r.message.split(":")[0] for r in op.results if r.ref.name == "notify"] == [
+        "SyncFail hook"
+    ]
 
 
 async def test_a_failing_apply_runs_syncfail_hooks_and_records_no_history(infra: Infra) -> None:
@@ -281,7 +307,11 @@ async def test_a_failing_apply_runs_syncfail_hooks_and_records_no_history(infra:
     assert op.phase is Phase.FAILED
     assert "Bad_Name" in op.message and "RFC 1123" in op.message
     codes = {r.ref.name: r.code for r in op.results}
-    assert codes == {"first": ResultCode.SYNCED, "Bad_Name": ResultCode.SYNC_FAILED, "on-fail": ResultCode.SYNCED}
+    assert codes == {
+        "first": ResultCode.SYNCED,
+        "Bad_Name": ResultCode.SYNC_FAILED,
+        "on-fail": ResultCode.SYNCED,
+    }
     hook = await infra.cluster.get(Ref("batch", "v1", "Job", "team-a", "on-fail"))
     assert hook is not None  # BeforeHookCreation keeps it until the next run
     assert await infra.cluster.get(Ref("batch", "v1", "Job", "team-a", "after")) is None
@@ -305,7 +335,9 @@ async def test_hooks_run_around_the_waves_and_follow_their_delete_policy(infra: 
     await infra.create(infra.app())
     op = succeeded(await infra.sync())
     assert [r.ref.name for r in op.results] == ["migrate", "settings", "smoke"]
-    assert await infra.cluster.get(Ref("batch", "v1", "Job", "team-a", "migrate")) is None  # HookSucceeded
+    assert (
+        await infra.cluster.get(Ref("batch", "v1", "Job", "team-a", "migrate")) is None
+    )  # HookSucceeded
     assert await infra.cluster.get(Ref("batch", "v1", "Job", "team-a", "smoke")) is not None
     cmp = await infra.manager.diff("web")
     assert cmp.sync is SyncCode.SYNCED  # hooks are never extraneous
@@ -313,7 +345,9 @@ async def test_hooks_run_around_the_waves_and_follow_their_delete_policy(infra: 
 
 async def test_a_failed_hook_job_fails_the_sync(infra: Infra) -> None:
     infra.cluster.simulate_ready = False
-    infra.repo.commit({"deploy/hooks.yaml": hook_job("migrate", "PreSync"), "deploy/app.yaml": configmap("x")})
+    infra.repo.commit(
+        {"deploy/hooks.yaml": hook_job("migrate", "PreSync"), "deploy/app.yaml": configmap("x")}
+    )
     await infra.create(infra.app())
     await infra.manager.sync("web", ADMIN)
     job = Ref("batch", "v1", "Job", "team-a", "migrate")
@@ -321,7 +355,9 @@ async def test_a_failed_hook_job_fails_the_sync(infra: Infra) -> None:
         if await infra.cluster.get(job) is not None:
             break
         await asyncio.sleep(0.01)
-    await infra.cluster.set_status(job, {"conditions": [{"type": "Failed", "status": "True", "message": "exit 1"}]})
+    await infra.cluster.set_status(
+        job, {"conditions": [{"type": "Failed", "status": "True", "message": "exit 1"}]}
+    )
     op = await infra.manager.wait("web")
     assert op is not None and op.phase is Phase.FAILED
     assert "PreSync hook batch/Job/team-a/migrate failed: exit 1" in op.message
@@ -401,7 +437,9 @@ async def test_bad_input_is_refused_and_leaves_live_state_untouched(infra: Infra
     with pytest.raises(InvalidArgument) as bad_rev:
         await infra.create(_with_revision(infra, "no-such-branch"))
     assert bad_rev.value.reason == "REVISION_NOT_FOUND"
-    assert [v.field for v in bad_rev.value.field_violations] == ["application.source.target_revision"]
+    assert [v.field for v in bad_rev.value.field_violations] == [
+        "application.source.target_revision"
+    ]
     assert await infra.store.names() == []
 
     await infra.create(infra.app())
@@ -410,7 +448,10 @@ async def test_bad_input_is_refused_and_leaves_live_state_untouched(infra: Infra
 
     with pytest.raises(InvalidArgument) as rev:
         await infra.manager.sync("web", ADMIN, revision="0" * 40)
-    assert rev.value.reason == "REVISION_NOT_FOUND" and rev.value.field_violations[0].field == "revision"
+    assert (
+        rev.value.reason == "REVISION_NOT_FOUND"
+        and rev.value.field_violations[0].field == "revision"
+    )
 
     infra.repo.commit({"deploy/broken.yaml": "kind: ConfigMap\nmetadata: {name: [unclosed\n"})
     with pytest.raises(FailedPrecondition) as yaml_err:
@@ -452,7 +493,13 @@ async def test_a_namespace_the_caller_may_not_deploy_to_is_refused(infra: Infra)
     assert other_ns.value.reason == "DESTINATION_NOT_PERMITTED"
     assert other_ns.value.field_violations[0].field == "application.destination.namespace"
     await infra.create(infra.app(), bob)  # team-a is bob's
-    infra.repo.commit({"deploy/sneaky.yaml": configmap("x").replace("name: x", "name: x\n  namespace: kube-system")})
+    infra.repo.commit(
+        {
+            "deploy/sneaky.yaml": configmap("x").replace(
+                "name: x", "name: x\n  namespace: kube-system"
+            )
+        }
+    )
     with pytest.raises(FailedPrecondition) as sneaky:
         await infra.manager.sync("web", bob)
     assert sneaky.value.reason == "DESTINATION_NOT_PERMITTED"
@@ -469,7 +516,9 @@ async def test_only_one_operation_at_a_time(infra: Infra) -> None:
         await infra.manager.sync("web", ADMIN)
     assert busy.value.reason == "OPERATION_IN_PROGRESS"
     op = await infra.manager.wait("web")
-    assert op is not None and op.phase is Phase.FAILED  # the wave timed out: nobody played the controller
+    assert (
+        op is not None and op.phase is Phase.FAILED
+    )  # the wave timed out: nobody played the controller
 
 
 def _with_url(infra: Infra, url: str):  # type: ignore[no-untyped-def]
@@ -483,4 +532,6 @@ def _with_revision(infra: Infra, revision: str):  # type: ignore[no-untyped-def]
     import dataclasses
 
     app = infra.app()
-    return dataclasses.replace(app, source=dataclasses.replace(app.source, target_revision=revision))
+    return dataclasses.replace(
+        app, source=dataclasses.replace(app.source, target_revision=revision)
+    )
