@@ -418,9 +418,12 @@ class KubernetesCluster(Cluster):
         name: str = "in-cluster",
         field_manager: str = FIELD_MANAGER,
         parallel: int = 8,
+        discovery_cache: str | None = None,
     ) -> None:
         self.name = name or "in-cluster"
         self._factory = api_client_factory
+        #: Where the client caches API discovery (None: the system temp dir).
+        self._discovery_cache = discovery_cache
         self._field_manager = field_manager
         self._dyn: Any = None
         self._lock = asyncio.Lock()
@@ -454,7 +457,9 @@ class KubernetesCluster(Cluster):
                     from kubernetes.dynamic import DynamicClient
 
                     def build() -> Any:
-                        return DynamicClient(self._factory())  # type: ignore[no-untyped-call]
+                        return DynamicClient(  # type: ignore[no-untyped-call]
+                            self._factory(), cache_file=self._discovery_cache
+                        )
 
                     try:
                         self._dyn = await asyncio.to_thread(build)
