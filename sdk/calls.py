@@ -23,7 +23,12 @@ import grpc
 from google.protobuf import message
 
 from autoecoops.kernel.mesh.descriptors import MethodInfo
-from autoecoops.kernel.mesh.errors import AutoEcoOpsError, Unauthenticated, from_rpc_error
+from autoecoops.kernel.mesh.errors import (
+    AutoEcoOpsError,
+    Cancelled,
+    Unauthenticated,
+    from_rpc_error,
+)
 from autoecoops.sdk.credentials import bearer
 from autoecoops.sdk.retry import Attempts, Retry
 from autoecoops.sdk.tracing import finish, retried, trace_headers, trace_id
@@ -274,6 +279,17 @@ class AsyncUnaryMethod(_Method[Req, Resp]):
                 ended = True
                 finish(span, _OK)
                 return cast(Resp, response), CallInfo(self.info.path, tid, attempts.count)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if t.closed and not ended and task is not None and not task.cancelling():
+                # The channel was closed under the call, not the caller's task
+                # cancelled: report it as the call's outcome, like any other.
+                closed = Cancelled("the client was closed during the call", trace_id=tid)
+                finish(span, _CANCELLED, closed.message)
+                raise closed from None
+            if not ended:
+                finish(span, _CANCELLED, "cancelled")
+            raise
         except BaseException as exc:
             if not ended:
                 finish(span, _code_of(exc), str(exc))

@@ -164,18 +164,28 @@ def _expiry(response: Any, token: str, now: float) -> float:
 
 
 class _Cached:
-    """The current token of a source and when it must be replaced."""
+    """The current token of a source and when to replace it."""
 
-    __slots__ = ("margin", "refresh_at", "token")
+    __slots__ = ("generation", "margin", "refresh_at", "token")
 
     def __init__(self, credentials: Credentials) -> None:
         self.token = ""
         self.refresh_at = 0.0
+        #: Counts refreshes, so callers that waited for one take its token.
+        self.generation = 0
         self.margin = credentials.refresh_margin.total_seconds()
 
-    def store(self, token: str, expires_at: float) -> None:
+    def fresh(self, now: float) -> bool:
+        return bool(self.token) and now < self.refresh_at
+
+    def store(self, token: str, expires_at: float, fetched_at: float) -> None:
+        # Replace the token ``margin`` before it expires, but never in the
+        # first half of its life: a short-lived token (or a skewed clock)
+        # must not make every call fetch a new one.
+        lifetime = max(0.0, expires_at - fetched_at)
         self.token = token
-        self.refresh_at = expires_at - self.margin
+        self.refresh_at = expires_at - min(self.margin, lifetime / 2)
+        self.generation += 1
 
 
 class TokenSource:
@@ -196,12 +206,14 @@ class TokenSource:
     def token(self) -> str:
         """A token valid for at least the refresh margin."""
         cached = self._cached
-        if cached.token and self._clock.time() < cached.refresh_at:
+        if cached.fresh(self._clock.time()):
             return cached.token
+        seen = cached.generation
         with self._lock:
-            # Whoever waited on the lock finds the token the holder fetched.
-            if not (cached.token and self._clock.time() < cached.refresh_at):
-                cached.store(*self._fetch())
+            # Whoever waited on the lock takes the token the holder fetched.
+            if cached.generation == seen:
+                fetched_at = self._clock.time()
+                cached.store(*self._fetch(), fetched_at)
         return cached.token
 
     def invalidate(self, token: str) -> bool:
@@ -248,13 +260,16 @@ class AsyncTokenSource:
     async def token(self) -> str:
         """A token valid for at least the refresh margin."""
         cached = self._cached
-        if cached.token and self._clock.time() < cached.refresh_at:
+        if cached.fresh(self._clock.time()):
             return cached.token
+        seen = cached.generation
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            if not (cached.token and self._clock.time() < cached.refresh_at):
-                cached.store(*await self._fetch())
+            # Whoever waited on the lock takes the token the holder fetched.
+            if cached.generation == seen:
+                fetched_at = self._clock.time()
+                cached.store(*await self._fetch(), fetched_at)
         return cached.token
 
     def invalidate(self, token: str) -> bool:

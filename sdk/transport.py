@@ -220,19 +220,25 @@ class AsyncTransport(_Transport):
             method = self._auth_calls.setdefault(path, AsyncUnaryMethod(self, info))
         return await method(request, timeout=TOKEN_TIMEOUT)
 
+    @property
+    def closed(self) -> bool:
+        """Whether ``close`` was called."""
+        return self._closed
+
     async def sleep(self, delay: float, error: AutoEcoOpsError) -> None:
         """Wait ``delay`` seconds before a retry; closing the client ends the wait."""
-        if self.clock.async_sleep is not None:
-            await self.clock.async_sleep(delay)
-            return
         if self._closing is None:
             self._closing = asyncio.Event()
+        wait = asyncio.ensure_future((self.clock.async_sleep or asyncio.sleep)(delay))
+        stop = asyncio.ensure_future(self._closing.wait())
         try:
-            await asyncio.wait_for(self._closing.wait(), delay)
-        except TimeoutError:
-            return
-        error.add_note("the client was closed while waiting to retry")
-        raise error
+            await asyncio.wait((wait, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            wait.cancel()
+            stop.cancel()
+        if self._closed:
+            error.add_note("the client was closed while waiting to retry")
+            raise error
 
     async def close(self) -> None:
         """Close every channel and end any wait for a retry."""
