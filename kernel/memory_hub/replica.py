@@ -238,7 +238,10 @@ class Replica:
             self._journal = []
             old = self.dense
         try:
-            fresh = await asyncio.to_thread(DenseIndex.build, old.dim, self.policy, labels, vectors)
+            kind = self.policy.kind_for(len(labels), old.kind)
+            fresh = await asyncio.to_thread(
+                DenseIndex.build, old.dim, self.policy, labels, vectors, kind
+            )
         except BaseException:
             self._journal = None
             raise
