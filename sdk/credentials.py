@@ -118,11 +118,14 @@ class LocalToken(Credentials):
     #: Empty is the mesh audience.
     audience: str = ""
     #: The mesh's data directory; None reads ``AUTOECOOPS_DATA_DIR`` (default ./.autoecoops).
-    data_dir: Path | None = None
+    data_dir: Path | str | None = None
     refresh_margin: timedelta = timedelta(seconds=60)
 
-    def mint(self, now: float) -> tuple[str, float]:
-        """Sign a token valid from ``now``; return it and its expiry."""
+    def mint(self) -> tuple[str, float]:
+        """Sign a token valid from now; return it and its expiry (epoch seconds).
+
+        On the key ring's own clock, not the client's: keys become active by it.
+        """
         # The signing code is the server's; imported here so a client that
         # never uses LocalToken never loads it.
         from autoecoops.kernel.auth.keys import KeyRing
@@ -132,7 +135,7 @@ class LocalToken(Credentials):
 
         config = MeshConfig.from_env()
         if self.data_dir is not None:
-            config = dataclasses.replace(config, data_dir=self.data_dir)
+            config = dataclasses.replace(config, data_dir=Path(self.data_dir))
         s = AuthSettings.from_env(config)
         ring = KeyRing(s.key_dir, publish_delay=s.publish_delay, max_token_ttl=s.max_token_ttl)
         ring.load_or_create(s.signing_alg, s.key_file)
@@ -142,7 +145,6 @@ class LocalToken(Credentials):
             self.ttl.total_seconds(),
             roles=self.roles,
             groups=self.groups,
-            now=now,
         )
         return issued.token, issued.expires_at
 
@@ -230,7 +232,7 @@ class TokenSource:
         if isinstance(creds, StaticToken):
             return creds.token, float("inf")
         if isinstance(creds, LocalToken):
-            return creds.mint(now)
+            return creds.mint()
         if isinstance(creds, ClientCredentials):
             reply = self._invoke(ISSUE_TOKEN, creds.request())
         elif isinstance(creds, TokenExchange):
@@ -286,7 +288,7 @@ class AsyncTokenSource:
             return creds.token, float("inf")
         if isinstance(creds, LocalToken):
             # Signing reads the key ring from disk: keep it off the event loop.
-            return await asyncio.to_thread(creds.mint, now)
+            return await asyncio.to_thread(creds.mint)
         if isinstance(creds, ClientCredentials):
             reply = await self._invoke(ISSUE_TOKEN, creds.request())
         elif isinstance(creds, TokenExchange):
