@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
+import grpc
+
 from autoecoops.kernel.mesh.config import MeshConfig
 from autoecoops.sdk.calls import Timeout
 from autoecoops.sdk.channels import TLS, Routes
@@ -111,6 +113,12 @@ class Client(Services):
             )
         )
 
+    def channel(self, service: str) -> grpc.Channel:
+        """The gRPC channel to proto service ``service`` (``package.Service``), for
+        a generated stub where the SDK is not wanted; such calls get none of its
+        credentials, retries or tracing."""
+        return self._transport.channel(service)[0]
+
     def close(self) -> None:
         """Close the channels; a call waiting to retry gives up."""
         self._transport.close()
@@ -165,6 +173,12 @@ class AsyncClient(AsyncServices):
                 clock,
             )
         )
+
+    def channel(self, service: str) -> grpc.aio.Channel:
+        """The grpc.aio channel to proto service ``service`` (``package.Service``),
+        for a generated stub where the SDK is not wanted; such calls get none of
+        its credentials, retries or tracing."""
+        return self._transport.channel(service)[0]
 
     async def close(self) -> None:
         """Close the channels; a call waiting to retry gives up."""

@@ -140,9 +140,9 @@ class SyncTransport(_Transport):
             else None
         )
 
-    def bind(self, info: MethodInfo) -> tuple[Any, TokenBucket | None]:
-        """The multi-callable of ``info`` on its service's channel, and that server's throttle."""
-        address, tls, options = self._target(_service_of(info))
+    def channel(self, service: str) -> tuple[grpc.Channel, str]:
+        """The channel to proto service ``service`` (shared by services at one address)."""
+        address, tls, options = self._target(service)
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
@@ -154,6 +154,11 @@ class SyncTransport(_Transport):
                     else grpc.insecure_channel(address, options)
                 )
                 self._channels[address] = channel
+        return channel, address
+
+    def bind(self, info: MethodInfo) -> tuple[Any, TokenBucket | None]:
+        """The multi-callable of ``info`` on its service's channel, and that server's throttle."""
+        channel, address = self.channel(_service_of(info))
         return _callable(channel, info), self._bucket(address)
 
     def _auth_call(self, path: str, request: message.Message) -> Any:
@@ -197,9 +202,9 @@ class AsyncTransport(_Transport):
             else None
         )
 
-    def bind(self, info: MethodInfo) -> tuple[Any, TokenBucket | None]:
-        """The multi-callable of ``info`` on its service's channel, and that server's throttle."""
-        address, tls, options = self._target(_service_of(info))
+    def channel(self, service: str) -> tuple[grpc.aio.Channel, str]:
+        """The channel to proto service ``service`` (shared by services at one address)."""
+        address, tls, options = self._target(service)
         channel = self._channels.get(address)
         if channel is None:
             if self._closed:
@@ -210,6 +215,11 @@ class AsyncTransport(_Transport):
                 else grpc.aio.insecure_channel(address, options)
             )
             self._channels[address] = channel
+        return channel, address
+
+    def bind(self, info: MethodInfo) -> tuple[Any, TokenBucket | None]:
+        """The multi-callable of ``info`` on its service's channel, and that server's throttle."""
+        channel, address = self.channel(_service_of(info))
         return _callable(channel, info), self._bucket(address)
 
     async def _auth_call(self, path: str, request: message.Message) -> Any:
