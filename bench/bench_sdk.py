@@ -90,7 +90,8 @@ async def async_bench(config: MeshConfig, calls: int, seconds: float, concurrenc
         request = auth_pb2.GetOpenIdConfigurationRequest()
 
         def raw() -> Awaitable[object]:
-            return stub.GetOpenIdConfiguration(request, timeout=30.0)
+            call: Awaitable[object] = stub.GetOpenIdConfiguration(request, timeout=30.0)
+            return call
 
         def via_sdk() -> Awaitable[object]:
             return sdk.auth.get_open_id_configuration(request)
