@@ -29,6 +29,7 @@ import functools
 import json
 import re
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -91,9 +92,14 @@ class Cluster(abc.ABC):
         (obj,) = await self.get_many([ref])
         return obj
 
-    async def predict_many(self, objs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any] | None]:
+    async def predict_many(
+        self,
+        objs: Sequence[Mapping[str, Any]],
+        live: Sequence[Mapping[str, Any] | None] = (),
+    ) -> list[dict[str, Any] | None]:
         """What each object would become if applied now (a dry-run apply); None
-        where the cluster refuses it, so the diff falls back to the manifest."""
+        where the cluster refuses it, so the diff falls back to the manifest.
+        ``live`` (the objects just read, same order) lets a backend skip a read."""
 
         async def one(obj: Mapping[str, Any]) -> dict[str, Any] | None:
             try:
@@ -231,6 +237,7 @@ class EmbeddedCluster(Cluster):
         self._base = f"{prefix}:{{{self.name}}}"
         self.simulate_ready = simulate_ready
         self._cas = redis.register_script(_CAS)
+        self._applied: OrderedDict[str, tuple[str, dict[str, Any] | None]] = OrderedDict()
 
     def _obj_key(self, ref: Ref) -> str:
         return f"{self._base}:obj:{ref.key}"
@@ -266,21 +273,54 @@ class EmbeddedCluster(Cluster):
             for ref in refs:
                 pipe.hgetall(self._obj_key(ref))
             raws = await pipe.execute()
-        return [self._decode(raw)[0] for raw in raws]
+        out: list[dict[str, Any] | None] = []
+        for ref, raw in zip(refs, raws, strict=True):
+            obj, applied, rv = self._decode(raw)
+            if obj is not None:
+                self._remember_applied(ref.key, rv, applied)
+            out.append(obj)
+        return out
 
-    async def predict_many(self, objs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any] | None]:
-        """The dry-run of many applies in one round trip (the merge runs here)."""
+    def _remember_applied(self, key: str, rv: str, applied: dict[str, Any] | None) -> None:
+        # The last-applied record of objects just read, by resourceVersion, so a
+        # prediction right after a read (every compare) needs no second read.
+        self._applied[key] = (rv, applied)
+        self._applied.move_to_end(key)
+        while len(self._applied) > 50_000:
+            self._applied.popitem(last=False)
+
+    async def predict_many(
+        self,
+        objs: Sequence[Mapping[str, Any]],
+        live: Sequence[Mapping[str, Any] | None] = (),
+    ) -> list[dict[str, Any] | None]:
+        """The dry-run of many applies, merged here; reads only what ``live`` lacks."""
         if not objs:
             return []
         refs = [Ref.of(dict(o)) for o in objs]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for ref in refs:
-                pipe.hgetall(self._obj_key(ref))
-            raws = await pipe.execute()
+        known: dict[int, tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]] = {}
+        for i, ref in enumerate(refs):
+            current = live[i] if i < len(live) else None
+            cached = self._applied.get(ref.key)
+            if (
+                current is not None
+                and cached is not None
+                and cached[0] == (current.get("metadata") or {}).get("resourceVersion")
+            ):
+                known[i] = (current, cached[1])
+        missing = [i for i in range(len(refs)) if i not in known]
+        if missing:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for i in missing:
+                    pipe.hgetall(self._obj_key(refs[i]))
+                raws = await pipe.execute()
+            for i, raw in zip(missing, raws, strict=True):
+                read, last_applied, _rv = self._decode(raw)
+                known[i] = (read, last_applied)
         out: list[dict[str, Any] | None] = []
-        for obj, raw in zip(objs, raws, strict=True):
-            live, applied, _rv = self._decode(raw)
-            out.append(merge_apply(live, applied, obj) if live is not None else None)
+        for i, desired in enumerate(objs):
+            current, applied = known[i]
+            out.append(merge_apply(current, applied, desired) if current is not None else None)
         return out
 
     async def list_app(

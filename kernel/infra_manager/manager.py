@@ -245,17 +245,18 @@ class InfraManager:
         cluster = self.clusters(app.destination.cluster)
         refs = [m.ref for m in desired.manifests]
         kinds = {(r.group, r.version, r.kind) for r in [*refs, *known]}
-        found, listed = await asyncio.gather(
-            cluster.get_many(refs), cluster.list_app(app.name, kinds)
-        )
         live: dict[tuple[str, str, str, str], dict[str, Any]] = {}
-        for obj in listed:
+        for obj in await cluster.list_app(app.name, kinds):
             live[differ.ident(Ref.of(obj))] = obj
-        for ref, obj in zip(refs, found, strict=True):
-            if obj is not None:
-                live[differ.ident(ref)] = obj
+        # Declared objects the application does not (yet) track, e.g. ones to adopt.
+        unlisted = [r for r in refs if differ.ident(r) not in live]
+        for ref, found in zip(unlisted, await cluster.get_many(unlisted), strict=True):
+            if found is not None:
+                live[differ.ident(ref)] = found
         existing = [m for m in desired.resources if differ.ident(m.ref) in live]
-        predicted = await cluster.predict_many([m.obj for m in existing])
+        predicted = await cluster.predict_many(
+            [m.obj for m in existing], [live[differ.ident(m.ref)] for m in existing]
+        )
         by_ref = {m.ref: p for m, p in zip(existing, predicted, strict=True) if p is not None}
         result = differ.diff_app(desired.manifests, live, by_ref, app.name, app.ignore_differences)
         return Comparison(desired, result, list(live.values()))
