@@ -15,7 +15,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -332,6 +332,7 @@ class MemoryHub:
 
     def _check_batch(self, docs: Sequence[DocumentInput]) -> None:
         bad: list[FieldViolation] = []
+        reasons: set[str] = set()
         seen: set[str] = set()
         for d in docs:
             if not d.id or len(d.id) > MAX_ID_CHARS or any(ord(c) < 32 for c in d.id):
@@ -348,15 +349,16 @@ class MemoryHub:
             if d.format is Format.PDF and d.as_text:
                 bad.append(FieldViolation(f"{d.path}.text", "a PDF must be sent as content bytes"))
             try:
-                check_size(d.raw, self.settings.max_document_bytes, f"{d.path}.content")
+                check_size(d.raw, self.settings.max_document_bytes, _body(d))
             except InvalidArgument as err:
                 bad += err.field_violations
+                reasons.add(err.reason)
             if len(repr(d.metadata)) > MAX_METADATA_BYTES:
                 bad.append(FieldViolation(f"{d.path}.metadata", f"over {MAX_METADATA_BYTES} bytes"))
         if not docs:
             bad.append(FieldViolation("documents", "at least one document is required"))
         if bad:
-            raise _invalid(bad)
+            raise _invalid(bad, reasons)
 
     async def _ingest_once(
         self,
@@ -452,12 +454,14 @@ class MemoryHub:
     def _prepare(self, plans: Sequence[_Plan], emb: Embedder, meta: NamespaceRecord) -> None:
         """Parse and chunk (CPU-bound, in a worker thread); all errors at once."""
         bad: list[FieldViolation] = []
+        reasons: set[str] = set()
         for p in plans:
             d = p.doc
             try:
-                out = extract(d.raw, d.format, f"{d.path}.{'text' if d.as_text else 'content'}")
+                out = extract(d.raw, d.format, _body(d))
             except InvalidArgument as err:
                 bad += err.field_violations
+                reasons.add(err.reason)
                 continue
             p.title = out.title
             p.chunks = chunk_text(
@@ -469,9 +473,9 @@ class MemoryHub:
                 count_tokens=emb.count,
             )
             if not p.chunks:
-                bad.append(FieldViolation(f"{d.path}.content", "the document has no text"))
+                bad.append(FieldViolation(_body(d), "the document has no text"))
         if bad:
-            raise _invalid(bad)
+            raise _invalid(bad, reasons)
 
     # -- documents ---------------------------------------------------------------
 
@@ -586,9 +590,16 @@ class MemoryHub:
         return ctx.assemble(hits, budget or self.settings.context_tokens, emb.count)
 
 
-def _invalid(bad: Sequence[FieldViolation]) -> InvalidArgument:
+def _body(d: DocumentInput) -> str:
+    """The request field that carried a document's content."""
+    return f"{d.path}.{'text' if d.as_text else 'content'}"
+
+
+def _invalid(bad: Sequence[FieldViolation], reasons: Set[str] = frozenset()) -> InvalidArgument:
+    # One kind of problem keeps its own reason (DOCUMENT_TOO_LARGE, NOT_UTF8,
+    # ...); a mix is INVALID_DOCUMENTS, with every violation listed.
     return InvalidArgument(
         "invalid documents: " + "; ".join(f"{v.field}: {v.description}" for v in bad[:10]),
-        reason="INVALID_DOCUMENTS",
+        reason=next(iter(reasons)) if len(reasons) == 1 and len(bad) == 1 else "INVALID_DOCUMENTS",
         field_violations=bad,
     )
