@@ -28,6 +28,7 @@ from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from opentelemetry import propagate, trace
+from opentelemetry.propagators.textmap import Setter
 
 from autoecoops.gateway import docs_page
 from autoecoops.gateway.backends import SERVING, Backends
@@ -91,6 +92,16 @@ _GRPC_TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
 _SECONDS = re.compile(r"^\d{1,9}(\.\d{1,9})?$")
 _UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _JSON = (b"content-type", b"application/json")
+
+
+class _MetadataSetter(Setter[list[tuple[str, str | bytes]]]):
+    """Lets the OpenTelemetry propagator write into a gRPC metadata list."""
+
+    def set(self, carrier: list[tuple[str, str | bytes]], key: str, value: str) -> None:
+        carrier.append((key, value))
+
+
+_METADATA_SETTER = _MetadataSetter()
 
 
 class HttpError(Exception):
@@ -268,6 +279,8 @@ class Gateway:
             kind=trace.SpanKind.SERVER,
             attributes={"http.request.method": req.method, "http.route": binding.template.source},
         ):
+            # traceparent/tracestate of the gateway's span: the backend's span is its child.
+            propagate.inject(metadata, setter=_METADATA_SETTER)
             if binding.server_streaming:
                 await self._stream(req, send, plan, request, metadata, timeout)
                 return

@@ -1,9 +1,12 @@
 """The gateway's connections: one pooled channel per backend, and their health.
 
-Channels come from the mesh's one client factory, so the gateway's calls carry
-the same OpenTelemetry client interceptor (``traceparent`` into the backend's
-trace) and channel options as calls between services. Each RPC's callable is
-built once, with the serializers of its request and response classes.
+Channels use the mesh's channel options (``clients.channel_options``) but not
+the client factory's interceptors, on purpose: none of them applies at the
+edge (there is no served call whose deadline to propagate, and the gateway
+must never attach a service identity to a caller's request), and grpc.aio
+interceptors cost about a quarter of the gateway's throughput
+(bench/bench_gateway.py). The gateway injects the trace context itself.
+Each RPC's callable is built once, with its request and response classes.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from autoecoops.gateway.rules import Binding
-from autoecoops.kernel.mesh.clients import ClientFactory
+from autoecoops.kernel.mesh.clients import channel_options
+from autoecoops.kernel.mesh.config import MeshConfig
 
 SERVING = "SERVING"
 
@@ -25,10 +29,21 @@ SERVING = "SERVING"
 class Backends:
     """Channels and per-RPC callables for the services the bindings route to."""
 
-    def __init__(self, clients: ClientFactory, bindings: Iterable[Binding]) -> None:
-        self._clients = clients
+    def __init__(self, config: MeshConfig, bindings: Iterable[Binding]) -> None:
+        self._config = config
+        self._channels: dict[str, grpc.aio.Channel] = {}
         self._callables: dict[str, Any] = {}
         self.names = sorted({b.backend for b in bindings})
+
+    def channel(self, name: str) -> grpc.aio.Channel:
+        """The pooled channel to backend ``name`` (at ``config.addr(name)``)."""
+        channel = self._channels.get(name)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(
+                self._config.addr(name), options=channel_options(self._config)
+            )
+            self._channels[name] = channel
+        return channel
 
     def callable_for(self, binding: Binding) -> Any:
         """The grpc.aio multi-callable of ``binding``'s RPC (cached per method)."""
@@ -39,7 +54,7 @@ class Backends:
         method = binding.method
         request = message_factory.GetMessageClass(method.input_type)
         response = message_factory.GetMessageClass(method.output_type)
-        channel = self._clients.channel(binding.backend)
+        channel = self.channel(binding.backend)
         kind = (method.client_streaming, method.server_streaming)
         factory = {
             (False, False): channel.unary_unary,
@@ -60,7 +75,7 @@ class Backends:
         NOT_SERVING, or the error code."""
 
         async def check(name: str) -> str:
-            stub = health_pb2_grpc.HealthStub(self._clients.channel(name))
+            stub = health_pb2_grpc.HealthStub(self.channel(name))
             try:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=limit)
             except grpc.aio.AioRpcError as err:
@@ -72,4 +87,7 @@ class Backends:
 
     async def close(self) -> None:
         """Close every channel."""
-        await self._clients.close()
+        channels, self._channels = list(self._channels.values()), {}
+        self._callables.clear()
+        for channel in channels:
+            await channel.close()

@@ -27,7 +27,6 @@ from autoecoops.gateway.openapi import build_document, route_keys
 from autoecoops.gateway.router import Router
 from autoecoops.gateway.rules import Binding, mesh_bindings
 from autoecoops.gateway.settings import ENV, GatewaySettings
-from autoecoops.kernel.mesh.clients import ClientFactory
 from autoecoops.kernel.mesh.config import MeshConfig
 from autoecoops.kernel.mesh.errors import ConfigError
 from autoecoops.kernel.mesh.server import Mesh, Register, Runtime
@@ -122,22 +121,20 @@ async def start_gateway(
     settings: GatewaySettings | None = None,
     *,
     bindings: Sequence[Binding] | None = None,
-    clients: ClientFactory | None = None,
     pool: descriptor_pool.DescriptorPool | None = None,
 ) -> GatewayServer:
     """Start the REST gateway for ``config``'s mesh; return once it accepts connections.
 
-    ``bindings``, ``clients`` and ``pool`` default to the generated services,
-    channels to ``config.addr(service)`` and the default descriptor pool;
-    tests pass their own.
+    Backends are reached at ``config.addr(service)``. ``bindings`` and
+    ``pool`` default to the generated services and the default descriptor
+    pool; tests pass their own.
     """
     settings = settings or GatewaySettings.from_env()
     setup_tracing("gateway")
     bindings = list(bindings) if bindings is not None else mesh_bindings()
-    clients = clients or ClientFactory(config)
     app = Gateway(
         Router(bindings),
-        Backends(clients, bindings),
+        Backends(config, bindings),
         settings,
         load_document(settings, bindings),
         pool,

@@ -28,7 +28,6 @@ from google.protobuf.message import Message
 from autoecoops.gateway.rules import Binding, bindings_of
 from autoecoops.gateway.server import GatewayServer, start_gateway
 from autoecoops.gateway.settings import GatewaySettings
-from autoecoops.kernel.mesh.clients import ClientFactory
 from autoecoops.kernel.mesh.config import MeshConfig
 from autoecoops.kernel.mesh.errors import STATUS_DETAILS_KEY, AutoEcoOpsError
 from tests.conftest import free_port
@@ -253,7 +252,6 @@ async def _start(
         config,
         settings or GatewaySettings(port=0),
         bindings=bindings,
-        clients=ClientFactory(config),
     )
     cleanup.append(gateway.stop)
     http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.port}", timeout=10)
