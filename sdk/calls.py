@@ -36,6 +36,7 @@ from autoecoops.sdk.tracing import finish, retried, trace_headers, trace_id
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
+    from autoecoops.sdk.credentials import AsyncTokenSource, TokenSource
     from autoecoops.sdk.transport import AsyncTransport, SyncTransport
 
 Req = TypeVar("Req", bound=message.Message)
@@ -140,6 +141,13 @@ class UnaryMethod(_Method[Req, Resp]):
         """Like calling it, and also return the call's ``CallInfo``."""
         return self._invoke(self._request(request, fields), timeout, retry, metadata)
 
+    def _token(self, tokens: TokenSource) -> str:
+        try:
+            return tokens.token()
+        except AutoEcoOpsError as error:
+            error.add_note(f"while getting a token for {self.info.full_name}")
+            raise
+
     def _invoke(
         self,
         request: Req,
@@ -159,7 +167,7 @@ class UnaryMethod(_Method[Req, Resp]):
         renewed = ended = False
         try:
             while True:
-                token = tokens.token() if tokens is not None else ""
+                token = self._token(tokens) if tokens is not None else ""
                 attempt_timeout = attempts.start()
                 try:
                     response = call(
@@ -230,6 +238,13 @@ class AsyncUnaryMethod(_Method[Req, Resp]):
         """Like calling it, and also return the call's ``CallInfo``."""
         return await self._invoke(self._request(request, fields), timeout, retry, metadata)
 
+    async def _token(self, tokens: AsyncTokenSource) -> str:
+        try:
+            return await tokens.token()
+        except AutoEcoOpsError as error:
+            error.add_note(f"while getting a token for {self.info.full_name}")
+            raise
+
     async def _invoke(
         self,
         request: Req,
@@ -249,7 +264,7 @@ class AsyncUnaryMethod(_Method[Req, Resp]):
         renewed = ended = False
         try:
             while True:
-                token = await tokens.token() if tokens is not None else ""
+                token = await self._token(tokens) if tokens is not None else ""
                 attempt_timeout = attempts.start()
                 try:
                     response = await call(
@@ -580,7 +595,7 @@ class _LazyAsyncStream(AsyncStream[Resp]):
     async def _ensure(self) -> None:
         if self._call is None:
             if self._span is None:
-                raise asyncio.InvalidStateError("the stream was cancelled before it started")
+                raise Cancelled("the stream was cancelled before it started")
             self._call = await self._method._start(
                 self._span, self._headers, self._request, self._timeout
             )
