@@ -158,7 +158,7 @@ def _batches(
 
 
 def _ingest(args: argparse.Namespace, config: MeshConfig) -> int:
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]
 
     meta = {}
     for item in args.meta:
