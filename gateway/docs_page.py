@@ -29,7 +29,9 @@ PAGE = r"""<!doctype html>
   header input { padding:6px 8px; border-radius:4px; border:1px solid #4a5874; background:#0f182b; color:#fff; min-width:260px; }
   header label { font-size:12px; color:#b8c3d9; display:flex; gap:6px; align-items:center; }
   main { max-width:1100px; margin:0 auto; padding:16px 20px 60px; }
-  .intro { white-space:pre-wrap; background:var(--card); border:1px solid var(--line); border-radius:6px; padding:12px 16px; color:var(--muted); font-size:13px; }
+  .intro > summary { cursor:pointer; color:var(--fg); }
+  #intro { white-space:pre-wrap; margin-top:8px; }
+  .intro { background:var(--card); border:1px solid var(--line); border-radius:6px; padding:12px 16px; color:var(--muted); font-size:13px; }
   h2 { margin:28px 0 6px; font-size:17px; }
   .tagdesc { color:var(--muted); margin:0 0 10px; white-space:pre-wrap; }
   .op { background:var(--card); border:1px solid var(--line); border-radius:6px; margin:6px 0; }
@@ -62,7 +64,8 @@ PAGE = r"""<!doctype html>
   <a href="openapi.yaml" style="color:#b8c3d9">openapi.yaml</a>
 </header>
 <main>
-  <div id="intro" class="intro">Loading openapi.json...</div>
+  <details class="intro"><summary>How the REST API works: JSON mapping, query parameters, errors, headers, streams</summary>
+    <div id="intro">Loading openapi.json...</div></details>
   <div id="ops"></div>
 </main>
 <script>

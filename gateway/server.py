@@ -150,6 +150,8 @@ async def start_gateway(
         timeout_graceful_shutdown=max(int(config.shutdown_grace), 1),
     )
     server_config.load()
+    # uvicorn logs routine start/stop lines as "uvicorn.error"; keep its warnings only.
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     server = uvicorn.Server(server_config)
     server.lifespan = server_config.lifespan_class(server_config)
     handle = GatewayServer(app, server, sock)
