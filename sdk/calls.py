@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import AsyncIterable, Iterable, Sequence
+from collections.abc import AsyncIterable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
@@ -109,7 +109,101 @@ def _code_of(exc: BaseException) -> int:
     return _CANCELLED if isinstance(exc, asyncio.CancelledError) else _UNKNOWN
 
 
-class UnaryMethod(_Method[Req, Resp]):
+@dataclass(frozen=True, slots=True)
+class _Send:
+    """Step: send one attempt with this timeout and metadata; resume with the
+    response, or with the ``grpc.RpcError`` it failed with."""
+
+    timeout: float | None
+    metadata: list[tuple[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Wait:
+    """Step: wait ``delay`` seconds before the next attempt (``error`` if cut short)."""
+
+    delay: float
+    error: AutoEcoOpsError
+
+
+class _Token:
+    """Step: resume with a bearer token."""
+
+
+_TOKEN = _Token()
+Steps = Generator["_Send | _Wait | _Token", Any, "tuple[Resp, CallInfo]"]
+
+
+class _UnaryMethod(_Method[Req, Resp]):
+    """The one retry loop of unary calls, as steps that a sync or an async
+    driver performs, so both clients behave the same by construction."""
+
+    __slots__ = ()
+
+    def _steps(
+        self,
+        timeout: Timeout | _Default,
+        retry: Retry | _Default | None,
+        metadata: Metadata,
+    ) -> Steps[Resp]:
+        t = self._transport
+        span = t.tracer.start(self._name, self._attributes)
+        tid = trace_id(span)
+        headers = [*t.metadata, *metadata, *trace_headers(span)]
+        attempts = Attempts(
+            t.policy(retry), self.info.idempotent, t.deadline(timeout), self._bucket, t.clock
+        )
+        tokens = not self.info.public and t.tokens is not None
+        renewed = ended = False
+        try:
+            while True:
+                token: str = (yield _TOKEN) if tokens else ""
+                send = _Send(attempts.start(), [*headers, bearer(token)] if token else headers)
+                outcome = yield send
+                if not isinstance(outcome, grpc.RpcError):
+                    attempts.succeeded()
+                    ended = True
+                    finish(span, _OK)
+                    return cast(Resp, outcome), CallInfo(self.info.path, tid, attempts.count)
+                error = from_rpc_error(outcome, tid)
+                if (
+                    tokens
+                    and not renewed
+                    and isinstance(error, Unauthenticated)
+                    and t.tokens.invalidate(token)
+                ):
+                    # The token was rejected (revoked, clock skew): one more
+                    # attempt with a fresh one.
+                    renewed = True
+                    continue
+                delay = attempts.failed(error)
+                if delay is None:
+                    ended = True
+                    finish(span, _code_of(error), error.message)
+                    raise error from outcome
+                retried(span, attempts.count, error.code.name, delay)
+                yield _Wait(delay, error)
+        except asyncio.CancelledError:
+            try:
+                task = asyncio.current_task()
+            except RuntimeError:  # a sync caller: no event loop
+                task = None
+            if t.closed and not ended and task is not None and not task.cancelling():
+                # The channel was closed under the call, not the caller's task
+                # cancelled: report it as the call's outcome, like any other.
+                closed = Cancelled("the client was closed during the call", trace_id=tid)
+                finish(span, _CANCELLED, closed.message)
+                raise closed from None
+            if not ended:
+                finish(span, _CANCELLED, "cancelled")
+            raise
+        except BaseException as exc:
+            if not ended:
+                finish(span, _code_of(exc), str(exc))
+            raise
+
+
+class UnaryMethod(_UnaryMethod[Req, Resp]):
     """A unary RPC of a sync client."""
 
     __slots__ = ()
@@ -141,13 +235,6 @@ class UnaryMethod(_Method[Req, Resp]):
         """Like calling it, and also return the call's ``CallInfo``."""
         return self._invoke(self._request(request, fields), timeout, retry, metadata)
 
-    def _token(self, tokens: TokenSource) -> str:
-        try:
-            return tokens.token()
-        except AutoEcoOpsError as error:
-            error.add_note(f"while getting a token for {self.info.full_name}")
-            raise
-
     def _invoke(
         self,
         request: Req,
@@ -157,55 +244,38 @@ class UnaryMethod(_Method[Req, Resp]):
     ) -> tuple[Resp, CallInfo]:
         t = self._transport
         call = self._callable or self._bind()
-        span = t.tracer.start(self._name, self._attributes)
-        tid = trace_id(span)
-        headers = [*t.metadata, *metadata, *trace_headers(span)]
-        attempts = Attempts(
-            t.policy(retry), self.info.idempotent, t.deadline(timeout), self._bucket, t.clock
-        )
-        tokens = None if self.info.public else t.tokens
-        renewed = ended = False
+        steps = self._steps(timeout, retry, metadata)
+        value: Any = None
+        failure: BaseException | None = None
+        while True:
+            try:
+                step = steps.throw(failure) if failure is not None else steps.send(value)
+            except StopIteration as done:
+                return cast("tuple[Resp, CallInfo]", done.value)
+            value, failure = None, None
+            try:
+                if isinstance(step, _Send):
+                    try:
+                        value = call(request, timeout=step.timeout, metadata=step.metadata)
+                    except grpc.RpcError as exc:
+                        value = exc
+                elif isinstance(step, _Wait):
+                    t.sleep(step.delay, step.error)
+                else:
+                    value = self._token(t.tokens)
+            except BaseException as exc:
+                failure = exc
+
+    def _token(self, tokens: TokenSource | None) -> str:
+        assert tokens is not None
         try:
-            while True:
-                token = self._token(tokens) if tokens is not None else ""
-                attempt_timeout = attempts.start()
-                try:
-                    response = call(
-                        request,
-                        timeout=attempt_timeout,
-                        metadata=[*headers, bearer(token)] if token else headers,
-                    )
-                except grpc.RpcError as exc:
-                    error = from_rpc_error(exc, tid)
-                    if (
-                        tokens is not None
-                        and not renewed
-                        and isinstance(error, Unauthenticated)
-                        and tokens.invalidate(token)
-                    ):
-                        # The token was rejected (revoked, clock skew): one
-                        # more attempt with a fresh one.
-                        renewed = True
-                        continue
-                    delay = attempts.failed(error)
-                    if delay is None:
-                        ended = True
-                        finish(span, _code_of(error), error.message)
-                        raise error from exc
-                    retried(span, attempts.count, error.code.name, delay)
-                    t.sleep(delay, error)
-                    continue
-                attempts.succeeded()
-                ended = True
-                finish(span, _OK)
-                return cast(Resp, response), CallInfo(self.info.path, tid, attempts.count)
-        except BaseException as exc:
-            if not ended:
-                finish(span, _code_of(exc), str(exc))
+            return tokens.token()
+        except AutoEcoOpsError as error:
+            error.add_note(f"while getting a token for {self.info.full_name}")
             raise
 
 
-class AsyncUnaryMethod(_Method[Req, Resp]):
+class AsyncUnaryMethod(_UnaryMethod[Req, Resp]):
     """A unary RPC of an async client."""
 
     __slots__ = ()
@@ -238,13 +308,6 @@ class AsyncUnaryMethod(_Method[Req, Resp]):
         """Like calling it, and also return the call's ``CallInfo``."""
         return await self._invoke(self._request(request, fields), timeout, retry, metadata)
 
-    async def _token(self, tokens: AsyncTokenSource) -> str:
-        try:
-            return await tokens.token()
-        except AutoEcoOpsError as error:
-            error.add_note(f"while getting a token for {self.info.full_name}")
-            raise
-
     async def _invoke(
         self,
         request: Req,
@@ -254,60 +317,34 @@ class AsyncUnaryMethod(_Method[Req, Resp]):
     ) -> tuple[Resp, CallInfo]:
         t = self._transport
         call = self._callable or self._bind()
-        span = t.tracer.start(self._name, self._attributes)
-        tid = trace_id(span)
-        headers = [*t.metadata, *metadata, *trace_headers(span)]
-        attempts = Attempts(
-            t.policy(retry), self.info.idempotent, t.deadline(timeout), self._bucket, t.clock
-        )
-        tokens = None if self.info.public else t.tokens
-        renewed = ended = False
+        steps = self._steps(timeout, retry, metadata)
+        value: Any = None
+        failure: BaseException | None = None
+        while True:
+            try:
+                step = steps.throw(failure) if failure is not None else steps.send(value)
+            except StopIteration as done:
+                return cast("tuple[Resp, CallInfo]", done.value)
+            value, failure = None, None
+            try:
+                if isinstance(step, _Send):
+                    try:
+                        value = await call(request, timeout=step.timeout, metadata=step.metadata)
+                    except grpc.RpcError as exc:
+                        value = exc
+                elif isinstance(step, _Wait):
+                    await t.sleep(step.delay, step.error)
+                else:
+                    value = await self._token(t.tokens)
+            except BaseException as exc:
+                failure = exc
+
+    async def _token(self, tokens: AsyncTokenSource | None) -> str:
+        assert tokens is not None
         try:
-            while True:
-                token = await self._token(tokens) if tokens is not None else ""
-                attempt_timeout = attempts.start()
-                try:
-                    response = await call(
-                        request,
-                        timeout=attempt_timeout,
-                        metadata=[*headers, bearer(token)] if token else headers,
-                    )
-                except grpc.RpcError as exc:
-                    error = from_rpc_error(exc, tid)
-                    if (
-                        tokens is not None
-                        and not renewed
-                        and isinstance(error, Unauthenticated)
-                        and tokens.invalidate(token)
-                    ):
-                        renewed = True
-                        continue
-                    delay = attempts.failed(error)
-                    if delay is None:
-                        ended = True
-                        finish(span, _code_of(error), error.message)
-                        raise error from exc
-                    retried(span, attempts.count, error.code.name, delay)
-                    await t.sleep(delay, error)
-                    continue
-                attempts.succeeded()
-                ended = True
-                finish(span, _OK)
-                return cast(Resp, response), CallInfo(self.info.path, tid, attempts.count)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if t.closed and not ended and task is not None and not task.cancelling():
-                # The channel was closed under the call, not the caller's task
-                # cancelled: report it as the call's outcome, like any other.
-                closed = Cancelled("the client was closed during the call", trace_id=tid)
-                finish(span, _CANCELLED, closed.message)
-                raise closed from None
-            if not ended:
-                finish(span, _CANCELLED, "cancelled")
-            raise
-        except BaseException as exc:
-            if not ended:
-                finish(span, _code_of(exc), str(exc))
+            return await tokens.token()
+        except AutoEcoOpsError as error:
+            error.add_note(f"while getting a token for {self.info.full_name}")
             raise
 
 

@@ -7,19 +7,29 @@ same trace, and its trace id is what responses (``CallInfo``) and errors
 (``AutoEcoOpsError.trace_id``) report.
 
 A call always has a trace id, even in a program that set up no tracing: the
-SDK then uses a private provider that samples nothing, so ids exist and
-propagate but nothing is recorded or exported. Once the program installs a
-tracer provider, the SDK's spans are that provider's.
+SDK then makes non-recording spans itself (what a provider that samples
+nothing would make, at a fraction of the cost), so ids exist and propagate
+but nothing is recorded or exported. Once the program installs a tracer
+provider, the SDK's spans are that provider's.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 
 from opentelemetry import propagate, trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    INVALID_SPAN_ID,
+    INVALID_TRACE_ID,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
 
 INSTRUMENTATION = "autoecoops.sdk"
 
@@ -27,36 +37,53 @@ INSTRUMENTATION = "autoecoops.sdk"
 class CallTracer:
     """Starts the span of each call on the current tracer provider."""
 
-    __slots__ = ("_fallback", "_provider", "_tracer")
+    __slots__ = ("_provider", "_tracer")
 
     def __init__(self) -> None:
         self._provider: object = None
         self._tracer: trace.Tracer | None = None
-        self._fallback: trace.Tracer | None = None
 
-    def _current(self) -> trace.Tracer:
+    def _current(self) -> trace.Tracer | None:
         provider = trace.get_tracer_provider()
-        if provider is not self._provider or self._tracer is None:
+        if provider is not self._provider:
             self._provider = provider
-            if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
-                self._tracer = self._private()
-            else:
-                self._tracer = provider.get_tracer(INSTRUMENTATION)
+            # No provider installed (the API's proxy) or a no-op one: the SDK
+            # makes its own non-recording spans.
+            noop = isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+            self._tracer = None if noop else provider.get_tracer(INSTRUMENTATION)
         return self._tracer
-
-    def _private(self) -> trace.Tracer:
-        if self._fallback is None:
-            self._fallback = TracerProvider(sampler=ALWAYS_OFF).get_tracer(INSTRUMENTATION)
-        return self._fallback
 
     def start(self, name: str, attributes: Mapping[str, str]) -> Span:
         """Start the span of one call, a child of the caller's current span."""
-        span = self._current().start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
-        if not span.get_span_context().is_valid:
-            # A provider that hands out invalid spans would leave the call
-            # without a trace id; the private one always has one.
-            span = self._private().start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
-        return span
+        tracer = self._current()
+        if tracer is not None:
+            span = tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
+            if span.get_span_context().is_valid:
+                return span
+        return _non_recording()
+
+
+def _non_recording() -> Span:
+    """A span with fresh ids that records nothing, in the current trace if there is one."""
+    parent = trace.get_current_span().get_span_context()
+    trace_id = parent.trace_id if parent.is_valid else _random_id(128, INVALID_TRACE_ID)
+    return NonRecordingSpan(
+        SpanContext(
+            trace_id,
+            _random_id(64, INVALID_SPAN_ID),
+            is_remote=False,
+            trace_flags=TraceFlags(TraceFlags.DEFAULT),
+            trace_state=parent.trace_state if parent.is_valid else None,
+        )
+    )
+
+
+def _random_id(bits: int, invalid: int) -> int:
+    # As OpenTelemetry's RandomIdGenerator: random bits, never the invalid id.
+    value = random.getrandbits(bits)
+    while value == invalid:
+        value = random.getrandbits(bits)
+    return value
 
 
 def trace_id(span: Span) -> str:

@@ -177,6 +177,11 @@ class SyncTransport(_Transport):
             error.add_note("the client was closed while waiting to retry")
             raise error
 
+    @property
+    def closed(self) -> bool:
+        """Whether ``close`` was called."""
+        return self._closed.is_set()
+
     def close(self) -> None:
         """Close every channel and end any wait for a retry."""
         self._closed.set()
