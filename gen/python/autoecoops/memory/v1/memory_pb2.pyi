@@ -91,9 +91,15 @@ class ChunkingConfig(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
     OVERLAP_TOKENS_FIELD_NUMBER: _builtins.int
     max_tokens: _builtins.int
-    """The largest chunk, in tokens of the embedding model; default 512."""
+    """The largest chunk, in tokens of the embedding model; 0 means the server
+    default (192). At most the model's window less its special tokens (254
+    for all-MiniLM-L6-v2), so nothing is ever truncated by the encoder.
+    """
     overlap_tokens: _builtins.int
-    """Tokens shared by consecutive chunks; default 64, less than max_tokens."""
+    """Tokens shared by consecutive chunks, less than max_tokens. When the
+    chunking message is absent the server default (32, at most half a
+    chunk) applies; when it is present, 0 means no overlap.
+    """
     def __init__(
         self,
         *,
@@ -371,6 +377,13 @@ Global___DocumentIngestResult: _TypeAlias = DocumentIngestResult  # noqa: Y015
 class Filter(_message.Message):
     """A metadata filter: one condition, or a combination of filters. Keys are
     dotted paths into the document's metadata, e.g. "labels.env".
+
+    Evaluation is three-valued, as SQL's: a condition on a missing or null key
+    (or on a value it cannot compare, such as a range of numbers on a string)
+    is unknown, none_of keeps unknown unknown, and only a definite match
+    counts. So a missing key never matches a negative filter by accident;
+    exists is always definite. A malformed filter (an empty list, no
+    condition, mixed bound types) is INVALID_ARGUMENT naming the node.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -530,8 +543,9 @@ Global___Range: _TypeAlias = Range  # noqa: Y015
 
 @_typing.final
 class HybridWeights(_message.Message):
-    """The weights of a hybrid search; they are normalised to sum to 1, and
-    both zero means the defaults.
+    """The weights of a hybrid search's reciprocal rank fusion; they are
+    normalised to sum to 1, and both zero means the server's defaults (0.5
+    and 0.5 unless configured otherwise).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -539,9 +553,9 @@ class HybridWeights(_message.Message):
     DENSE_FIELD_NUMBER: _builtins.int
     LEXICAL_FIELD_NUMBER: _builtins.int
     dense: _builtins.float
-    """The weight of the dense score; default 0.7."""
+    """The weight of the dense ranking."""
     lexical: _builtins.float
-    """The weight of the lexical score; default 0.3."""
+    """The weight of the lexical ranking."""
     def __init__(
         self,
         *,
@@ -567,13 +581,18 @@ class SearchResult(_message.Message):
     DENSE_SCORE_FIELD_NUMBER: _builtins.int
     LEXICAL_SCORE_FIELD_NUMBER: _builtins.int
     score: _builtins.float
-    """Its relevance in [0, 1], higher is better; in hybrid mode the weighted
-    blend of the normalised dense and lexical scores.
+    """Its relevance in [0, 1], higher is better. In hybrid mode the
+    reciprocal rank fusion (k = 60) of the dense and lexical rankings,
+    divided by its maximum (first in both); otherwise the mode's own score.
     """
     dense_score: _builtins.float
-    """Its dense score, normalised to [0, 1]; 0 in lexical mode."""
+    """Its cosine similarity mapped to [0, 1] as (1 + cos) / 2; 0 in lexical
+    mode or when it was not among the dense candidates.
+    """
     lexical_score: _builtins.float
-    """Its lexical score, normalised to [0, 1]; 0 in dense mode."""
+    """Its BM25 score divided by the query's best; 0 in dense mode or when it
+    shares no term with the query.
+    """
     @_builtins.property
     def chunk(self) -> Global___Chunk:
         """The chunk."""
@@ -1221,7 +1240,9 @@ class SearchRequest(_message.Message):
     query: _builtins.str
     """The query text."""
     k: _builtins.int
-    """The number of results wanted; default 10, at most 100."""
+    """The number of results wanted; default 10, at most the server's maximum
+    (100 unless configured otherwise). More is INVALID_ARGUMENT.
+    """
     mode: Global___SearchMode.ValueType
     """How to match; default hybrid."""
     min_score: _builtins.float
