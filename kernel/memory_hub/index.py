@@ -20,14 +20,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss as _faiss
 import numpy as np
 import numpy.typing as npt
+
+# faiss logs at INFO every CPU-specific build it tries before the one it
+# loads; that is noise in `autoecoops up`.
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+import faiss as _faiss  # noqa: E402
 
 #: faiss's own stubs lack the search-parameter and HNSW classes used here.
 faiss: Any = _faiss
