@@ -36,6 +36,7 @@ from autoecoops.kernel.memory_hub.store import (
     DocWrite,
     MemoryStore,
     NamespaceRecord,
+    namespace_not_found,
 )
 from autoecoops.kernel.mesh.errors import (
     Aborted,
@@ -98,6 +99,21 @@ class _Plan:
     title: str = ""
     chunks: list[Chunk] = field(default_factory=list)
     unchanged: bool = False
+
+    def record(self, title: str, labels: list[int], created: float, updated: float) -> DocRecord:
+        """The document record to store for this plan."""
+        d = self.doc
+        return DocRecord(
+            d.id,
+            self.hash,
+            int(d.format),
+            title,
+            d.source_uri,
+            d.metadata,
+            labels,
+            created,
+            updated,
+        )
 
 
 def _embed_hash(model: str, text: str) -> str:
@@ -284,12 +300,7 @@ class MemoryHub:
             if rep is None:
                 rep = await Replica.load(self.store, name, self.policy, self.snapshots)
                 if rep is None:
-                    raise NotFound(
-                        f"namespace {name!r} does not exist",
-                        reason="NAMESPACE_NOT_FOUND",
-                        resource_type="memory.namespace",
-                        resource_name=name,
-                    )
+                    raise namespace_not_found(name)
                 self._replicas[name] = rep
                 self._maybe_rebuild(rep)
         return rep
@@ -406,26 +417,13 @@ class MemoryHub:
         for p in plans:
             d = p.doc
             title = d.title or p.title or (p.existing.title if p.existing and p.unchanged else "")
+
             if p.unchanged and p.existing is not None:
                 old = p.existing
-                record = DocRecord(
-                    d.id,
-                    p.hash,
-                    int(d.format),
-                    title,
-                    d.source_uri,
-                    d.metadata,
-                    old.labels,
-                    old.create_time,
-                    old.update_time,
-                )
-                if (record.title, record.source_uri, record.metadata) != (
-                    old.title,
-                    old.source_uri,
-                    old.metadata,
-                ):
-                    record.update_time = now
-                    writes.append(DocWrite(record, p.rev, (), ()))
+                if (title, d.source_uri, d.metadata) != (old.title, old.source_uri, old.metadata):
+                    writes.append(
+                        DocWrite(p.record(title, old.labels, old.create_time, now), p.rev, (), ())
+                    )
                 results.append(IngestResult(d.id, len(old.labels), True, p.hash))
                 continue
             add: list[tuple[ChunkRecord, bytes]] = []
@@ -433,19 +431,10 @@ class MemoryHub:
                 h = _embed_hash(meta.model, c.embed_text)
                 rec = ChunkRecord(next(labels), d.id, ordinal, c.text, c.start, c.end, h)
                 add.append((rec, cache[h]))
-            record = DocRecord(
-                d.id,
-                p.hash,
-                int(d.format),
-                title,
-                d.source_uri,
-                d.metadata,
-                [c.label for c, _ in add],
-                p.existing.create_time if p.existing else now,
-                now,
-            )
+            created = p.existing.create_time if p.existing else now
             remove = p.existing.labels if p.existing else []
-            writes.append(DocWrite(record, p.rev, remove, add))
+            new = p.record(title, [c.label for c, _ in add], created, now)
+            writes.append(DocWrite(new, p.rev, remove, add))
             results.append(IngestResult(d.id, len(add), False, p.hash))
         if writes:
             await self.store.commit(ns, meta.epoch, writes)

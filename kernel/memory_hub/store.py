@@ -138,6 +138,16 @@ return 1
 """
 
 
+def namespace_not_found(ns: str) -> NotFound:
+    """The error for a namespace that does not exist (or was deleted meanwhile)."""
+    return NotFound(
+        f"namespace {ns!r} does not exist",
+        reason="NAMESPACE_NOT_FOUND",
+        resource_type="memory.namespace",
+        resource_name=ns,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class NamespaceRecord:
     """A namespace as stored."""
@@ -368,12 +378,7 @@ class MemoryStore:
         """The namespace, or NOT_FOUND."""
         rec = await self.namespace(ns)
         if rec is None:
-            raise NotFound(
-                f"namespace {ns!r} does not exist",
-                reason="NAMESPACE_NOT_FOUND",
-                resource_type="memory.namespace",
-                resource_name=ns,
-            )
+            raise namespace_not_found(ns)
         return rec
 
     async def update_namespace(
@@ -387,7 +392,7 @@ class MemoryStore:
             fields["labels"] = json.dumps(labels)
         flat = [x for kv in fields.items() for x in kv]
         if not await self._update(keys=[self.key(ns, "meta")], args=flat):
-            raise self._gone(ns)
+            raise namespace_not_found(ns)
         return await self.require(ns)
 
     async def delete_namespace(self, ns: str, force: bool) -> None:
@@ -396,12 +401,7 @@ class MemoryStore:
         result = await self._drop(keys=keys, args=["1" if force else "0"])
         if result == -1:
             await self.redis.zrem(self._registry, ns)
-            raise NotFound(
-                f"namespace {ns!r} does not exist",
-                reason="NAMESPACE_NOT_FOUND",
-                resource_type="memory.namespace",
-                resource_name=ns,
-            )
+            raise namespace_not_found(ns)
         if result == -2:
             raise FailedPrecondition(
                 f"namespace {ns!r} still holds documents; delete with force to remove them too",
@@ -500,7 +500,7 @@ class MemoryStore:
         result = await self._commit(keys=self._doc_keys(ns), args=args)
         status = result[0].decode() if isinstance(result[0], bytes) else str(result[0])
         if status == "GONE":
-            raise self._gone(ns)
+            raise namespace_not_found(ns)
         if status == "CONFLICT":
             doc = result[1].decode()
             raise Aborted(
@@ -521,17 +521,8 @@ class MemoryStore:
             args += [doc_id, rev]
         n = int(await self._delete(keys=self._doc_keys(ns), args=args))
         if n < 0:
-            raise self._gone(ns)
+            raise namespace_not_found(ns)
         return n
-
-    @staticmethod
-    def _gone(ns: str) -> NotFound:
-        return NotFound(
-            f"namespace {ns!r} was deleted",
-            reason="NAMESPACE_NOT_FOUND",
-            resource_type="memory.namespace",
-            resource_name=ns,
-        )
 
     # -- following and loading --------------------------------------------------
 
