@@ -249,7 +249,10 @@ def load_tarball(path: Path, name: str | None = None) -> BundleSpec:
         for member in tar.getmembers():
             if not member.isfile():
                 continue
-            rel = PurePosixPath(member.name.lstrip("./") or ".")
+            member_name = member.name
+            while member_name.startswith("./"):
+                member_name = member_name[2:]
+            rel = PurePosixPath(member_name or ".")
             if rel.is_absolute() or ".." in rel.parts:
                 raise ValueError(f"{path}: member {member.name!r} escapes the bundle")
             total += member.size
@@ -319,6 +322,8 @@ class BundleRegistry:
         self.active: dict[str, Active] = {}
         self._version: int | None = None
         self._lock = asyncio.Lock()
+        # The last refusal per file bundle, so a broken file is logged once, not every poll.
+        self._refused: dict[str, str] = {}
 
     async def _store(self, op: str, spec: BundleSpec, expect: str = "") -> None:
         got = await self._write(
@@ -489,7 +494,9 @@ class BundleRegistry:
                 elif cur.revision != spec.content_revision() or cur.source != spec.source:
                     await self.update(spec, (), managed=True)
             except (InvalidArgument, FailedPrecondition, AlreadyExists) as err:
-                log.error("bundle %s from %s not loaded: %s", name, spec.source, err.message)
+                if self._refused.get(name) != err.message:
+                    self._refused[name] = err.message
+                    log.error("bundle %s from %s not loaded: %s", name, spec.source, err.message)
         for name, cur in stored.items():
             if cur.source.startswith(source_prefix) and name not in specs:
                 await self.delete(name, managed=True)
