@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from autoecoops.kernel.event_bus import metrics
 from autoecoops.kernel.event_bus.bus import EventBus
@@ -33,6 +34,29 @@ log = logging.getLogger("autoecoops.event_bus")
 PARK_MS = 1000
 #: The longest wait between tries while Redis is down.
 MAX_OUTAGE_BACKOFF = 5.0
+
+T = TypeVar("T")
+_running: set[asyncio.Task[Any]] = set()
+
+
+async def shielded(call: Awaitable[T]) -> T:
+    """Run one Redis call to completion even if the subscriber leaves meanwhile.
+
+    A subscriber leaving cancels its task. Cancelling redis-py in the middle of
+    a command can wedge the cancelled task and its connection (seen with a
+    blocking XREAD on Python 3.11); a shielded call instead finishes on its own
+    (each is short or bounded) and returns its connection to the pool.
+    """
+    task = asyncio.ensure_future(call)
+    _running.add(task)
+    task.add_done_callback(_settled)
+    return await asyncio.shield(task)
+
+
+def _settled(task: asyncio.Task[Any]) -> None:
+    _running.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: an abandoned call's error is not logged as unhandled
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,28 +105,31 @@ class SubscriptionLoop:
         self._vis_ms = 0
         self._policy = RetryPolicy()
         self._next_reclaim = 0.0
-        self._wake = bus.notifier.event(sub.topic, sub.group, sub.consumer)
+        self._wake = asyncio.Event()
 
     async def setup(self) -> None:
         """Create or join the group; errors here fail the Subscribe call itself."""
         s = self.sub
         vis = None if s.visibility_timeout is None else int(s.visibility_timeout * 1000)
         async with redis_errors():
-            await self.store.ensure_group(
-                s.topic, s.group, s.start, self.bus.now_ms(), s.retry_policy, vis
+            await shielded(
+                self.store.ensure_group(
+                    s.topic, s.group, s.start, self.bus.now_ms(), s.retry_policy, vis
+                )
             )
         await self._load_config()
         await self.bus.tokens()
 
     async def _load_config(self) -> None:
         async with redis_errors():
-            cfg = await self.store.group_config(self.sub.topic, self.sub.group)
+            cfg = await shielded(self.store.group_config(self.sub.topic, self.sub.group))
         if cfg is not None:
             self._vis_ms, self._policy = cfg.vis_ms, cfg.policy
 
     async def deliveries(self) -> AsyncIterator[list[Delivery]]:
         """Batches of deliveries, as the consumer has room for them."""
         backoff = 0.1
+        self._wake = self.bus.notifier.event(self.sub.topic, self.sub.group, self.sub.consumer)
         try:
             while True:
                 try:
@@ -117,8 +144,10 @@ class SubscriptionLoop:
                     )
                     try:
                         async with redis_errors():
-                            await self.store.ensure_group(
-                                self.sub.topic, self.sub.group, "0", self.bus.now_ms()
+                            await shielded(
+                                self.store.ensure_group(
+                                    self.sub.topic, self.sub.group, "0", self.bus.now_ms()
+                                )
                             )
                     except (Unavailable, NoGroup):
                         await asyncio.sleep(backoff)
@@ -147,15 +176,17 @@ class SubscriptionLoop:
             self._next_reclaim = now + min(self._vis_ms / 2000, 1.0)
         self._wake.clear()
         async with redis_errors():
-            res = await self.store.fetch(
-                s.topic,
-                s.group,
-                s.consumer,
-                s.max_in_flight,
-                s.ordered,
-                self._vis_ms,
-                bus.now_ms(),
-                PARK_MS,
+            res = await shielded(
+                self.store.fetch(
+                    s.topic,
+                    s.group,
+                    s.consumer,
+                    s.max_in_flight,
+                    s.ordered,
+                    self._vis_ms,
+                    bus.now_ms(),
+                    PARK_MS,
+                )
             )
         if res.deduplicated:
             metrics.DEDUPLICATED.labels(s.topic, s.group).inc(res.deduplicated)
@@ -170,11 +201,13 @@ class SubscriptionLoop:
             timeout = min(timeout, max(res.next_due / 1000 - bus.clock(), 0.001))
         waiting_in_order = s.ordered and res.next_due is not None
         if res.free > 0 and not waiting_in_order:
-            async with redis_errors():
-                # Bounded, so a silent network partition cannot hang the loop.
-                await asyncio.wait_for(
-                    self.store.wait_for_events(s.topic, res.last_id, timeout), timeout + 5
-                )
+            wait = shielded(self.store.wait_for_events(s.topic, res.last_id, timeout))
+            try:
+                async with redis_errors():
+                    # Bounded, so a silent network partition cannot hang the loop.
+                    await asyncio.wait_for(wait, timeout + 5)
+            except TimeoutError:
+                raise Unavailable("Redis did not answer a blocking read in time") from None
         else:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
@@ -184,17 +217,21 @@ class SubscriptionLoop:
         """Settle leases that expired unsettled as failed attempts (with backoff)."""
         s = self.sub
         async with redis_errors():
-            entries, lost = await self.store.reclaim(s.topic, s.group, s.consumer, self._vis_ms)
+            entries, lost = await shielded(
+                self.store.reclaim(s.topic, s.group, s.consumer, self._vis_ms)
+            )
         if lost:
             metrics.LOST.labels(s.topic, s.group).inc(lost)
         if entries:
             log.info("%d lease(s) expired in %s/%s", len(entries), s.topic, s.group)
-            await self.bus.fail(
-                s.topic,
-                s.group,
-                [Settle(e.id, s.consumer, e.attempt) for e in entries],
-                "lease expired",
-                by="event-bus",
+            await shielded(
+                self.bus.fail(
+                    s.topic,
+                    s.group,
+                    [Settle(e.id, s.consumer, e.attempt) for e in entries],
+                    "lease expired",
+                    by="event-bus",
+                )
             )
 
     async def _deliveries(self, entries: list[Entry]) -> list[Delivery]:
