@@ -18,7 +18,6 @@ application or for the whole server) reports drift and never syncs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import random
@@ -148,6 +147,7 @@ class Reconciler:
         self._wake = asyncio.Event()
         self._sem = asyncio.Semaphore(settings.concurrency)
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         manager.hooks.after_operation = self.trigger
         manager.hooks.changed = self.trigger
 
@@ -197,28 +197,40 @@ class Reconciler:
         return len(due)
 
     async def run(self) -> None:
-        """Tick until cancelled."""
-        while True:
+        """Tick until ``stop``."""
+        while not self._stopping:
             try:
                 await self.tick()
             except Exception:
                 log.exception("reconcile tick failed")
+            if self._stopping:
+                break
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.tick)
+            # asyncio.wait neither raises on timeout nor catches a cancellation;
+            # 3.11's wait_for and timeout() can lose a cancel that races the timer.
+            waiter = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=self.settings.tick)
+            finally:
+                waiter.cancel()
 
     def start(self) -> None:
         """Run the loop in the background (not when the interval is 0)."""
         if self.settings.reconcile_interval > 0 and self._task is None:
+            self._stopping = False
             self._task = asyncio.create_task(self.run(), name="infra-manager:reconcile")
 
-    async def stop(self) -> None:
-        """Stop the loop."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
-            self._task = None
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop the loop: let the current tick finish (within ``grace``), then cancel."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        done, _ = await asyncio.wait({task}, timeout=grace)
+        if not done:
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
 
     async def reconcile(self, name: str, *, refresh: bool = False) -> float | None:
         """Compare one application, record its status, report drift, auto-sync if due.
