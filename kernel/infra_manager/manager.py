@@ -137,6 +137,22 @@ class Comparison:
         return [d for d in self.diffs if d.status is not ResourceSync.SYNCED]
 
 
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """What one background operation works on."""
+
+    app: Application
+    desired: Desired
+    op: Operation
+    principal: Principal
+    #: Identities to sync; None for all.
+    only: set[tuple[str, str, str, str]] | None
+    #: The history entry being rolled back to, for a rollback.
+    rollback: HistoryEntry | None
+    #: The revision deployed before a rollback ('' otherwise).
+    previous_revision: str
+
+
 @dataclass(slots=True)
 class _Running:
     task: asyncio.Task[Operation]
@@ -408,18 +424,25 @@ class InfraManager:
 
     # -- diff and refresh --------------------------------------------------------
 
-    async def diff(self, name: str, revision: str = "") -> Comparison:
-        """Compare Git at ``revision`` (default: the target) with the live state."""
-        app = await self.store.get(name)
+    async def _requested(
+        self, app: Application, revision: str, *, refresh: bool = False
+    ) -> Desired:
+        """The desired state a request asks for: its own ``revision`` that does not
+        resolve is INVALID_ARGUMENT; a broken source or manifests, FAILED_PRECONDITION."""
         try:
-            commit = await self.resolve(app, revision)
-            desired = await self.desired(app, commit)
+            commit = await self.resolve(app, revision, refresh=refresh)
+            return await self.desired(app, commit)
         except GitError as err:
             if revision and err.kind == "revision":
                 raise source_error(err, InvalidArgument, "") from None
             raise source_error(err, FailedPrecondition, "application.source") from None
         except ManifestError as err:
             raise manifest_error(err, FailedPrecondition) from None
+
+    async def diff(self, name: str, revision: str = "") -> Comparison:
+        """Compare Git at ``revision`` (default: the target) with the live state."""
+        app = await self.store.get(name)
+        desired = await self._requested(app, revision)
         return await self.compare(app, desired, (r.ref for r in await self._known(name)))
 
     # -- operations ------------------------------------------------------------------
@@ -449,15 +472,8 @@ class InfraManager:
     ) -> Operation:
         """Start a sync; refuse (and change nothing) when the input or state is wrong."""
         app = await self.store.get(name)
-        try:
-            commit = await self.resolve(app, revision, refresh=not initiated_by)
-            desired = await self.desired(app, commit)
-        except GitError as err:
-            if revision and err.kind == "revision":
-                raise source_error(err, InvalidArgument, "") from None
-            raise source_error(err, FailedPrecondition, "application.source") from None
-        except ManifestError as err:
-            raise manifest_error(err, FailedPrecondition) from None
+        # A person's sync fetches first; the reconciler's has just compared.
+        desired = await self._requested(app, revision, refresh=not initiated_by)
         await self.check_deploy(
             principal, self.target_namespaces(desired, app), FailedPrecondition, "name"
         )
@@ -581,7 +597,7 @@ class InfraManager:
             await self.store.unlock(app.name, op.id)
             raise
         task = asyncio.create_task(
-            self._operate(app, desired, op, principal, only, rollback, previous_revision),
+            self._operate(_Job(app, desired, op, principal, only, rollback, previous_revision)),
             name=f"infra-manager:{app.name}:{op.id}",
         )
         self._running[app.name] = _Running(task, op)
@@ -594,24 +610,13 @@ class InfraManager:
             del self._running[name]
         self.hooks.after_operation(name)
 
-    async def _operate(
-        self,
-        app: Application,
-        desired: Desired,
-        op: Operation,
-        principal: Principal,
-        only: set[tuple[str, str, str, str]] | None,
-        rollback: HistoryEntry | None,
-        previous_revision: str,
-    ) -> Operation:
+    async def _operate(self, job: _Job) -> Operation:
         # The request's deadline was copied into this task; the operation outlives it.
         current_deadline.set(None)
-        name = app.name
+        name, op = job.app.name, job.op
         lease = asyncio.create_task(self._keep_lease(name, op.id))
         try:
-            return await self._attempts(
-                app, desired, op, principal, only, rollback, previous_revision
-            )
+            return await self._attempts(job)
         except Exception as err:  # a bug must not leave the operation RUNNING for ever
             log.exception("operation %s of %s failed unexpectedly", op.id, name)
             op = replace(
@@ -631,16 +636,9 @@ class InfraManager:
             with contextlib.suppress(Exception):
                 await self.store.renew(name, op_id, LOCK_TTL)
 
-    async def _attempts(
-        self,
-        app: Application,
-        desired: Desired,
-        op: Operation,
-        principal: Principal,
-        only: set[tuple[str, str, str, str]] | None,
-        rollback: HistoryEntry | None,
-        previous_revision: str,
-    ) -> Operation:
+    async def _attempts(self, job: _Job) -> Operation:
+        app, desired, op, only = job.app, job.desired, job.op, job.only
+        principal, rollback, previous_revision = job.principal, job.rollback, job.previous_revision
         name = app.name
         cluster = self.clusters(app.destination.cluster)
         engine = SyncEngine(
