@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 
@@ -27,57 +27,11 @@ from autoecoops.sdk.transport import AsyncTransport, SyncTransport
 DEFAULT_TIMEOUT = 30.0
 
 
-def _settings(
-    target: str | None,
-    addresses: Mapping[str, str] | None,
-    config: MeshConfig | None,
-    credentials: Credentials | None,
-    tls: bool | TLS | None,
-    allow_insecure_credentials: bool,
-    retry: Retry,
-    timeout: Timeout,
-    throttle: RetryThrottle | None,
-    metadata: Sequence[tuple[str, str | bytes]],
-    channel_options: Sequence[tuple[str, Any]],
-    clock: Clock,
-) -> dict[str, Any]:
-    config = config if config is not None else MeshConfig.from_env()
-    return {
-        "routes": Routes(target, addresses, config),
-        "config": config,
-        "credentials": credentials,
-        "tls": tls,
-        "allow_insecure_credentials": allow_insecure_credentials,
-        "retry": retry,
-        "timeout": timeout,
-        "throttle": throttle,
-        "metadata": metadata,
-        "options": channel_options,
-        "clock": clock,
-    }
+class _Connection:
+    """The settings of a client and the transport built from them."""
 
-
-class Client(Services):
-    """A blocking client for every service of the mesh.
-
-    Args:
-        target: one ``host:port`` for every service (an ingress or proxy
-            routing by gRPC service); None dials each service at its own address.
-        addresses: per-service addresses, by mesh name (``memory-hub``) or
-            proto service (``autoecoops.memory.v1.MemoryService``).
-        config: the mesh configuration for defaults; None reads ``AUTOECOOPS_*``.
-        credentials: how to get a bearer token; None sends none.
-        tls: True, False, ``TLS(...)``, or None for TLS except to loopback.
-        allow_insecure_credentials: send credentials without TLS beyond loopback.
-        retry: the default policy for idempotent calls (per call: ``retry=``).
-        timeout: the default overall deadline of a unary call, attempts included.
-        throttle: gRPC retry throttling per server; None disables it.
-        metadata: sent with every call.
-        channel_options: extra gRPC channel arguments.
-        clock: time and randomness (tests pass fakes).
-    """
-
-    _transport: SyncTransport
+    _transport: Any
+    _transport_type: ClassVar[type[SyncTransport] | type[AsyncTransport]]
 
     def __init__(
         self,
@@ -95,23 +49,46 @@ class Client(Services):
         channel_options: Sequence[tuple[str, Any]] = (),
         clock: Clock = SYSTEM,
     ) -> None:
+        """Connect (lazily: channels open on first use).
+
+        Args:
+            target: one ``host:port`` for every service (an ingress or proxy
+                routing by gRPC service); None dials each service at its own address.
+            addresses: per-service addresses, by mesh name (``memory-hub``) or
+                proto service (``autoecoops.memory.v1.MemoryService``).
+            config: the mesh configuration for defaults; None reads ``AUTOECOOPS_*``.
+            credentials: how to get a bearer token; None sends none.
+            tls: True, False, ``TLS(...)``, or None for TLS except to loopback.
+            allow_insecure_credentials: send credentials without TLS beyond loopback.
+            retry: the default policy for idempotent calls (per call: ``retry=``).
+            timeout: the default overall deadline of a unary call, attempts included.
+            throttle: gRPC retry throttling per server; None disables it.
+            metadata: sent with every call.
+            channel_options: extra gRPC channel arguments.
+            clock: time and randomness (tests pass fakes).
+        """
         super().__init__()
-        self._transport = SyncTransport(
-            **_settings(
-                target,
-                addresses,
-                config,
-                credentials,
-                tls,
-                allow_insecure_credentials,
-                retry,
-                timeout,
-                throttle,
-                metadata,
-                channel_options,
-                clock,
-            )
+        config = config if config is not None else MeshConfig.from_env()
+        self._transport = self._transport_type(
+            routes=Routes(target, addresses, config),
+            config=config,
+            credentials=credentials,
+            tls=tls,
+            allow_insecure_credentials=allow_insecure_credentials,
+            retry=retry,
+            timeout=timeout,
+            throttle=throttle,
+            metadata=metadata,
+            options=channel_options,
+            clock=clock,
         )
+
+
+class Client(_Connection, Services):
+    """A blocking client for every service of the mesh."""
+
+    _transport: SyncTransport
+    _transport_type = SyncTransport
 
     def channel(self, service: str) -> grpc.Channel:
         """The gRPC channel to proto service ``service`` (``package.Service``), for
@@ -135,44 +112,11 @@ class Client(Services):
         self.close()
 
 
-class AsyncClient(AsyncServices):
-    """An asyncio client for every service of the mesh; the arguments are ``Client``'s."""
+class AsyncClient(_Connection, AsyncServices):
+    """An asyncio client for every service of the mesh."""
 
     _transport: AsyncTransport
-
-    def __init__(
-        self,
-        target: str | None = None,
-        *,
-        addresses: Mapping[str, str] | None = None,
-        config: MeshConfig | None = None,
-        credentials: Credentials | None = None,
-        tls: bool | TLS | None = None,
-        allow_insecure_credentials: bool = False,
-        retry: Retry = DEFAULT_RETRY,
-        timeout: Timeout = DEFAULT_TIMEOUT,
-        throttle: RetryThrottle | None = RetryThrottle(),  # noqa: B008 -- immutable
-        metadata: Sequence[tuple[str, str | bytes]] = (),
-        channel_options: Sequence[tuple[str, Any]] = (),
-        clock: Clock = SYSTEM,
-    ) -> None:
-        super().__init__()
-        self._transport = AsyncTransport(
-            **_settings(
-                target,
-                addresses,
-                config,
-                credentials,
-                tls,
-                allow_insecure_credentials,
-                retry,
-                timeout,
-                throttle,
-                metadata,
-                channel_options,
-                clock,
-            )
-        )
+    _transport_type = AsyncTransport
 
     def channel(self, service: str) -> grpc.aio.Channel:
         """The grpc.aio channel to proto service ``service`` (``package.Service``),
