@@ -155,29 +155,18 @@ def _method_class(w: _Writer, info: MethodInfo, name: str, asynchronous: bool, d
     lines = ["@type_check_only", f"class {name}:", f"    {doc}"]
     if info.client_streaming:
         requests = f"Iterable[{req}] | AsyncIterable[{req}]" if asynchronous else f"Iterable[{req}]"
-        if info.server_streaming:
-            stream = "AsyncStream" if asynchronous else "Stream"
-            default = " | None = None" if asynchronous else ""
-            lines.append(
-                f"    def __call__(self, requests: {requests}{default}, /, *, {_STREAM_OPTIONS}) -> {stream}[{resp}]: ..."
-            )
-        else:
-            for fn, out in (("__call__", resp), ("with_call", f"tuple[{resp}, CallInfo]")):
-                lines.append(
-                    f"    {adef} {fn}(self, requests: {requests}, /, *, {_STREAM_OPTIONS}) -> {out}: ..."
-                )
+        # An async bidirectional call may be opened without requests, then written to.
+        default = " | None = None" if asynchronous and info.server_streaming else ""
+        params = f"requests: {requests}{default}, /, *, {_STREAM_OPTIONS}"
     else:
-        request = f"request: {req} | None = None, /, *"
-        if info.server_streaming:
-            stream = "AsyncStream" if asynchronous else "Stream"
-            lines.append(
-                f"    def __call__(self, {request}, {_STREAM_OPTIONS}, **fields: Unpack[{fields}]) -> {stream}[{resp}]: ..."
-            )
-        else:
-            for fn, out in (("__call__", resp), ("with_call", f"tuple[{resp}, CallInfo]")):
-                lines.append(
-                    f"    {adef} {fn}(self, {request}, {_UNARY_OPTIONS}, **fields: Unpack[{fields}]) -> {out}: ..."
-                )
+        options = _STREAM_OPTIONS if info.server_streaming else _UNARY_OPTIONS
+        params = f"request: {req} | None = None, /, *, {options}, **fields: Unpack[{fields}]"
+    if info.server_streaming:
+        stream = "AsyncStream" if asynchronous else "Stream"
+        lines.append(f"    def __call__(self, {params}) -> {stream}[{resp}]: ...")
+    else:
+        for fn, out in (("__call__", resp), ("with_call", f"tuple[{resp}, CallInfo]")):
+            lines.append(f"    {adef} {fn}(self, {params}) -> {out}: ...")
     w.lines += [*lines, "", ""]
 
 
