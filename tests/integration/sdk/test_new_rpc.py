@@ -51,6 +51,14 @@ service ProbeService {
   rpc CountTo(CountToRequest) returns (stream EchoTextResponse) {
     option (autoecoops.common.v1.method) = {public: true idempotent: true};
   }
+  // Joins the texts of a stream of requests.
+  rpc JoinTexts(stream EchoTextRequest) returns (EchoTextResponse) {
+    option (autoecoops.common.v1.method) = {public: true};
+  }
+  // Answers each request as it arrives.
+  rpc Converse(stream EchoTextRequest) returns (stream EchoTextResponse) {
+    option (autoecoops.common.v1.method) = {public: true};
+  }
 }
 
 message EchoTextRequest {
@@ -111,6 +119,7 @@ class ProbeServer:
     def __init__(self, pb2: ModuleType) -> None:
         self.pb2 = pb2
         self.attempts: dict[str, int] = {"EchoText": 0, "RecordShout": 0, "CountTo": 0}
+        self.attempts.update(JoinTexts=0, Converse=0)
         self.failures: dict[str, int] = {}
 
     def _attempt(self, method: str) -> None:
@@ -134,6 +143,18 @@ class ProbeServer:
         for i in range(1, request.n + 1):
             yield self.pb2.EchoTextResponse(text=str(i), trace_id=current_trace_id())
 
+    async def join(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        self._attempt("JoinTexts")
+        texts = [r.text async for r in requests]
+        return self.pb2.EchoTextResponse(text="+".join(texts), trace_id=current_trace_id())
+
+    async def converse(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        self._attempt("Converse")
+        async for r in requests:
+            yield self.pb2.EchoTextResponse(text=r.text[::-1], trace_id=current_trace_id())
+
     def register(self, server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
         pb2 = self.pb2
         name = pb2.DESCRIPTOR.services_by_name["ProbeService"].full_name
@@ -153,6 +174,16 @@ class ProbeServer:
                         "CountTo": grpc.unary_stream_rpc_method_handler(
                             self.count,
                             pb2.CountToRequest.FromString,
+                            pb2.EchoTextResponse.SerializeToString,
+                        ),
+                        "JoinTexts": grpc.stream_unary_rpc_method_handler(
+                            self.join,
+                            pb2.EchoTextRequest.FromString,
+                            pb2.EchoTextResponse.SerializeToString,
+                        ),
+                        "Converse": grpc.stream_stream_rpc_method_handler(
+                            self.converse,
+                            pb2.EchoTextRequest.FromString,
                             pb2.EchoTextResponse.SerializeToString,
                         ),
                     },
@@ -195,6 +226,29 @@ async def test_a_new_service_and_its_rpcs_work_without_sdk_changes(
         with pytest.raises(Unavailable):
             [r async for r in sdk.sdkprobe.count_to(n=2)]
         assert server.attempts["CountTo"] == 2
+        # Client streaming, from a list or an async generator; never retried.
+        texts = [probe.EchoTextRequest(text=t) for t in ("a", "b", "c")]
+        joined, call = await sdk.sdkprobe.join_texts.with_call(texts)
+        assert joined.text == "a+b+c" and joined.trace_id == call.trace_id
+
+        async def produce() -> AsyncIterator[Any]:
+            for t in ("x", "y"):
+                yield probe.EchoTextRequest(text=t)
+
+        assert (await sdk.sdkprobe.join_texts(produce())).text == "x+y"
+        # Bidirectional: with an iterable, or opened empty and written to.
+        replies = [r.text async for r in sdk.sdkprobe.converse(texts[:2])]
+        assert replies == ["a", "b"]
+        session = sdk.sdkprobe.converse()
+        async with session:
+            await session.write(probe.EchoTextRequest(text="abc"))
+            first = await anext(session)
+            await session.write(probe.EchoTextRequest(text="xyz"))
+            second = await anext(session)
+            await session.done_writing()
+            assert [r async for r in session] == []
+        assert (first.text, second.text) == ("cba", "zyx")
+        assert first.trace_id == second.trace_id == session.trace_id
         # The request's required field is checked by the server's contract too.
         with pytest.raises(Exception, match="text"):
             await sdk.sdkprobe.echo_text()
@@ -202,9 +256,13 @@ async def test_a_new_service_and_its_rpcs_work_without_sdk_changes(
     def sync() -> None:
         with Client(addresses=where, config=mesh.config) as client:
             assert client.sdkprobe.echo_text(text="sync").text == "sync"
-            stream = client.sdkprobe.count_to(n=2)
+            stream = client.sdkprobe.count_to(n=2, timeout=30)
             assert isinstance(stream, Stream)
             assert [r.text for r in stream] == ["1", "2"]
+            texts = [probe.EchoTextRequest(text=t) for t in ("p", "q")]
+            assert client.sdkprobe.join_texts(iter(texts)).text == "p+q"
+            with client.sdkprobe.converse(texts, timeout=30) as talk:
+                assert [r.text for r in talk] == ["p", "q"]
 
     await asyncio.to_thread(sync)
     assert "autoecoops.sdkprobe.v1.probe_pb2" in sys.modules

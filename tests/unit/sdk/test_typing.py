@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
@@ -83,18 +84,26 @@ def mypy_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_mypy(mypy_path: Path, source: str, tmp_path: Path) -> list[str]:
     api = pytest.importorskip("mypy.api")
-    module = tmp_path / "usage.py"
+    # A module name of its own: mypy's cache is shared by concurrent runs and
+    # keyed by module name, and a stale "usage" entry would hide every error.
+    name = f"sdk_typing_{uuid.uuid4().hex}"
+    module = tmp_path / f"{name}.py"
     module.write_text(textwrap.dedent(source))
-    out, err, _ = api.run(
-        [
-            # The project's settings (strict, and its overrides for untyped packages).
-            f"--config-file={ROOT / 'pyproject.toml'}",
-            "--no-error-summary",
-            "--show-error-codes",
-            f"--cache-dir={ROOT / '.build' / 'mypy-sdk-typing'}",
-            str(module),
-        ],
-    )
+    cache = ROOT / ".build" / "mypy-sdk-typing"
+    try:
+        out, err, _ = api.run(
+            [
+                # The project's settings (strict, and its overrides for untyped packages).
+                f"--config-file={ROOT / 'pyproject.toml'}",
+                "--no-error-summary",
+                "--show-error-codes",
+                f"--cache-dir={cache}",
+                str(module),
+            ],
+        )
+    finally:
+        for leftover in cache.glob(f"*/{name}.*"):
+            leftover.unlink()
     assert not err, err
     return [
         line for line in out.splitlines() if line.startswith(str(module)) and ": error:" in line
@@ -124,7 +133,7 @@ def test_wrong_requests_fields_methods_and_services_are_type_errors(
     }
     found: dict[int, set[str]] = {}
     for line in errors:
-        m = re.match(r".*usage\.py:(\d+): error: .*\[([\w-]+)\]$", line)
+        m = re.match(r".*\.py:(\d+): error: .*\[([\w-]+)\]$", line)
         assert m, line
         found.setdefault(int(m.group(1)), set()).add(m.group(2))
     assert set(found) == set(expected), errors
