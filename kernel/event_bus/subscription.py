@@ -201,16 +201,19 @@ class SubscriptionLoop:
             timeout = min(timeout, max(res.next_due / 1000 - bus.clock(), 0.001))
         waiting_in_order = s.ordered and res.next_due is not None
         if res.free > 0 and not waiting_in_order:
-            wait = shielded(self.store.wait_for_events(s.topic, res.last_id, timeout))
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a
+            # cancellation that arrives as the awaited call completes, and a
+            # subscriber that hung up would keep its loop running forever.
             try:
-                async with redis_errors():
+                async with redis_errors(), asyncio.timeout(timeout + 5):
                     # Bounded, so a silent network partition cannot hang the loop.
-                    await asyncio.wait_for(wait, timeout + 5)
+                    await shielded(self.store.wait_for_events(s.topic, res.last_id, timeout))
             except TimeoutError:
                 raise Unavailable("Redis did not answer a blocking read in time") from None
         else:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
         return []
 
     async def _reclaim(self) -> None:
