@@ -209,9 +209,17 @@ class Mesh:
             await asyncio.sleep(self.config.drain_delay)
         await asyncio.gather(*(s.stop(grace) for s in servers))
         for close in reversed(self.runtime.closers):
-            result = close()
-            if asyncio.iscoroutine(result):
-                await result
+            name = getattr(close, "__qualname__", repr(close))
+            try:
+                result = close()
+                if asyncio.iscoroutine(result):
+                    # A stuck closer must not turn a drain into a hang: the
+                    # orchestrator would SIGKILL us and lose the rest.
+                    await asyncio.wait_for(result, timeout=max(grace, 1.0))
+            except TimeoutError:
+                log.error("shutdown: %s did not finish within %.1fs; moving on", name, max(grace, 1.0))
+            except Exception:
+                log.exception("shutdown: %s failed", name)
         self.runtime.closers.clear()
         await self.runtime.clients.close()
 
