@@ -156,9 +156,15 @@ class EventBus:
     # -- publish ---------------------------------------------------------
 
     async def publish(
-        self, topic: str, envelopes: Sequence[envelope_pb2.Envelope], ctx: PublishContext
+        self,
+        topic: str,
+        envelopes: Sequence[envelope_pb2.Envelope],
+        ctx: PublishContext,
+        batch: bool = True,
     ) -> list[tuple[str, bool]]:
-        """Validate and store events, all or none; (event id, duplicate) each."""
+        """Validate and store events, all or none; (event id, duplicate) each.
+
+        ``batch=False`` names violations after Publish's ``envelope`` field."""
         self.registry.check_topic(topic)
         if len(envelopes) > self.settings.max_batch:
             raise InvalidArgument(
@@ -166,7 +172,10 @@ class EventBus:
                 reason="BATCH_TOO_LARGE",
                 field_violations=[FieldViolation("envelopes", "too many events")],
             )
-        events = self.validator.validate_batch(topic, envelopes, ctx)
+        if batch:
+            events = self.validator.validate_batch(topic, envelopes, ctx)
+        else:
+            events = [self.validator.validate(topic, e, ctx) for e in envelopes]
         seen: dict[str, tuple[int, str]] = {}
         for i, e in enumerate(events):
             first = seen.setdefault(e.key_hash, (i, e.content_hash))

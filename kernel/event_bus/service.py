@@ -123,7 +123,9 @@ class EventBusServicer(events_pb2_grpc.EventBusServiceServicer):
     ) -> events_pb2.PublishResponse:
         """Publish one event."""
         ctx = PublishContext.current(current_principal.get())
-        ((event_id, dup),) = await self.bus.publish(request.topic, [request.envelope], ctx)
+        ((event_id, dup),) = await self.bus.publish(
+            request.topic, [request.envelope], ctx, batch=False
+        )
         return events_pb2.PublishResponse(event_id=event_id, duplicate=dup)
 
     async def PublishBatch(
