@@ -324,6 +324,8 @@ class BundleRegistry:
         self._lock = asyncio.Lock()
         # The last refusal per file bundle, so a broken file is logged once, not every poll.
         self._refused: dict[str, str] = {}
+        # path -> owning bundle; Evaluate asks this on every call.
+        self._routes: dict[str, Active | None] = {}
 
     async def _store(self, op: str, spec: BundleSpec, expect: str = "") -> None:
         got = await self._write(
@@ -394,6 +396,7 @@ class BundleRegistry:
             )
             await self._store("create", stored)
             self.active[stored.name] = Active(stored, compiled)
+            self._routes.clear()
         log.info("bundle %s created at %s", stored.name, stored.revision)
         return stored
 
@@ -434,6 +437,7 @@ class BundleRegistry:
             )
             await self._store("update", merged, expect=current.revision)
             self.active[merged.name] = Active(merged, compiled)
+            self._routes.clear()
         if merged.revision != current.revision:
             log.info("bundle %s activated at %s", merged.name, merged.revision)
         return merged
@@ -449,6 +453,7 @@ class BundleRegistry:
                 )
             await self._store("delete", current)
             self.active.pop(name, None)
+            self._routes.clear()
 
     async def sync(self) -> None:
         """Load what other replicas changed (cheap when the version counter is unchanged)."""
@@ -470,6 +475,7 @@ class BundleRegistry:
             except InvalidArgument as err:  # stored by an incompatible version
                 log.error("bundle %s %s does not compile here: %s", name, spec.revision, err)
         self._version = version
+        self._routes.clear()
 
     async def load_files(self, specs: Mapping[str, BundleSpec], source_prefix: str) -> None:
         """Make the file-managed bundles under ``source_prefix`` match ``specs``.
@@ -505,6 +511,10 @@ class BundleRegistry:
 
     def owner(self, path: str) -> Active | None:
         """The bundle that answers ``path``; InvalidArgument when several would."""
+        try:
+            return self._routes[path]
+        except KeyError:
+            pass
         found = []
         for active in self.active.values():
             roots = active.spec.roots or ("",)
@@ -516,4 +526,7 @@ class BundleRegistry:
                 f"path {path!r} spans bundles {names}; evaluate a path inside one bundle's roots",
                 field_violations=[FieldViolation("path", f"spans bundles {names}")],
             )
-        return found[0] if found else None
+        route = found[0] if found else None
+        if len(self._routes) < 10_000:  # bounded: paths come from callers
+            self._routes[path] = route
+        return route

@@ -26,12 +26,55 @@ def canonical_json(value: Any) -> bytes:
     Raises ``ValueError`` for values JSON cannot carry (NaN, infinities,
     non-string keys, lone surrogates).
     """
+    if _plain(value):
+        # No floats, no integers beyond 2**53 and no keys outside the BMP:
+        # then the C encoder's output is already canonical (BMP code point
+        # order is UTF-16 order; strings are escaped as ECMAScript does).
+        try:
+            text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+            return text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"not valid Unicode: {err.reason}") from None
     parts: list[str] = []
     _emit(value, parts)
     try:
         return "".join(parts).encode("utf-8")
     except UnicodeEncodeError as err:
         raise ValueError(f"not valid Unicode: {err.reason}") from None
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` holds only what json.dumps already writes canonically."""
+    if isinstance(value, str) or value is None or isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return abs(value) < 2**53
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str) or (not k.isascii() and max(k) > "\uffff"):
+                return False
+            if not _plain(v):
+                return False
+        return True
+    if isinstance(value, list | tuple):
+        return all(_plain(v) for v in value)
+    return False
+
+
+def with_index(data: bytes, index: int) -> bytes:
+    """Canonical entry bytes with ``"index"`` added, without re-encoding.
+
+    Entries always have a top-level ``outcome`` (it is required), which
+    sorts right after ``index``; every top-level key after it holds a plain
+    string, and a quote inside a JSON string is escaped, so the last
+    ``,"outcome":`` in the bytes is the top-level one.
+    """
+    if not index:
+        return data  # proto3 JSON omits a zero int64
+    at = data.rfind(b',"outcome":')
+    if at < 0:
+        raise ValueError("an entry has a top-level outcome")
+    return b'%s,"index":"%d"%s' % (data[:at], index, data[at:])
 
 
 def _emit(value: Any, out: list[str]) -> None:

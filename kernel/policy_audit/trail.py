@@ -34,7 +34,12 @@ from autoecoops.kernel.mesh.errors import (
     Unavailable,
 )
 from autoecoops.kernel.policy_audit import merkle
-from autoecoops.kernel.policy_audit.canonical import canonical_json, entry_json, parse_entry
+from autoecoops.kernel.policy_audit.canonical import (
+    canonical_json,
+    entry_json,
+    parse_entry,
+    with_index,
+)
 from autoecoops.kernel.policy_audit.checkpoint import CheckpointBody, NoteSigner, NoteVerifier
 from autoecoops.kernel.policy_audit.store import AuditStore, CommitConflict, Prepared
 
@@ -89,7 +94,9 @@ class EntryFilter:
 
 @dataclass
 class _Pending:
-    doc: dict[str, Any]
+    #: Canonical bytes without the index (added at commit, when it is known).
+    data: bytes
+    attrs: dict[str, str]
     request_id: str
     fingerprint: str
     time_us: int
@@ -173,11 +180,11 @@ class AuditLog:
             follower: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
             pending.followers.append(follower)
             return await follower
-        doc, time_us = self._document(entry)
+        data, attrs, time_us = self._document(entry)
         if self._closed:
             raise Unavailable("the audit log is shutting down", retry_delay=1.0)
         future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
-        item = _Pending(doc, request_id, fingerprint, time_us, future)
+        item = _Pending(data, attrs, request_id, fingerprint, time_us, future)
         self._inflight[request_id] = item
         self._queue.append(item)
         self._wake.set()
@@ -186,8 +193,8 @@ class AuditLog:
         # Shielded: a caller that goes away must not cancel a group others wait on.
         return await asyncio.shield(future)
 
-    def _document(self, entry: audit_pb2.AuditEntry) -> tuple[dict[str, Any], int]:
-        """The entry's proto3 JSON form, with server defaults, checked for size."""
+    def _document(self, entry: audit_pb2.AuditEntry) -> tuple[bytes, dict[str, str], int]:
+        """The entry's canonical bytes (index aside), index attributes and time, size-checked."""
         entry = audit_pb2.AuditEntry.FromString(entry.SerializeToString())
         entry.ClearField("index")  # output only
         if not entry.HasField("time"):
@@ -195,13 +202,14 @@ class AuditLog:
         time_us = entry.time.ToMicroseconds()
         doc = entry_json(entry)
         try:
-            size = len(canonical_json(doc)) + 32  # room for the index field added at commit
+            data = canonical_json(doc)
         except ValueError as err:
             raise InvalidArgument(
                 f"the entry is not representable as JSON: {err}",
                 reason="INVALID_ENTRY",
                 field_violations=[FieldViolation("entry.details", str(err))],
             ) from None
+        size = len(data) + 32  # room for the index added at commit
         if size > self.max_entry_bytes:
             raise InvalidArgument(
                 f"the entry is {size} bytes in canonical form; the limit is {self.max_entry_bytes}",
@@ -211,7 +219,7 @@ class AuditLog:
                 ],
                 metadata={"limit": str(self.max_entry_bytes), "size": str(size)},
             )
-        return doc, time_us
+        return data, _attrs(doc), time_us
 
     @staticmethod
     def _same_request(request_id: str, fingerprint: str, original: str) -> None:
@@ -318,16 +326,11 @@ class AuditLog:
         leaves: list[bytes] = []
         for offset, p in enumerate(batch):
             index = start + offset
-            doc = dict(p.doc)
-            if index:
-                doc["index"] = str(index)  # proto3 JSON: int64 as a string, 0 omitted
-            data = canonical_json(doc)
+            data = with_index(p.data, index)
             leaf = merkle.leaf_hash(data)
             leaves.append(leaf)
             nodes += grown.append(leaf)
-            prepared.append(
-                Prepared(index, data, p.request_id, p.fingerprint, p.time_us, _attrs(doc))
-            )
+            prepared.append(Prepared(index, data, p.request_id, p.fingerprint, p.time_us, p.attrs))
         signed = self._sign(grown)
         await self.store.commit(
             start, prepared, nodes, signed.note, signed.time_ns, self.verifier.vkey()

@@ -119,3 +119,28 @@ def test_leaf_hash_is_over_the_exact_bytes() -> None:
     assert merkle.leaf_hash(b"") == bytes.fromhex(
         "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d"
     )
+
+
+def test_the_index_splice_equals_full_canonicalization() -> None:
+    from autoecoops.kernel.policy_audit.canonical import entry_json, with_index
+
+    for details in ({}, {"outcome": "nested", "z": {"outcome": 1}}, {"s": 'quote " "outcome":'}):
+        entry = audit_pb2.AuditEntry(
+            type="t", service="s", action="a", outcome=audit_pb2.OUTCOME_SUCCESS, resource="r"
+        )
+        entry.details.update(details)
+        plain = entry_bytes(entry)
+        for index in (0, 1, 12345):
+            doc = entry_json(entry)
+            if index:
+                doc["index"] = str(index)
+            assert with_index(plain, index) == canonical_json(doc)
+
+
+def test_plain_documents_take_the_fast_path_with_the_same_bytes() -> None:
+    from autoecoops.kernel.policy_audit.canonical import _emit
+
+    doc = {"b": [1, "x\u2028", None, {"\u00e9": True}], "a": -(2**52)}
+    slow: list[str] = []
+    _emit(doc, slow)
+    assert canonical_json(doc) == "".join(slow).encode()
