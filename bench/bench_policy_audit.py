@@ -154,14 +154,22 @@ async def bench_evaluate(r: aioredis.Redis, prefix: str, n: int) -> None:
     flush = time.perf_counter() - t
     size = await audit.size()
     print("\n== 1. Evaluate (shipped deploy policy, path autoecoops/deploy/decision)")
-    print(f"  bare regopy, prepared entrypoint  p50 {fmt_ms(pct(b_lat, 50))}  p99 {fmt_ms(pct(b_lat, 99))}")
-    print(f"  bare regopy, ad-hoc query()       p50 {fmt_ms(pct(a_lat, 50))}  p99 {fmt_ms(pct(a_lat, 99))}")
-    print(f"  policy-audit Evaluate (domain)    p50 {fmt_ms(pct(o_lat, 50))}  p99 {fmt_ms(pct(o_lat, 99))}")
+    print(
+        f"  bare regopy, prepared entrypoint  p50 {fmt_ms(pct(b_lat, 50))}  p99 {fmt_ms(pct(b_lat, 99))}"
+    )
+    print(
+        f"  bare regopy, ad-hoc query()       p50 {fmt_ms(pct(a_lat, 50))}  p99 {fmt_ms(pct(a_lat, 99))}"
+    )
+    print(
+        f"  policy-audit Evaluate (domain)    p50 {fmt_ms(pct(o_lat, 50))}  p99 {fmt_ms(pct(o_lat, 99))}"
+    )
     print(
         f"  ratio to bare prepared: p50 {pct(o_lat, 50) / pct(b_lat, 50):.2f}x  "
         f"p99 {pct(o_lat, 99) / pct(b_lat, 99):.2f}x  (target <= 1.3x)"
     )
-    print(f"  decisions logged: {size} of {n} in the audit trail ({flush * 1e3:.0f} ms to flush the rest)")
+    print(
+        f"  decisions logged: {size} of {n} in the audit trail ({flush * 1e3:.0f} ms to flush the rest)"
+    )
     await logger.close()
     await audit.close()
 
@@ -240,15 +248,16 @@ def template_entry(i: int) -> bytes:
     """Canonical JSON of a realistic entry, written directly (keys already sorted)."""
     idx = f'"index":"{i}",' if i else ""
     return (
-        '{"action":"deployments.create","actor":{"subject":"user-%d"},'
-        '"details":{"approvers":["alice"],"environment":"production","n":%d},%s'
-        '"outcome":"OUTCOME_SUCCESS","resource":"iaops/deployments/web-%d","service":"iaops",'
-        '"time":"2025-01-01T00:00:00Z","traceId":"%032x","type":"deployment.applied"}'
-        % (i % 97, i, idx, i, i)
+        f'{{"action":"deployments.create","actor":{{"subject":"user-{i % 97}"}},'
+        f'"details":{{"approvers":["alice"],"environment":"production","n":{i}}},{idx}'
+        f'"outcome":"OUTCOME_SUCCESS","resource":"iaops/deployments/web-{i}","service":"iaops",'
+        f'"time":"2025-01-01T00:00:00Z","traceId":"{i:032x}","type":"deployment.applied"}}'
     ).encode()
 
 
-async def build_log(r: aioredis.Redis, base: str, n: int, signer: NoteSigner) -> tuple[CheckpointBody, list[bytes]]:
+async def build_log(
+    r: aioredis.Redis, base: str, n: int, signer: NoteSigner
+) -> tuple[CheckpointBody, list[bytes]]:
     """Write n entries with pipelined XADD and APPEND (no Lua per entry)."""
     store = AuditStore(r, base)
     frontier = merkle.Frontier()
@@ -267,7 +276,15 @@ async def build_log(r: aioredis.Redis, base: str, n: int, signer: NoteSigner) ->
         pipe.append(key, b"".join(hashes))
     body = CheckpointBody(ORIGIN, n, frontier.root())
     note = signer.sign(body.text())
-    pipe.hset(store.head_key, mapping={"size": n, "note": note, "time_ns": time.time_ns(), "vkey": signer.verifier.vkey()})
+    pipe.hset(
+        store.head_key,
+        mapping={
+            "size": n,
+            "note": note,
+            "time_ns": time.time_ns(),
+            "vkey": signer.verifier.vkey(),
+        },
+    )
     await pipe.execute()
     assert 1 << CHUNK_BITS  # nodes are chunked, so no string nears Redis's 512 MB limit
     return body, datas
@@ -305,7 +322,9 @@ async def bench_million(r: aioredis.Redis, prefix: str, n: int, proofs: int) -> 
     assert result.ok, result.findings
     total = sum(map(len, datas))
     print(f"  hashlib.sha256 over the same {total / 1e6:.0f} MB in memory   {baseline:.2f} s")
-    print(f"  verify (read from Redis, leaf + tree hashes)  {took:.2f} s  ({took / baseline:.1f}x hashlib alone)")
+    print(
+        f"  verify (read from Redis, leaf + tree hashes)  {took:.2f} s  ({took / baseline:.1f}x hashlib alone)"
+    )
     await cleanup(r, f"{prefix}big:")
 
 
