@@ -14,10 +14,15 @@ from autoecoops.kernel.event_bus.envelope import PublishContext
 from autoecoops.kernel.event_bus.names import MAX_U64, check_name
 from autoecoops.kernel.event_bus.retry import RetryPolicy
 from autoecoops.kernel.event_bus.settings import EventBusSettings
-from autoecoops.kernel.event_bus.store import DeadLetterRecord, EventStore, TopicInfo
+from autoecoops.kernel.event_bus.store import (
+    DeadLetterRecord,
+    EventStore,
+    TopicInfo,
+    connect_bus,
+)
 from autoecoops.kernel.event_bus.subscription import Subscription, SubscriptionLoop
 from autoecoops.kernel.mesh.auth import current_principal
-from autoecoops.kernel.mesh.errors import FieldViolation, InvalidArgument
+from autoecoops.kernel.mesh.errors import ConfigError, FieldViolation, InvalidArgument
 from autoecoops.kernel.mesh.server import Runtime
 
 #: Shortest lease a subscriber may ask for, and the longest.
@@ -310,7 +315,11 @@ class EventBusServicer(events_pb2_grpc.EventBusServiceServicer):
 def build_bus(runtime: Runtime, settings: EventBusSettings | None = None) -> EventBus:
     """The bus of a runtime: its Redis, under ``<prefix>events:``."""
     settings = settings or EventBusSettings.from_env()
-    return EventBus(EventStore(runtime.redis, runtime.key("events") + ":", settings), settings)
+    if not runtime.config.redis_url:
+        raise ConfigError("REDIS_URL: event-bus needs Redis")
+    client = connect_bus(runtime.config.redis_url)
+    runtime.closers.insert(0, client.aclose)
+    return EventBus(EventStore(client, runtime.key("events") + ":", settings), settings)
 
 
 def register(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:

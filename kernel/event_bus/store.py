@@ -21,6 +21,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as rx
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from autoecoops.kernel.event_bus import lua
 from autoecoops.kernel.event_bus.envelope import ValidEvent
@@ -28,6 +30,7 @@ from autoecoops.kernel.event_bus.names import id_ms
 from autoecoops.kernel.event_bus.retry import RetryPolicy
 from autoecoops.kernel.event_bus.settings import EventBusSettings
 from autoecoops.kernel.mesh.errors import AlreadyExists, Unavailable
+from autoecoops.kernel.mesh.redis import connect
 
 log = logging.getLogger("autoecoops.event_bus")
 
@@ -37,6 +40,21 @@ RECLAIM_BATCH = 100
 REPLAY_CHUNK = 1000
 #: Redis errors that mean "not now": the caller gets UNAVAILABLE and retries.
 _TRANSIENT = ("LOADING", "MASTERDOWN", "MISCONF", "TRYAGAIN", "READONLY", "OOM", "BUSY ")
+
+
+def connect_bus(url: str) -> aioredis.Redis:
+    """The bus's Redis client: the mesh's ``connect``, plus one immediate retry
+    on a connection error.
+
+    After Redis restarts, every connection pooled before the outage fails its
+    next command ("Connection closed by server"); without the retry each of
+    them would fail one client call with UNAVAILABLE long after Redis is back.
+    A command is retried only when its connection broke, and every script of
+    the bus tolerates running twice (publish is deduplicated, settling checks
+    the lease, acks are idempotent): at worst the second run reports the first
+    run's effect as already done.
+    """
+    return connect(url, retry=Retry(NoBackoff(), 1), retry_on_error=[rx.ConnectionError])
 
 
 class NoGroup(Exception):

@@ -25,10 +25,10 @@ from autoecoops.kernel.event_bus.bus import EventBus
 from autoecoops.kernel.event_bus.envelope import PublishContext
 from autoecoops.kernel.event_bus.retry import RetryPolicy
 from autoecoops.kernel.event_bus.settings import EventBusSettings
-from autoecoops.kernel.event_bus.store import EventStore
+from autoecoops.kernel.event_bus.store import EventStore, connect_bus
 from autoecoops.kernel.event_bus.subscription import Delivery, Subscription, SubscriptionLoop
 from autoecoops.kernel.mesh.auth import Principal
-from autoecoops.kernel.mesh.redis import EmbeddedRedis, connect
+from autoecoops.kernel.mesh.redis import EmbeddedRedis
 
 TOPIC = "infra.sync"
 TRACE = "00-" + "4bf92f3577b34da6a3ce929d0e0e4736" + "-00f067aa0ba902b7-01"
@@ -190,7 +190,7 @@ async def harness_factory(
 ) -> AsyncIterator[object]:
     """Build harnesses (optionally with other settings) on the test's Redis."""
     prefix = f"autoecoops-test:{uuid.uuid4().hex[:10]}:"
-    client = connect(bus_redis_url)
+    client = connect_bus(bus_redis_url)
     made: list[Harness] = []
 
     def make(**settings: object) -> Harness:
