@@ -243,14 +243,8 @@ class Decoder:
             used[field.name] = key
             if item is None and not _null_is_value(field):
                 continue  # proto3 JSON: null means "not set"
-            oneof = field.containing_oneof
-            if oneof is not None and len(oneof.fields) > 1:
-                other = msg.WhichOneof(oneof.name)
-                if other is not None and other != field.name:
-                    out.append(
-                        FieldViolation(sub, f"only one of oneof {oneof.name!r}; {other} is set")
-                    )
-                    continue
+            if _oneof_taken(msg, field, sub, out):
+                continue
             self._field(field, item, msg, sub, out)
 
     def _field(
@@ -416,14 +410,8 @@ class Decoder:
         for f in chain[:-1]:
             target = getattr(target, f.name)
         leaf = chain[-1]
-        oneof = leaf.containing_oneof
-        if oneof is not None and len(oneof.fields) > 1:
-            other = target.WhichOneof(oneof.name)
-            if other is not None and other != leaf.name:
-                out.append(
-                    FieldViolation(path, f"only one of oneof {oneof.name!r}; {other} is set")
-                )
-                return
+        if _oneof_taken(target, leaf, path, out):
+            return
         if leaf.type == FD.TYPE_MESSAGE:
             name = message_of(leaf).full_name
             if name not in STRING_FORM:
@@ -539,6 +527,20 @@ def _descriptor(msg: Message) -> descriptor.Descriptor:
 
 def _overlaps(a: str, b: str) -> bool:
     return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _oneof_taken(
+    msg: Message, field: descriptor.FieldDescriptor, path: str, out: list[FieldViolation]
+) -> bool:
+    """True (with a violation) when another member of ``field``'s oneof is already set."""
+    oneof = field.containing_oneof
+    if oneof is None or len(oneof.fields) < 2:  # none, or proto3 `optional`
+        return False
+    other = msg.WhichOneof(oneof.name)
+    if other is None or other == field.name:
+        return False
+    out.append(FieldViolation(path, f"only one of oneof {oneof.name!r}; {other} is set"))
+    return True
 
 
 def _null_is_value(field: descriptor.FieldDescriptor) -> bool:

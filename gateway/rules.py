@@ -23,22 +23,9 @@ from google.protobuf import descriptor
 from autoecoops.common.v1 import options_pb2
 from autoecoops.gateway.codec import message_of
 from autoecoops.gateway.templates import PathTemplate, TemplateError, parse
+from autoecoops.kernel.mesh.config import DOMAIN_SERVICE
 
 FD = descriptor.FieldDescriptor
-
-#: Proto domain (``autoecoops.<domain>.v1``) -> the mesh service that serves it.
-#: The same split as DESIGN.md's port table; policy and audit share a server.
-BACKENDS = {
-    "auth": "auth-service",
-    "memory": "memory-hub",
-    "events": "event-bus",
-    "policy": "policy-audit",
-    "audit": "policy-audit",
-    "infra": "infra-manager",
-    "autoops": "autoops",
-    "iaops": "iaops",
-    "machineops": "machine-ops",
-}
 
 
 class RuleError(ValueError):
@@ -127,7 +114,7 @@ def backend_of(service: descriptor.ServiceDescriptor) -> str:
     parts = service.full_name.split(".")
     domain = parts[1] if len(parts) > 3 and parts[0] == "autoecoops" else ""
     try:
-        return BACKENDS[domain]
+        return DOMAIN_SERVICE[domain]
     except KeyError:
         raise RuleError(f"{service.full_name}: no mesh service serves package {domain!r}") from None
 
