@@ -27,6 +27,7 @@ from google.protobuf import descriptor
 
 from autoecoops.kernel.mesh.descriptors import MethodInfo, method_info
 from autoecoops.sdk import catalog
+from autoecoops.sdk.subclients import HELPERS
 
 OUT = Path(__file__).with_name("services.pyi")
 #: Keyword arguments every method takes; a request field of the same name
@@ -60,6 +61,7 @@ class _Writer:
 
     def __init__(self) -> None:
         self.modules: set[str] = set()
+        self.imports: set[str] = set()
         self.fields: dict[str, list[str]] = {}
         self.lines: list[str] = []
 
@@ -182,6 +184,12 @@ def render() -> str:
         for asynchronous in (False, True):
             cls = catalog.class_name(svc, asynchronous)
             base = "AsyncServiceClient" if asynchronous else "ServiceClient"
+            helper_module = HELPERS.get(svc.full_name)
+            if helper_module is not None:
+                module, sync, asyn = helper_module
+                mixin = asyn if asynchronous else sync
+                w.imports.add(f"from {module} import {mixin}")
+                base += f", {mixin}"
             members: list[str] = []
             for method in svc.methods:
                 info = method_info(f"/{svc.full_name}/{method.name}")
@@ -229,6 +237,7 @@ def render() -> str:
         "from autoecoops.sdk.retry import Retry",
         "from autoecoops.sdk.subclients import AsyncServiceClient as AsyncServiceClient",
         "from autoecoops.sdk.subclients import ServiceClient as ServiceClient",
+        *sorted(w.imports),
         "",
     ]
     dicts: list[str] = []

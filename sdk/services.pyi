@@ -28,6 +28,7 @@ import autoecoops.memory.v1.memory_pb2
 import autoecoops.policy.v1.policy_pb2
 from autoecoops.sdk import subclients as _subclients
 from autoecoops.sdk.calls import AsyncStream, CallInfo, Metadata, Stream
+from autoecoops.sdk.events import AsyncEventsHelpers, EventsHelpers
 from autoecoops.sdk.retry import Retry
 from autoecoops.sdk.subclients import AsyncServiceClient as AsyncServiceClient
 from autoecoops.sdk.subclients import ServiceClient as ServiceClient
@@ -3330,7 +3331,7 @@ class _EventBusServiceClient_ListTopics:
         **fields: Unpack[_autoecoops_events_v1_ListTopicsRequest],
     ) -> tuple[autoecoops.events.v1.events_pb2.ListTopicsResponse, CallInfo]: ...
 
-class EventBusServiceClient(ServiceClient):
+class EventBusServiceClient(ServiceClient, EventsHelpers):
     """The RPCs of `autoecoops.events.v1.EventBusService`."""
 
     publish: _EventBusServiceClient_Publish
@@ -3648,7 +3649,7 @@ class _AsyncEventBusServiceClient_ListTopics:
         **fields: Unpack[_autoecoops_events_v1_ListTopicsRequest],
     ) -> tuple[autoecoops.events.v1.events_pb2.ListTopicsResponse, CallInfo]: ...
 
-class AsyncEventBusServiceClient(AsyncServiceClient):
+class AsyncEventBusServiceClient(AsyncServiceClient, AsyncEventsHelpers):
     """The RPCs of `autoecoops.events.v1.EventBusService`."""
 
     publish: _AsyncEventBusServiceClient_Publish

@@ -10,6 +10,7 @@ generated from the same descriptors by ``autoecoops.sdk._stubgen``.
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf import descriptor, descriptor_pool
@@ -28,6 +29,7 @@ class _SubClient:
     _asynchronous = False
 
     def __init__(self, transport: Any, service: descriptor.ServiceDescriptor) -> None:
+        self._transport = transport
         self._service = service
         unary, streaming = (
             (AsyncUnaryMethod, AsyncStreamMethod)
@@ -42,10 +44,6 @@ class _SubClient:
                 )
             kind = streaming if info.client_streaming or info.server_streaming else unary
             setattr(self, catalog.snake(method.name), kind(transport, info))
-        # Hand-written helpers of a service (events.consume) sit beside its RPCs.
-        extra = _EXTRAS.get(service.full_name)
-        if extra is not None:
-            extra(self, transport)
 
     @property
     def service_name(self) -> str:
@@ -69,8 +67,25 @@ class AsyncServiceClient(_SubClient):
     _asynchronous = True
 
 
-#: service full name -> adds hand-written helpers to its sub-client.
-_EXTRAS: dict[str, Any] = {}
+#: Hand-written helpers that sit beside a service's RPCs, as mixins of its
+#: sub-client: service -> (module, sync mixin, async mixin). The typing stub
+#: gives the generated classes the same bases.
+HELPERS: dict[str, tuple[str, str, str]] = {
+    "autoecoops.events.v1.EventBusService": (
+        "autoecoops.sdk.events",
+        "EventsHelpers",
+        "AsyncEventsHelpers",
+    ),
+}
+
+
+def helpers(service_name: str, asynchronous: bool) -> tuple[type, ...]:
+    """The helper mixins of a service's sub-client (none for most)."""
+    entry = HELPERS.get(service_name)
+    if entry is None:
+        return ()
+    module, sync, asyn = entry
+    return (getattr(importlib.import_module(module), asyn if asynchronous else sync),)
 
 
 @functools.cache
@@ -78,7 +93,8 @@ def service_class(service_name: str, asynchronous: bool) -> type[_SubClient]:
     """The named sub-client class of a service (``MemoryServiceClient``, ...)."""
     svc = descriptor_pool.Default().FindServiceByName(service_name)
     base = AsyncServiceClient if asynchronous else ServiceClient
-    return type(catalog.class_name(svc, asynchronous), (base,), {"__doc__": base.__doc__})
+    bases = (base, *helpers(service_name, asynchronous))
+    return type(catalog.class_name(svc, asynchronous), bases, {"__doc__": base.__doc__})
 
 
 class _Services:

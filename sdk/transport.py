@@ -161,6 +161,14 @@ class SyncTransport(_Transport):
         channel, address = self.channel(_service_of(info))
         return _callable(channel, info), self._bucket(address)
 
+    def async_channel(self, service: str) -> grpc.aio.Channel:
+        """A new grpc.aio channel to ``service`` with this client's settings; the
+        caller closes it (for asyncio helpers such as the event consumer)."""
+        address, tls, options = self._target(service)
+        if tls is not None:
+            return grpc.aio.secure_channel(address, tls.channel_credentials(), options)
+        return grpc.aio.insecure_channel(address, options)
+
     def _auth_call(self, path: str, request: message.Message) -> Any:
         method = self._auth_calls.get(path)
         if method is None:

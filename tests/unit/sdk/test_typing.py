@@ -22,6 +22,8 @@ GOOD = """
     from autoecoops.memory.v1 import memory_pb2
     from autoecoops.policy.v1 import policy_pb2
     from autoecoops.sdk import AsyncClient, AsyncStream, CallInfo, Client, Retry, Stream
+    from autoecoops.sdk.consumer import Consumer
+    from autoecoops.sdk.events import BlockingConsumer
 
 
     def sync(client: Client) -> None:
@@ -40,6 +42,7 @@ GOOD = """
             memory_pb2.StreamIngestDocumentsResponse,
         )
         client.memory.search(filter=None, mode=memory_pb2.SEARCH_MODE_HYBRID, retry=None)
+        assert_type(client.events.consume("t", "g", print), BlockingConsumer)
 
 
     async def asynchronous(client: AsyncClient) -> None:
@@ -50,6 +53,7 @@ GOOD = """
         session = client.machineops.agent_session()
         assert_type(session, AsyncStream[machineops_pb2.AgentSessionResponse])
         assert_type(await client.policy.evaluate(), policy_pb2.EvaluateResponse)
+        assert_type(client.events.consume("t", "g", print, concurrency=4), Consumer)
 """
 
 BAD = """
