@@ -39,6 +39,11 @@ RESULTS = ("pass", "fail", "warn", "error", "skip")
 #: Entries a report reads from its range before it declines (narrow the range).
 MAX_REPORT_ENTRIES = 200_000
 OUTCOMES = ("OUTCOME_SUCCESS", "OUTCOME_FAILURE", "OUTCOME_DENIED")
+_ADJECTIVE = {
+    "OUTCOME_SUCCESS": "successful",
+    "OUTCOME_FAILURE": "failed",
+    "OUTCOME_DENIED": "denied",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,13 +224,20 @@ def audit_outcome(s: StoredEntry) -> str:
 def _decide_query(control: Control, matched: list[StoredEntry]) -> tuple[str, str, list[int]]:
     ev = control.evidence
     n = len(matched)
-    what = ", ".join(ev.types) or "all entries"
+    what = " ".join(
+        part
+        for part in (
+            ", ".join(_ADJECTIVE[o] for o in ev.outcomes),
+            ", ".join(ev.types) or "audit",
+        )
+        if part
+    )
     indexes = [s.entry.index for s in matched]
     if ev.min is not None and n < ev.min:
-        return ev.below, f"{n} entries of {what} in range; at least {ev.min} expected", indexes
+        return ev.below, f"{n} {what} entries in the period; at least {ev.min} expected", indexes
     if ev.max is not None and n > ev.max:
-        return ev.above, f"{n} entries of {what} in range; at most {ev.max} allowed", indexes
-    return "pass", f"{n} entries of {what} in range", indexes
+        return ev.above, f"{n} {what} entries in the period; at most {ev.max} allowed", indexes
+    return "pass", f"{n} {what} entries in the period", indexes
 
 
 def _decide_rego(
