@@ -85,12 +85,33 @@ def _required(field: descriptor.FieldDescriptor) -> bool:
     return field_behavior_pb2.REQUIRED in behaviors
 
 
+_NUMERIC = {
+    descriptor.FieldDescriptor.TYPE_DOUBLE,
+    descriptor.FieldDescriptor.TYPE_FLOAT,
+    descriptor.FieldDescriptor.TYPE_INT64,
+    descriptor.FieldDescriptor.TYPE_UINT64,
+    descriptor.FieldDescriptor.TYPE_INT32,
+    descriptor.FieldDescriptor.TYPE_FIXED64,
+    descriptor.FieldDescriptor.TYPE_FIXED32,
+    descriptor.FieldDescriptor.TYPE_BOOL,
+    descriptor.FieldDescriptor.TYPE_UINT32,
+    descriptor.FieldDescriptor.TYPE_SFIXED32,
+    descriptor.FieldDescriptor.TYPE_SFIXED64,
+    descriptor.FieldDescriptor.TYPE_SINT32,
+    descriptor.FieldDescriptor.TYPE_SINT64,
+}
+
+
 def _is_set(msg: message.Message, field: descriptor.FieldDescriptor) -> bool:
     value = getattr(msg, field.name)
     if field.is_repeated:
         return len(value) > 0
-    if field.type == descriptor.FieldDescriptor.TYPE_MESSAGE:
+    if field.has_presence:
         return msg.HasField(field.name)
+    if field.type in _NUMERIC:
+        # proto3 cannot tell 0 (or false) from unset: index 0 is a real index.
+        return True
+    # Strings, bytes and enums: empty and *_UNSPECIFIED mean "not given".
     return bool(value)
 
 

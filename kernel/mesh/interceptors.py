@@ -238,12 +238,14 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             or handler.stream_stream
         )
         servicer = getattr(behavior, "__self__", None)
-        # A service that writes richer entries itself (policy-audit's decision
-        # log) sets AUDITS_ITSELF and the generic entry is skipped.
+        # A servicer that writes a richer entry itself for some methods
+        # (policy-audit's decision log for Evaluate) names them in
+        # AUDITS_ITSELF, and the generic entry is skipped for those.
+        method_name = info.full_name.rsplit(".", 1)[1]
         audited = (
             info.audited
             and self._auditor is not None
-            and not getattr(servicer, "AUDITS_ITSELF", False)
+            and method_name not in getattr(servicer, "AUDITS_ITSELF", ())
         )
         call = _Call(info, getattr(servicer, "PENDING", ""), audited)
         auditor = self._auditor

@@ -217,7 +217,9 @@ class Mesh:
                     # orchestrator would SIGKILL us and lose the rest.
                     await asyncio.wait_for(result, timeout=max(grace, 1.0))
             except TimeoutError:
-                log.error("shutdown: %s did not finish within %.1fs; moving on", name, max(grace, 1.0))
+                log.error(
+                    "shutdown: %s did not finish within %.1fs; moving on", name, max(grace, 1.0)
+                )
             except Exception:
                 log.exception("shutdown: %s failed", name)
         self.runtime.closers.clear()

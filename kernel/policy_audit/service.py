@@ -102,6 +102,9 @@ def _page(names: Sequence[str], page_size: int, token: str) -> tuple[list[str], 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     """Serves autoecoops.policy.v1.PolicyService."""
 
+    #: Evaluate's audit record is its decision-log entry; no generic one besides.
+    AUDITS_ITSELF = frozenset({"Evaluate"})
+
     def __init__(self, app: PolicyAudit) -> None:
         self.app = app
 

@@ -141,8 +141,9 @@ async def test_bad_input_gets_invalid_argument_and_changes_nothing(
         await policy.GetBundle(policy_pb2.GetBundleRequest(name="broken"), metadata=md)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
-    # (Index 0 is not used here: the mesh's required-field check reads a
-    # proto3 zero as "missing"; see docs/policy-audit.md.)
+    # Index 0 is a real index (proto3 cannot tell it from "unset").
+    first = await audit.GetEntry(audit_pb2.GetEntryRequest(index=0), metadata=md)
+    assert first.entry.index == 0
     for request in (
         audit_pb2.GetInclusionProofRequest(index=before.tree_size + 5),
         audit_pb2.GetInclusionProofRequest(index=1, tree_size=before.tree_size + 1),
@@ -165,15 +166,14 @@ async def test_bad_input_gets_invalid_argument_and_changes_nothing(
         )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert status(info.value)[0] == "ENTRY_TOO_LARGE"
-    # Nothing was appended but the mesh's own records of the refused audited
-    # calls (Evaluate, CreateBundle): no decision, no bundle, no oversized entry.
+    # Nothing was appended but the mesh's own record of the refused audited
+    # CreateBundle: no decision, no bundle, no oversized entry. (Evaluate's
+    # audit record is its decision log, and a refused input is no decision.)
     page = await audit.ListEntries(audit_pb2.ListEntriesRequest(page_size=100), metadata=md)
     added = [e for e in page.entries if e.index >= before.tree_size]
-    assert [(e.type, e.outcome) for e in added] == [("rpc", audit_pb2.OUTCOME_FAILURE)] * 2
-    assert {e.action for e in added} == {
-        "autoecoops.policy.v1.PolicyService.Evaluate",
-        "autoecoops.policy.v1.PolicyService.CreateBundle",
-    }
+    assert [(e.type, e.outcome, e.action) for e in added] == [
+        ("rpc", audit_pb2.OUTCOME_FAILURE, "autoecoops.policy.v1.PolicyService.CreateBundle")
+    ]
 
 
 async def test_append_read_prove_and_check_the_checkpoint_signature(
