@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import re
 
-from autoecoops.kernel.auth.keys import KeyRing
 from autoecoops.kernel.auth.settings import AuthSettings
-from autoecoops.kernel.auth.tokens import Issuer
+from autoecoops.kernel.auth.tokens import mint_local_token
 from autoecoops.kernel.mesh.config import MeshConfig
 from autoecoops.kernel.mesh.errors import ConfigError
 
@@ -32,14 +31,10 @@ def _token(args: argparse.Namespace, config: MeshConfig) -> int:
         raise ConfigError(
             f"--ttl {args.ttl:g}s is longer than AUTOECOOPS_AUTH_MAX_TOKEN_TTL_SECONDS={settings.max_token_ttl:g}"
         )
-    ring = KeyRing(
-        settings.key_dir, publish_delay=settings.publish_delay, max_token_ttl=settings.max_token_ttl
-    )
-    ring.load_or_create(settings.signing_alg, settings.key_file)
     roles = [r for r in args.roles.split(",") if r]
     groups = [g for g in args.groups.split(",") if g]
-    issued = Issuer(settings.issuer, ring).issue(
-        args.subject, args.audience or settings.audience, args.ttl, roles=roles, groups=groups
+    issued = mint_local_token(
+        config, args.subject, roles=roles, groups=groups, ttl=args.ttl, audience=args.audience
     )
     print(issued.token)
     return 0

@@ -11,6 +11,7 @@ from typing import Any
 import jwt
 
 from autoecoops.kernel.auth.keys import KeyRing
+from autoecoops.kernel.mesh.config import MeshConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,3 +72,27 @@ class Issuer:
             headers={"kid": key.meta.kid, "typ": "at+jwt"},
         )
         return IssuedToken(token, float(claims["exp"]), claims)
+
+
+def mint_local_token(
+    config: MeshConfig,
+    subject: str,
+    *,
+    roles: Sequence[str] = (),
+    groups: Sequence[str] = (),
+    ttl: float = 900.0,
+    audience: str = "",
+) -> IssuedToken:
+    """A token signed with the key ring in ``config``'s data directory (development).
+
+    It is the same ring a local auth-service signs with, so the token verifies
+    everywhere in a local mesh. ``autoecoops token`` and the CLIs use this.
+    """
+    from autoecoops.kernel.auth.settings import AuthSettings
+
+    s = AuthSettings.from_env(config)
+    ring = KeyRing(s.key_dir, publish_delay=s.publish_delay, max_token_ttl=s.max_token_ttl)
+    ring.load_or_create(s.signing_alg, s.key_file)
+    return Issuer(s.issuer, ring).issue(
+        subject, audience or s.audience, ttl, roles=roles, groups=groups
+    )

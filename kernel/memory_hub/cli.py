@@ -83,15 +83,9 @@ def add_commands(sub: Any) -> None:
 
 def local_token(config: MeshConfig) -> str:
     """An admin token for the current user from the local key ring (development)."""
-    from autoecoops.kernel.auth.keys import KeyRing
-    from autoecoops.kernel.auth.settings import AuthSettings
-    from autoecoops.kernel.auth.tokens import Issuer
+    from autoecoops.kernel.auth.tokens import mint_local_token
 
-    s = AuthSettings.from_env(config)
-    ring = KeyRing(s.key_dir, publish_delay=s.publish_delay, max_token_ttl=s.max_token_ttl)
-    ring.load_or_create(s.signing_alg, s.key_file)
-    issued = Issuer(s.issuer, ring).issue(getpass.getuser(), s.audience, 900.0, roles=["admin"])
-    return issued.token
+    return mint_local_token(config, getpass.getuser(), roles=["admin"]).token
 
 
 def _metadata(args: argparse.Namespace, config: MeshConfig) -> list[tuple[str, str]]:

@@ -187,7 +187,12 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self, call: _Call, raw: AsyncIterator[bytes]
     ) -> AsyncIterator[pb_message.Message]:
         async for item in raw:
-            yield self._decode(call, item)
+            message = self._decode(call, item)
+            if call.info.namespace_field:
+                # Each message of a client stream may name its own namespace;
+                # RBAC is checked there, before the handler sees the message.
+                await self._authorize(call, message)
+            yield message
 
     @staticmethod
     def _as_error(call: _Call, exc: Exception) -> AutoEcoOpsError:
@@ -261,9 +266,10 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             try:
                 await admit(call, context)
                 request = decode(call, raw)
-                # Client streams are authorized before the first message; a
-                # namespace field in them is the handler's to check.
-                await authorize(call, None if streaming_in else request)
+                # A client stream without a namespace field is authorized
+                # cluster-wide when it opens; with one, per message.
+                if not (streaming_in and info.namespace_field):
+                    await authorize(call, None if streaming_in else request)
                 result = behavior(request, context)
                 if inspect.isawaitable(result):
                     result = await result
@@ -287,7 +293,8 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             try:
                 await admit(call, context)
                 request = decode(call, raw)
-                await authorize(call, None if streaming_in else request)
+                if not (streaming_in and info.namespace_field):
+                    await authorize(call, None if streaming_in else request)
                 if call.audited:
                     # A stream is audited when it opens; it may run for hours.
                     await auditor.call_succeeded(info, None if streaming_in else request)  # type: ignore[union-attr]
