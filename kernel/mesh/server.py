@@ -213,13 +213,21 @@ class Mesh:
             try:
                 result = close()
                 if asyncio.iscoroutine(result):
-                    # A stuck closer must not turn a drain into a hang: the
-                    # orchestrator would SIGKILL us and lose the rest.
-                    await asyncio.wait_for(result, timeout=max(grace, 1.0))
-            except TimeoutError:
-                log.error(
-                    "shutdown: %s did not finish within %.1fs; moving on", name, max(grace, 1.0)
-                )
+                    # A stuck closer must not turn a drain into a hang (the
+                    # orchestrator would SIGKILL us and lose the rest). Not
+                    # wait_for: it waits for the cancelled closer to finish,
+                    # which a closer that swallows cancellation never does.
+                    task = asyncio.ensure_future(result)
+                    done, _ = await asyncio.wait({task}, timeout=max(grace, 1.0))
+                    if not done:
+                        task.cancel()
+                        log.error(
+                            "shutdown: %s did not finish within %.1fs; moving on",
+                            name,
+                            max(grace, 1.0),
+                        )
+                    elif task.exception() is not None:
+                        log.error("shutdown: %s failed", name, exc_info=task.exception())
             except Exception:
                 log.exception("shutdown: %s failed", name)
         self.runtime.closers.clear()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 
@@ -48,6 +47,7 @@ class PolicyAudit:
         self._logger: DecisionLogger | None = None
         self._decider: Decider | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     def _need_redis(self) -> None:
         if not self.runtime.config.redis_url:
@@ -115,21 +115,26 @@ class PolicyAudit:
         await self.registry.sync()
 
     async def _watch_loop(self) -> None:
-        while True:
+        # Stops on a flag rather than on cancellation alone: on Python 3.11 a
+        # cancel that races a timeout inside redis-py can be swallowed, and
+        # the loop would go on while close() waits for it forever.
+        while not self._stopping.is_set():
             try:
                 await self.reload()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("reloading policy bundles failed; retrying")
-            await asyncio.sleep(self.settings.bundle_poll or 1.0)
+            stop = asyncio.ensure_future(self._stopping.wait())
+            await asyncio.wait({stop}, timeout=self.settings.bundle_poll or 1.0)
+            stop.cancel()
 
     async def close(self) -> None:
         """Stop the watcher, flush the decision log, drain the committer."""
+        self._stopping.set()
         if self._watch is not None:
             self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+            await asyncio.wait({self._watch}, timeout=5.0)
         if self._logger is not None:
             await self._logger.close()
         if self._audit is not None:
