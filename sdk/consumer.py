@@ -166,6 +166,7 @@ class Consumer:
             group=self.group,
             consumer=self.consumer,
             max_in_flight=self.concurrency,
+            max_batch_size=self.concurrency,
             visibility_timeout=_duration(self.visibility_timeout),
             start_position=self.start_position,  # type: ignore[arg-type]
         )
@@ -212,10 +213,9 @@ class Consumer:
         self._call = self.stub.Subscribe(self._request(), metadata=await self._meta())
         try:
             async for reply in self._call:
-                d = reply.delivery
-                await self._room.acquire()
-                task = asyncio.create_task(self._handle(d))
-                self._handlers[d.delivery_id] = task
+                for d in reply.deliveries or [reply.delivery]:
+                    await self._room.acquire()
+                    self._handlers[d.delivery_id] = asyncio.create_task(self._handle(d))
         finally:
             self._call = None
 

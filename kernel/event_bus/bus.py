@@ -225,7 +225,7 @@ class EventBus:
             by_group[(ref.topic, ref.group)].append((token, ref))
         acked, expired = 0, []
         for (topic, group), items in by_group.items():
-            settles = [Settle(r.entry_id, r.consumer, r.attempt) for _, r in items]
+            settles = [Settle(r.entry_id, r.consumer, r.attempt, r.key) for _, r in items]
             try:
                 async with redis_errors():
                     codes = await self.store.ack(
@@ -380,7 +380,7 @@ class EventBus:
         leases, expired = [], []
         now = self.clock()
         for (topic, group), items in by_group.items():
-            pairs = [(Settle(r.entry_id, r.consumer, r.attempt), ext_ms) for _, r in items]
+            pairs = [(Settle(r.entry_id, r.consumer, r.attempt, r.key), ext_ms) for _, r in items]
             try:
                 async with redis_errors():
                     granted = await self.store.extend(topic, group, pairs)

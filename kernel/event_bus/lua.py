@@ -80,43 +80,43 @@ end
 
 #: Append events, deduplicated by idempotency key, and trim to retention.
 #: KEYS: stream. ARGV: maxlen, minid ('' = none), window ms, dedup key prefix,
-#: then per event: key digest, content digest, type, traceparent, actor, envelope.
-#: Returns {'ok', id1, dup1, ...} or {'conflict', index} (a reused key with
-#: other content; nothing is written).
+#: then two per event: "key digest\tcontent digest\ttype\ttraceparent\tactor"
+#: and the envelope (few arguments: packing them is most of a batch's cost).
+#: Returns "id1 id2+ ..." ('+' marks a duplicate), or "conflict <index>" (a
+#: reused key with other content; nothing is written).
 PUBLISH = """
 local stream, maxlen, minid, window, ip = KEYS[1], tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local N = 6
-for i = 5, #ARGV, N do
-  local prior = redis.call('GET', ip .. ARGV[i])
-  if prior then
-    local sep = string.find(prior, ' ', 1, true)
-    if string.sub(prior, sep + 1) ~= ARGV[i + 1] then return {'conflict', (i - 5) / N} end
+local meta = {}
+for i = 5, #ARGV, 2 do
+  local k, c, t, tp, a = string.match(ARGV[i], '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$')
+  meta[#meta + 1] = {k, c, t, tp, a, ARGV[i + 1]}
+end
+for n, m in ipairs(meta) do
+  local prior = redis.call('GET', ip .. m[1])
+  if prior and string.sub(prior, string.find(prior, ' ', 1, true) + 1) ~= m[2] then
+    return 'conflict ' .. (n - 1)
   end
 end
-local out, added = {'ok'}, false
-for i = 5, #ARGV, N do
-  local key = ip .. ARGV[i]
+local out, added = {}, false
+for _, m in ipairs(meta) do
+  local key = ip .. m[1]
   local prior = redis.call('GET', key)
   if prior then
-    out[#out + 1] = string.sub(prior, 1, string.find(prior, ' ', 1, true) - 1)
-    out[#out + 1] = 1
+    out[#out + 1] = string.sub(prior, 1, string.find(prior, ' ', 1, true) - 1) .. '+'
   else
     local id
     if maxlen > 0 then
-      id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'k', ARGV[i], 't', ARGV[i + 2],
-        'tp', ARGV[i + 3], 'a', ARGV[i + 4], 'e', ARGV[i + 5])
+      id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'k', m[1], 't', m[3], 'tp', m[4], 'a', m[5], 'e', m[6])
     else
-      id = redis.call('XADD', stream, '*', 'k', ARGV[i], 't', ARGV[i + 2],
-        'tp', ARGV[i + 3], 'a', ARGV[i + 4], 'e', ARGV[i + 5])
+      id = redis.call('XADD', stream, '*', 'k', m[1], 't', m[3], 'tp', m[4], 'a', m[5], 'e', m[6])
     end
-    redis.call('SET', key, id .. ' ' .. ARGV[i + 1], 'PX', window)
+    redis.call('SET', key, id .. ' ' .. m[2], 'PX', window)
     out[#out + 1] = id
-    out[#out + 1] = 0
     added = true
   end
 end
 if added and minid ~= '' then redis.call('XTRIM', stream, 'MINID', '~', minid) end
-return out
+return table.concat(out, ' ')
 """
 
 #: Create a consumer group if missing and record its settings.
@@ -145,7 +145,10 @@ return created
 #: Lease up to the consumer's free capacity: due retries first, then new events.
 #: KEYS: stream, meta, retry, att. ARGV: group, consumer, max in flight, now ms,
 #: ordered ('1'/'0'), vis ms, dedup prefix, park ms.
-#: Returns {deliveries {id, attempt, fields}, deduplicated, lost, more, next due, last id, free}.
+#: Returns {deliveries, deduplicated, lost, more, next due, last id, free}; the
+#: deliveries flat, five values each (id, attempt, envelope, original id or '',
+#: key digest),
+#: as nested replies cost the client more to parse than the scripts to build.
 FETCH = (
     PRELUDE
     + """
@@ -154,7 +157,7 @@ local group, consumer, maxf, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber
 local ordered, vis, dp, park = ARGV[5] == '1', tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
 local gen = redis.call('HGET', meta, 'gen') or '0'
 local cap = maxf - #redis.call('XPENDING', stream, group, '-', '+', maxf, consumer)
-local out, dups, lost, more, retried = {}, 0, 0, 0, 0
+local out, dups, lost, more, retried, delivered = {}, 0, 0, 0, 0, 0
 
 -- decide an entry just made pending for us: deliver it, or settle it here
 local function admit(id, f, attempt)
@@ -187,7 +190,12 @@ local function admit(id, f, attempt)
     redis.call('HSET', att, id, attempt)
     retried = retried + 1
   end
-  out[#out + 1] = {id, attempt, f}
+  out[#out + 1] = id
+  out[#out + 1] = attempt
+  out[#out + 1] = field(f, 'e') or ''
+  out[#out + 1] = field(f, 'eid') or ''
+  out[#out + 1] = k or ''
+  delivered = delivered + 1
   cap = cap - 1
 end
 
@@ -214,14 +222,14 @@ if cap > 0 and not (ordered and redis.call('ZCARD', retry) > 0) then
     if #es == want then more = 1 end
   end
 end
-if #out > 0 then
-  redis.call('HINCRBY', meta, 'delivered', #out)
+if delivered > 0 then
+  redis.call('HINCRBY', meta, 'delivered', delivered)
   if retried > 0 then redis.call('HINCRBY', meta, 'retried', retried) end
 end
 if dups > 0 then redis.call('HINCRBY', meta, 'deduplicated', dups) end
 local nd = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')
 local last = '0-0'
-if #out == 0 and more == 0 then
+if delivered == 0 and more == 0 then
   local t = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
   if #t > 0 then last = t[1][1] end
 end
@@ -232,7 +240,7 @@ return {out, dups, lost, more, nd[2] or '-1', last, cap}
 #: Take over deliveries whose lease expired (idle longer than the visibility
 #: timeout) with XAUTOCLAIM, to settle them as failed attempts.
 #: KEYS: stream, meta, att. ARGV: group, consumer, vis ms, count.
-#: Returns {entries {id, attempt, fields}, lost}.
+#: Returns {entries, lost}, the entries flat: id, attempt, id, attempt...
 RECLAIM = (
     PRELUDE
     + """
@@ -245,7 +253,8 @@ local out, lost = {}, 0
 for _, id in ipairs(r[2]) do
   local f = entry(stream, id)
   if f then
-    out[#out + 1] = {id, attempt_of(att, id), f}
+    out[#out + 1] = id
+    out[#out + 1] = attempt_of(att, id)
   else
     -- Redis 6.2 keeps trimmed entries pending: nothing is left to deliver
     redis.call('XACK', stream, group, id)
@@ -266,7 +275,8 @@ return {out, lost}
 
 #: Acknowledge deliveries.
 #: KEYS: stream, meta, att, retry, outbox. ARGV: group, done ttl ms, dedup
-#: prefix, now ms, audit on, by, topic, then per delivery: id, consumer, attempt.
+#: prefix, now ms, audit on, by, topic, then per delivery: id, consumer, attempt,
+#: key digest (from the delivery id, so the event need not be read; '' = read it).
 #: Returns one code per delivery: 'a' acked now, 'A' settled before, 'x' expired.
 ACK = (
     PRELUDE
@@ -275,14 +285,17 @@ local stream, meta, att, retry, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEY
 local group, ttl, dp, now, on, by, topic = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local gen = redis.call('HGET', meta, 'gen') or '0'
 local out, n = {}, 0
-for i = 8, #ARGV, 3 do
-  local id, consumer, attempt = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+for i = 8, #ARGV, 4 do
+  local id, consumer, attempt, k = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
   if held(stream, group, att, id, consumer, attempt) then
     redis.call('XACK', stream, group, id)
     redis.call('HDEL', att, id)
-    local f = entry(stream, id)
-    local k = f and field(f, 'k')
-    if k then redis.call('SET', dp .. k, 'd:' .. gen, 'PX', ttl) end
+    local f = nil
+    if k == '' or on == '1' then
+      f = entry(stream, id)
+      k = f and field(f, 'k') or ''
+    end
+    if k ~= '' then redis.call('SET', dp .. k, 'd:' .. gen, 'PX', ttl) end
     audit(outbox, on, topic, group, consumer, id, f, attempt, 'acked', '', by, now)
     n = n + 1
     out[#out + 1] = 'a'
@@ -356,7 +369,7 @@ return out
 #: Extend leases (keep-alive): reset the idle time so the lease ends ``ext``
 #: from now (at most the visibility timeout), and the processing lease with it.
 #: KEYS: stream, meta, att. ARGV: group, dedup prefix, default vis ms, then per
-#: delivery: id, consumer, attempt, ext ms ('0' = the visibility timeout).
+#: delivery: id, consumer, attempt, ext ms ('0' = the visibility timeout), key digest.
 #: Returns per delivery the granted ms, or -1 when the lease was lost.
 EXTEND = (
     PRELUDE
@@ -365,14 +378,16 @@ local stream, meta, att = KEYS[1], KEYS[2], KEYS[3]
 local group, dp = ARGV[1], ARGV[2]
 local vis = tonumber(redis.call('HGET', meta, 'vis_ms') or ARGV[3])
 local out = {}
-for i = 4, #ARGV, 4 do
-  local id, consumer, attempt, ext = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+for i = 4, #ARGV, 5 do
+  local id, consumer, attempt, ext, k = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), ARGV[i + 4]
   if held(stream, group, att, id, consumer, attempt) then
     if ext <= 0 or ext > vis then ext = vis end
     redis.call('XCLAIM', stream, group, consumer, 0, id, 'IDLE', vis - ext, 'JUSTID')
-    local f = entry(stream, id)
-    local k = f and field(f, 'k')
-    if k and redis.call('GET', dp .. k) == 'p:' .. id then redis.call('PEXPIRE', dp .. k, ext) end
+    if k == '' then
+      local f = entry(stream, id)
+      k = f and field(f, 'k') or ''
+    end
+    if k ~= '' and redis.call('GET', dp .. k) == 'p:' .. id then redis.call('PEXPIRE', dp .. k, ext) end
     out[#out + 1] = ext
   else
     out[#out + 1] = -1

@@ -20,7 +20,7 @@ from autoecoops.kernel.event_bus.store import (
     TopicInfo,
     connect_bus,
 )
-from autoecoops.kernel.event_bus.subscription import Subscription, SubscriptionLoop
+from autoecoops.kernel.event_bus.subscription import Delivery, Subscription, SubscriptionLoop
 from autoecoops.kernel.mesh.auth import current_principal
 from autoecoops.kernel.mesh.errors import ConfigError, FieldViolation, InvalidArgument
 from autoecoops.kernel.mesh.server import Runtime
@@ -53,6 +53,16 @@ def _envelope(data: bytes, event_id: str) -> envelope_pb2.Envelope:
     env = envelope_pb2.Envelope.FromString(data)
     env.id = event_id
     return env
+
+
+def _delivery(d: Delivery) -> events_pb2.Delivery:
+    return events_pb2.Delivery(
+        delivery_id=d.delivery_id,
+        event_id=d.event_id,
+        envelope=_envelope(d.envelope, d.event_id),
+        attempt=d.attempt,
+        lease_expire_time=_timestamp(d.lease_expire_at),
+    )
 
 
 def _dead_letter(topic: str, d: DeadLetterRecord) -> events_pb2.DeadLetter:
@@ -146,20 +156,24 @@ class EventBusServicer(events_pb2_grpc.EventBusServiceServicer):
     async def Subscribe(
         self, request: events_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[events_pb2.SubscribeResponse]:
-        """Stream deliveries to one consumer of a group."""
+        """Stream deliveries to one consumer of a group (in batches if asked)."""
+        if request.max_batch_size < 0:
+            raise InvalidArgument(
+                "max_batch_size: must not be negative",
+                reason="INVALID_SUBSCRIPTION",
+                field_violations=[FieldViolation("max_batch_size", "negative")],
+            )
         loop = SubscriptionLoop(self.bus, self._subscription(request))
         await loop.setup()
+        size = request.max_batch_size
         async for batch in loop.deliveries():
-            for d in batch:
-                yield events_pb2.SubscribeResponse(
-                    delivery=events_pb2.Delivery(
-                        delivery_id=d.delivery_id,
-                        event_id=d.event_id,
-                        envelope=_envelope(d.envelope, d.event_id),
-                        attempt=d.attempt,
-                        lease_expire_time=_timestamp(d.lease_expire_at),
-                    )
-                )
+            protos = [_delivery(d) for d in batch]
+            if size > 1:
+                for at in range(0, len(protos), size):
+                    yield events_pb2.SubscribeResponse(deliveries=protos[at : at + size])
+            else:
+                for d in protos:
+                    yield events_pb2.SubscribeResponse(delivery=d)
 
     def _subscription(self, request: events_pb2.SubscribeRequest) -> Subscription:
         settings = self.bus.settings

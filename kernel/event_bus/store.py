@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,13 +120,17 @@ class Entry:
 
     id: str
     attempt: int
-    fields: dict[bytes, bytes]
+    #: The stored envelope (empty when only the lease matters).
+    envelope: bytes = b""
+    #: The original event's id, for a redriven copy.
+    original_id: str = ""
+    #: The idempotency-key digest.
+    key: str = ""
 
     @property
     def event_id(self) -> str:
         """The event's id: the entry id, or the original's for a redriven copy."""
-        eid = self.fields.get(b"eid")
-        return eid.decode() if eid else self.id
+        return self.original_id or self.id
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +157,8 @@ class Settle:
     entry_id: str
     consumer: str
     attempt: int
+    #: The idempotency-key digest, when known ('' makes the script read the event).
+    key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,13 +234,11 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _fields(raw: Sequence[Any]) -> dict[bytes, bytes]:
-    it = iter(raw)
-    return dict(zip(it, it, strict=True))
-
-
-def _entries(raw: Iterable[Sequence[Any]]) -> list[Entry]:
-    return [Entry(_s(e[0]), int(e[1]), _fields(e[2])) for e in raw]
+def _leased(raw: Sequence[Any]) -> list[Entry]:
+    return [
+        Entry(_s(raw[i]), int(raw[i + 1]), raw[i + 2], _s(raw[i + 3]), _s(raw[i + 4]))
+        for i in range(0, len(raw), 5)
+    ]
 
 
 class EventStore:
@@ -300,17 +304,22 @@ class EventStore:
         minid = f"{max(now_ms - int(ret.max_age * 1000), 0)}-0" if ret.max_age else ""
         args: list[Any] = [ret.max_len, minid, int(self.settings.dedup_window * 1000), k.idem]
         for e in events:
-            args += [e.key_hash, e.content_hash, e.type, e.trace_parent, e.actor, e.data]
-        raw = await self._publish(keys=[k.stream], args=args)
-        if _s(raw[0]) == "conflict":
-            index = int(raw[1])
+            # Tabs never occur in the digests, the type or a traceparent; the
+            # actor goes last, so the script keeps any tab it holds.
+            args += [
+                f"{e.key_hash}\t{e.content_hash}\t{e.type}\t{e.trace_parent}\t{e.actor}",
+                e.data,
+            ]
+        raw = _s(await self._publish(keys=[k.stream], args=args))
+        if raw.startswith("conflict "):
+            index = int(raw.split()[1])
             raise AlreadyExists(
                 f"envelopes[{index}]: the idempotency key was already used for a different "
                 "event within the dedup window; use a new key for a new event",
                 reason="IDEMPOTENCY_KEY_REUSED",
                 metadata={"index": str(index)},
             )
-        return [(_s(raw[i]), bool(int(raw[i + 1]))) for i in range(1, len(raw), 2)]
+        return [(i.rstrip("+"), i.endswith("+")) for i in raw.split(" ")]
 
     # -- groups ----------------------------------------------------------
 
@@ -383,7 +392,7 @@ class EventStore:
         )
         due = float(_s(raw[4]))
         return FetchResult(
-            entries=_entries(raw[0]),
+            entries=_leased(raw[0]),
             deduplicated=int(raw[1]),
             lost=int(raw[2]),
             more=bool(int(raw[3])),
@@ -406,7 +415,8 @@ class EventStore:
         raw = await self._reclaim(
             keys=[k.stream, g.meta, g.attempts], args=[group, consumer, vis_ms, RECLAIM_BATCH]
         )
-        return _entries(raw[0]), int(raw[1])
+        ids = raw[0]
+        return [Entry(_s(ids[i]), int(ids[i + 1])) for i in range(0, len(ids), 2)], int(raw[1])
 
     async def ack(
         self,
@@ -430,7 +440,7 @@ class EventStore:
             topic,
         ]
         for s in items:
-            args += [s.entry_id, s.consumer, s.attempt]
+            args += [s.entry_id, s.consumer, s.attempt, s.key]
         raw = await self._ack(keys=[k.stream, g.meta, g.attempts, g.retry, self.outbox], args=args)
         return [_s(c) for c in raw]
 
@@ -482,7 +492,7 @@ class EventStore:
         g = k.group(group)
         args: list[Any] = [group, g.dedup, int(self.settings.visibility_timeout * 1000)]
         for s, ext in items:
-            args += [s.entry_id, s.consumer, s.attempt, ext]
+            args += [s.entry_id, s.consumer, s.attempt, ext, s.key]
         raw = await self._extend(keys=[k.stream, g.meta, g.attempts], args=args)
         return [int(x) for x in raw]
 

@@ -245,10 +245,10 @@ class SubscriptionLoop:
         out = [
             Delivery(
                 delivery_id=tokens.encode(
-                    DeliveryRef(s.topic, s.group, s.consumer, e.id, e.attempt, tag)
+                    DeliveryRef(s.topic, s.group, s.consumer, e.id, e.attempt, tag, e.key)
                 ),
                 event_id=e.event_id,
-                envelope=e.fields.get(b"e", b""),
+                envelope=e.envelope,
                 attempt=e.attempt,
                 lease_expire_at=expire,
             )

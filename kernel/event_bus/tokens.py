@@ -21,6 +21,7 @@ from autoecoops.kernel.mesh.errors import InvalidArgument
 _VERSION = 1
 _MAC_BYTES = 16
 _TAG_BYTES = 8
+_KEY_BYTES = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,8 @@ class DeliveryRef:
     attempt: int
     #: A tag of the subscriber's subject (see ``subject_tag``).
     subject: bytes
+    #: The event's idempotency-key digest (hex), so settling need not read the event.
+    key: str = ""
 
 
 def subject_tag(subject: str) -> bytes:
@@ -68,6 +71,7 @@ class DeliveryTokens:
                 _pack_str(ref.consumer),
                 struct.pack(">QQI", ms, seq, ref.attempt),
                 ref.subject,
+                bytes.fromhex(ref.key),
             )
         )
         return base64.urlsafe_b64encode(body + self._mac(body)).rstrip(b"=").decode()
@@ -91,12 +95,13 @@ class DeliveryTokens:
                 parts.append(body[pos + 1 : pos + 1 + n].decode())
                 pos += 1 + n
             ms, seq, attempt = struct.unpack_from(">QQI", body, pos)
-            subject = body[pos + 20 :]
+            subject = body[pos + 20 : pos + 20 + _TAG_BYTES]
+            key = body[pos + 20 + _TAG_BYTES :]
         except (IndexError, struct.error, UnicodeDecodeError):
             return None
-        if len(subject) != _TAG_BYTES:
+        if len(subject) != _TAG_BYTES or len(key) not in (0, _KEY_BYTES):
             return None
-        return DeliveryRef(parts[0], parts[1], parts[2], f"{ms}-{seq}", attempt, subject)
+        return DeliveryRef(parts[0], parts[1], parts[2], f"{ms}-{seq}", attempt, subject, key.hex())
 
 
 def check_token_field(token: str, field: str) -> str:

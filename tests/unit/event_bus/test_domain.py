@@ -88,7 +88,9 @@ def test_stream_ids_parse_and_step_back() -> None:
 
 def test_delivery_ids_round_trip_and_resist_tampering() -> None:
     tokens = DeliveryTokens(b"s" * 32)
-    ref = DeliveryRef("infra.sync", "g", "c-1", "1700000000000-7", 3, subject_tag("alice"))
+    ref = DeliveryRef(
+        "infra.sync", "g", "c-1", "1700000000000-7", 3, subject_tag("alice"), "ab" * 16
+    )
     token = tokens.encode(ref)
     assert tokens.decode(token) == ref
     assert set(token) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")

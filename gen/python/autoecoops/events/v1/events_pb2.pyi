@@ -535,6 +535,7 @@ class SubscribeRequest(_message.Message):
     VISIBILITY_TIMEOUT_FIELD_NUMBER: _builtins.int
     RETRY_POLICY_FIELD_NUMBER: _builtins.int
     START_POSITION_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
     """The topic to read."""
     group: _builtins.str
@@ -550,6 +551,11 @@ class SubscribeRequest(_message.Message):
     start_position: Global___StartPosition.ValueType
     """Where the group starts when this call creates it; an existing group
     resumes where it left off (use Replay to move it).
+    """
+    max_batch_size: _builtins.int
+    """Send up to this many deliveries per response, in `deliveries`, when
+    several are ready at once; 0 or 1 sends each in its own response, in
+    `delivery`. Batches save a message per event on busy topics.
     """
     @_builtins.property
     def visibility_timeout(self) -> _duration_pb2.Duration:
@@ -569,10 +575,11 @@ class SubscribeRequest(_message.Message):
         visibility_timeout: _duration_pb2.Duration | None = ...,
         retry_policy: Global___RetryPolicy | None = ...,
         start_position: Global___StartPosition.ValueType = ...,
+        max_batch_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["retry_policy", b"retry_policy", "visibility_timeout", b"visibility_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer", b"consumer", "group", b"group", "max_in_flight", b"max_in_flight", "retry_policy", b"retry_policy", "start_position", b"start_position", "topic", b"topic", "visibility_timeout", b"visibility_timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer", b"consumer", "group", b"group", "max_batch_size", b"max_batch_size", "max_in_flight", b"max_in_flight", "retry_policy", b"retry_policy", "start_position", b"start_position", "topic", b"topic", "visibility_timeout", b"visibility_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -580,23 +587,29 @@ Global___SubscribeRequest: _TypeAlias = SubscribeRequest  # noqa: Y015
 
 @_typing.final
 class SubscribeResponse(_message.Message):
-    """SubscribeResponse carries one delivery."""
+    """SubscribeResponse carries one delivery, or a batch of them."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DELIVERY_FIELD_NUMBER: _builtins.int
+    DELIVERIES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def delivery(self) -> Global___Delivery:
-        """The delivery."""
+        """The delivery, when the subscriber did not ask for batches."""
+
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Delivery]:
+        """The deliveries, in order, when the subscriber set max_batch_size."""
 
     def __init__(
         self,
         *,
         delivery: Global___Delivery | None = ...,
+        deliveries: _abc.Iterable[Global___Delivery] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "delivery", b"delivery"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

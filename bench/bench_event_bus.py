@@ -1,0 +1,347 @@
+"""event-bus benchmarks (issue #5), 1 KiB payloads. Needs a Redis ($REDIS_URL or 127.0.0.1:6379).
+
+1. Publish throughput, batches of --batch events: PublishBatch over gRPC
+   (event-bus in its own process beside auth-service and policy-audit: real
+   tokens, the mesh interceptor, and its synchronous audit append per call),
+   and the bus's domain path in this process (validation, dedup, Lua append),
+   vs a raw redis-py pipelined XADD loop of the same envelopes. Target >= 0.5x raw.
+2. End to end, one producer and two consumers: throughput from the first
+   publish to the last ack (the SDK Consumer helper over gRPC, vs a raw
+   XADD + XREADGROUP/XACK loop with two consumers), and publish -> handler
+   latency p50/p99 at a fixed rate (--rate events/s). Target >= 0.25x raw.
+
+    .venv/bin/python bench/bench_event_bus.py [--events 20000] [--batch 100] [--rate 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import redis.asyncio as aioredis
+
+from autoecoops.events.v1 import envelope_pb2, events_pb2, events_pb2_grpc
+from autoecoops.infra.v1 import events_pb2 as infra
+from autoecoops.kernel.event_bus.bus import EventBus
+from autoecoops.kernel.event_bus.envelope import PublishContext
+from autoecoops.kernel.event_bus.settings import EventBusSettings
+from autoecoops.kernel.event_bus.store import EventStore, connect_bus
+from autoecoops.kernel.mesh.auth import Principal
+from autoecoops.kernel.mesh.config import SERVICES
+from autoecoops.sdk.consumer import Consumer, Event
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPIC = "infra.sync"
+TYPE = "autoecoops.infra.sync.failed"
+TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+PAYLOAD = "x" * 1024
+#: In-flight deliveries per consumer (the SDK's concurrency, and its batch size).
+CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "64"))
+SERVICES_RUN = ["auth-service", "policy-audit", "event-bus"]
+
+SERVER = r"""
+import asyncio
+from autoecoops.kernel.mesh.config import MeshConfig
+from autoecoops.kernel.mesh.server import Mesh
+
+async def main():
+    mesh = Mesh(MeshConfig.from_env())
+    await mesh.start(["auth-service", "policy-audit", "event-bus"])
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(samples: list[float], p: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))]
+
+
+def envelope(key: str, at: float | None = None) -> envelope_pb2.Envelope:
+    env = envelope_pb2.Envelope(source="//bench", type=TYPE, idempotency_key=key)
+    env.data.Pack(infra.SyncFailed(application="web", operation_id=key, message=PAYLOAD))
+    if at is not None:
+        env.time.FromNanoseconds(int(at * 1e9))
+    return env
+
+
+async def cleanup(r: aioredis.Redis, prefix: str) -> None:
+    keys = [k async for k in r.scan_iter(match=prefix + "*", count=10_000)]
+    for at in range(0, len(keys), 1000):
+        await r.unlink(*keys[at : at + 1000])
+
+
+class Server:
+    """auth-service, policy-audit and event-bus in a process of their own."""
+
+    def __init__(self, redis_url: str, prefix: str, data_dir: Path) -> None:
+        self.ports = {s.name: free_port() for s in SERVICES}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOECOOPS_")}
+        env.update({f"AUTOECOOPS_{s.env}_PORT": str(self.ports[s.name]) for s in SERVICES})
+        env.update(
+            REDIS_URL=redis_url,
+            AUTOECOOPS_KEY_PREFIX=prefix,
+            AUTOECOOPS_DATA_DIR=str(data_dir),
+            AUTOECOOPS_LOG_LEVEL="WARNING",
+            AUTOECOOPS_EVENT_BUS_MAX_BATCH="1000",
+        )
+        self.env = env
+        self.data_dir = data_dir
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.ports['event-bus']}"
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", SERVER, env=self.env, cwd=ROOT, stdout=asyncio.subprocess.PIPE
+        )
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 60)
+        assert line.strip() == b"ready", line
+
+    def token(self) -> str:
+        from autoecoops.kernel.auth.keys import KeyRing
+        from autoecoops.kernel.auth.settings import AuthSettings
+        from autoecoops.kernel.auth.tokens import Issuer
+        from autoecoops.kernel.mesh.config import MeshConfig
+
+        s = AuthSettings.from_env(MeshConfig(data_dir=self.data_dir), {})
+        ring = KeyRing(s.key_dir, publish_delay=s.publish_delay, max_token_ttl=s.max_token_ttl)
+        ring.load_or_create()
+        return Issuer(s.issuer, ring).issue("bench", s.audience, 3600, roles=["admin"]).token
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            await self.proc.wait()
+
+
+# -- 1. publish throughput -------------------------------------------------------
+
+
+async def raw_publish(r: aioredis.Redis, stream: str, n: int, batch: int) -> float:
+    data = [envelope(f"k{i}").SerializeToString() for i in range(n)]
+    start = time.perf_counter()
+    for at in range(0, n, batch):
+        async with r.pipeline(transaction=False) as pipe:
+            for i in range(at, min(at + batch, n)):
+                pipe.xadd(stream, {"k": f"k{i}", "t": TYPE, "e": data[i]})
+            await pipe.execute()
+    return n / (time.perf_counter() - start)
+
+
+async def domain_publish(bus: EventBus, n: int, batch: int) -> float:
+    ctx = PublishContext(principal=Principal("bench"), trace_parent=TRACE, now=time.time())
+    start = time.perf_counter()
+    for at in range(0, n, batch):
+        envs = [envelope(f"d{i}") for i in range(at, min(at + batch, n))]
+        await bus.publish(TOPIC, envs, ctx)
+    return n / (time.perf_counter() - start)
+
+
+async def grpc_publish(
+    stub: events_pb2_grpc.EventBusServiceStub,
+    md: list[tuple[str, str]],
+    n: int,
+    batch: int,
+    tag: str,
+) -> float:
+    start = time.perf_counter()
+    for at in range(0, n, batch):
+        envs = [envelope(f"{tag}{i}") for i in range(at, min(at + batch, n))]
+        await stub.PublishBatch(
+            events_pb2.PublishBatchRequest(topic=TOPIC, envelopes=envs), metadata=md
+        )
+    return n / (time.perf_counter() - start)
+
+
+# -- 2. end to end ---------------------------------------------------------------
+
+
+async def produce(
+    publish: Callable[[int, int, float], Awaitable[None]], n: int, batch: int, rate: float | None
+) -> None:
+    """Publish ``n`` events in batches; at ``rate`` events/s, or as fast as possible."""
+    start = time.perf_counter()
+    for at in range(0, n, batch):
+        if rate:
+            delay = start + at / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        await publish(at, min(at + batch, n), time.time())
+
+
+async def raw_e2e(
+    r: aioredis.Redis, url: str, stream: str, n: int, batch: int, rate: float | None
+) -> tuple[float, list[float]]:
+    await r.xgroup_create(stream, "g", "$", mkstream=True)
+    body = envelope("raw").SerializeToString()
+    latencies: list[float] = []
+    done = asyncio.Event()
+
+    async def publish(lo: int, hi: int, now: float) -> None:
+        async with r.pipeline(transaction=False) as pipe:
+            for i in range(lo, hi):
+                pipe.xadd(stream, {"k": f"k{i}", "ts": repr(now), "e": body})
+            await pipe.execute()
+
+    async def consume(name: str) -> None:
+        c = aioredis.Redis.from_url(url)
+        try:
+            while not done.is_set():
+                got = await c.xreadgroup("g", name, {stream: ">"}, count=64, block=100)
+                if not got:
+                    continue
+                entries = got[0][1]
+                now = time.time()
+                latencies.extend(now - float(f[b"ts"]) for _, f in entries)
+                await c.xack(stream, "g", *[i for i, _ in entries])
+                if len(latencies) >= n:
+                    done.set()
+        finally:
+            await c.aclose()
+
+    consumers = [asyncio.create_task(consume(f"c{i}")) for i in range(2)]
+    start = time.perf_counter()
+    await produce(publish, n, batch, rate)
+    await asyncio.wait_for(done.wait(), 300)
+    elapsed = time.perf_counter() - start
+    await asyncio.gather(*consumers)
+    return n / elapsed, latencies
+
+
+async def bus_e2e(
+    server: Server, md: list[tuple[str, str]], group: str, n: int, batch: int, rate: float | None
+) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    done = asyncio.Event()
+
+    async def handle(event: Event) -> None:
+        latencies.append(time.time() - event.envelope.time.ToNanoseconds() / 1e9)
+        if len(latencies) >= n:
+            done.set()
+
+    channels = [grpc.aio.insecure_channel(server.addr) for _ in range(3)]
+    stub = events_pb2_grpc.EventBusServiceStub(channels[0])
+    consumers = [
+        Consumer(ch, TOPIC, group, handle, consumer=f"c{i}", concurrency=CONCURRENCY, metadata=lambda: md)
+        for i, ch in enumerate(channels[1:])
+    ]
+    tasks = [asyncio.create_task(c.run()) for c in consumers]
+    for _ in range(200):  # the group exists once the consumers have subscribed
+        try:
+            await stub.GetTopicStats(
+                events_pb2.GetTopicStatsRequest(topic=TOPIC, group=group), metadata=md
+            )
+            break
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.05)
+
+    async def publish(lo: int, hi: int, now: float) -> None:
+        envs = [envelope(f"{group}-{i}", now) for i in range(lo, hi)]
+        await stub.PublishBatch(
+            events_pb2.PublishBatchRequest(topic=TOPIC, envelopes=envs), metadata=md
+        )
+
+    start = time.perf_counter()
+    await produce(publish, n, batch, rate)
+    await asyncio.wait_for(done.wait(), 300)
+    while True:  # until the last ack has landed
+        stats = await stub.GetTopicStats(
+            events_pb2.GetTopicStatsRequest(topic=TOPIC, group=group), metadata=md
+        )
+        if stats.stats.groups[0].acked_count >= n:
+            break
+        await asyncio.sleep(0.01)
+    elapsed = time.perf_counter() - start
+    for c in consumers:
+        await c.stop(5)
+    await asyncio.gather(*tasks)
+    for ch in channels:
+        await ch.close()
+    return n / elapsed, latencies
+
+
+def show(label: str, value: float, unit: str = "events/s") -> None:
+    print(f"  {label:<52} {value:>10,.0f} {unit}")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--rate", type=float, default=500.0, help="events/s of the latency runs")
+    args = parser.parse_args()
+    url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    prefix = f"bench-eb-{uuid.uuid4().hex[:8]}:"
+    r = connect_bus(url)
+    settings = EventBusSettings(max_batch=1000)
+    bus = EventBus(EventStore(r, prefix + "events:", settings), settings)
+    n, b = args.events, args.batch
+    print(
+        f"Redis {(await r.info('server'))['redis_version']}, {n} events of {len(PAYLOAD)} B payload, batches of {b}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(url, prefix, Path(tmp))
+        try:
+            await server.start()
+            md = [("authorization", f"Bearer {server.token()}")]
+            async with grpc.aio.insecure_channel(server.addr) as ch:
+                stub = events_pb2_grpc.EventBusServiceStub(ch)
+                await grpc_publish(stub, md, 500, b, "warm")  # connections, caches, scripts
+
+                print("1. publish throughput")
+                raw = await raw_publish(r, prefix + "raw", n, b)
+                domain = await domain_publish(bus, n, b)
+                over_grpc = await grpc_publish(stub, md, n, b, "g")
+                show("raw redis-py pipelined XADD", raw)
+                show("bus domain path (validate, dedup, Lua append)", domain)
+                show("PublishBatch over gRPC (auth, audit, validate)", over_grpc)
+                print(
+                    f"  ratio PublishBatch/raw: {over_grpc / raw:.2f}x (target >= 0.5x); domain/raw: {domain / raw:.2f}x"
+                )
+
+            print("2. end to end: 1 producer, 2 consumers")
+            await cleanup(r, prefix)
+            raw_tp, _ = await raw_e2e(r, url, prefix + "raw-e2e", n, b, None)
+            bus_tp, _ = await bus_e2e(server, md, "tp", n, b, None)
+            show("raw XADD + XREADGROUP/XACK, throughput", raw_tp)
+            show("bus Publish -> Subscribe (SDK) -> Ack, throughput", bus_tp)
+            print(f"  ratio bus/raw: {bus_tp / raw_tp:.2f}x (target >= 0.25x)")
+            m = min(n, int(args.rate * 10))
+            _, raw_lat = await raw_e2e(r, url, prefix + "raw-lat", m, 10, args.rate)
+            _, bus_lat = await bus_e2e(server, md, "lat", m, 10, args.rate)
+            for label, lat in (("raw", raw_lat), ("bus", bus_lat)):
+                print(
+                    f"  {label} latency at {args.rate:.0f}/s: p50 {pct(lat, 50) * 1e3:.2f} ms, "
+                    f"p99 {pct(lat, 99) * 1e3:.2f} ms"
+                )
+        finally:
+            await server.stop()
+            await cleanup(r, prefix)
+            await r.aclose()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
