@@ -51,7 +51,10 @@ class _Default(enum.Enum):
 DEFAULT = _Default.DEFAULT
 Timeout = float | timedelta | None
 Metadata = Sequence[tuple[str, str | bytes]]
-_OK, _UNKNOWN, _CANCELLED = 0, 2, 1
+# Span status codes (rpc.grpc.status_code) the client itself decides.
+_OK: int = grpc.StatusCode.OK.value[0]
+_CANCELLED: int = grpc.StatusCode.CANCELLED.value[0]
+_UNKNOWN: int = grpc.StatusCode.UNKNOWN.value[0]
 
 
 @dataclass(frozen=True, slots=True)
