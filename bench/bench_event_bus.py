@@ -2,9 +2,10 @@
 
 1. Publish throughput, batches of --batch events: PublishBatch over gRPC
    (event-bus in its own process beside auth-service and policy-audit: real
-   tokens, the mesh interceptor, and its synchronous audit append per call),
-   and the bus's domain path in this process (validation, dedup, Lua append),
-   vs a raw redis-py pipelined XADD loop of the same envelopes. Target >= 0.5x raw.
+   tokens, the mesh interceptor, and its synchronous audit append per call)
+   from one producer and from four, and the bus's domain path in this process
+   (validation, dedup, Lua append), vs a raw redis-py pipelined XADD loop of
+   the same envelopes. Target >= 0.5x raw.
 2. End to end, one producer and two consumers: throughput from the first
    publish to the last ack (the SDK Consumer helper over gRPC, vs a raw
    XADD + XREADGROUP/XACK loop with two consumers), and publish -> handler
@@ -46,16 +47,32 @@ TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 PAYLOAD = "x" * 1024
 #: In-flight deliveries per consumer (the SDK's concurrency, and its batch size).
 CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "64"))
+#: Concurrent PublishBatch callers in the second publish measurement.
+PUBLISHERS = 4
 SERVICES_RUN = ["auth-service", "policy-audit", "event-bus"]
 
 SERVER = r"""
-import asyncio
+import asyncio, os
+import grpc
+from autoecoops.events.v1 import events_pb2_grpc
+from autoecoops.kernel.event_bus.bus import EventBus
+from autoecoops.kernel.event_bus.service import EventBusServicer
+from autoecoops.kernel.event_bus.settings import EventBusSettings
+from autoecoops.kernel.event_bus.store import EventStore, connect_bus
 from autoecoops.kernel.mesh.config import MeshConfig
 from autoecoops.kernel.mesh.server import Mesh
 
 async def main():
-    mesh = Mesh(MeshConfig.from_env())
+    cfg = MeshConfig.from_env()
+    mesh = Mesh(cfg)
     await mesh.start(["auth-service", "policy-audit", "event-bus"])
+    # The same servicer on a bare grpc.aio server: no interceptors, no auth, no audit.
+    settings = EventBusSettings.from_env()
+    store = EventStore(connect_bus(cfg.redis_url), cfg.key_prefix + "events:", settings)
+    bare = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+    events_pb2_grpc.add_EventBusServiceServicer_to_server(EventBusServicer(EventBus(store, settings)), bare)
+    bare.add_insecure_port(f"127.0.0.1:{os.environ['BENCH_BARE_PORT']}")
+    await bare.start()
     print("ready", flush=True)
     await asyncio.Event().wait()
 
@@ -74,8 +91,10 @@ def pct(samples: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(p / 100 * len(s)))]
 
 
-def envelope(key: str, at: float | None = None) -> envelope_pb2.Envelope:
+def envelope(key: str, at: float | None = None, bare: bool = False) -> envelope_pb2.Envelope:
     env = envelope_pb2.Envelope(source="//bench", type=TYPE, idempotency_key=key)
+    if bare:  # no call context to take the actor and trace from
+        env.actor.subject, env.trace_parent = "bench", TRACE
     env.data.Pack(infra.SyncFailed(application="web", operation_id=key, message=PAYLOAD))
     if at is not None:
         env.time.FromNanoseconds(int(at * 1e9))
@@ -93,6 +112,7 @@ class Server:
 
     def __init__(self, redis_url: str, prefix: str, data_dir: Path) -> None:
         self.ports = {s.name: free_port() for s in SERVICES}
+        self.bare_port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOECOOPS_")}
         env.update({f"AUTOECOOPS_{s.env}_PORT": str(self.ports[s.name]) for s in SERVICES})
         env.update(
@@ -101,6 +121,7 @@ class Server:
             AUTOECOOPS_DATA_DIR=str(data_dir),
             AUTOECOOPS_LOG_LEVEL="WARNING",
             AUTOECOOPS_EVENT_BUS_MAX_BATCH="1000",
+            BENCH_BARE_PORT=str(self.bare_port),
         )
         self.env = env
         self.data_dir = data_dir
@@ -167,7 +188,7 @@ async def grpc_publish(
 ) -> float:
     start = time.perf_counter()
     for at in range(0, n, batch):
-        envs = [envelope(f"{tag}{i}") for i in range(at, min(at + batch, n))]
+        envs = [envelope(f"{tag}{i}", bare=not md) for i in range(at, min(at + batch, n))]
         await stub.PublishBatch(
             events_pb2.PublishBatchRequest(topic=TOPIC, envelopes=envs), metadata=md
         )
@@ -243,7 +264,9 @@ async def bus_e2e(
     channels = [grpc.aio.insecure_channel(server.addr) for _ in range(3)]
     stub = events_pb2_grpc.EventBusServiceStub(channels[0])
     consumers = [
-        Consumer(ch, TOPIC, group, handle, consumer=f"c{i}", concurrency=CONCURRENCY, metadata=lambda: md)
+        Consumer(
+            ch, TOPIC, group, handle, consumer=f"c{i}", concurrency=CONCURRENCY, metadata=lambda: md
+        )
         for i, ch in enumerate(channels[1:])
     ]
     tasks = [asyncio.create_task(c.run()) for c in consumers]
@@ -315,11 +338,25 @@ async def main() -> None:
                 raw = await raw_publish(r, prefix + "raw", n, b)
                 domain = await domain_publish(bus, n, b)
                 over_grpc = await grpc_publish(stub, md, n, b, "g")
-                show("raw redis-py pipelined XADD", raw)
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{server.bare_port}") as bare_ch:
+                    bare = await grpc_publish(
+                        events_pb2_grpc.EventBusServiceStub(bare_ch), [], n, b, "bare"
+                    )
+                per = n // PUBLISHERS
+                parallel = sum(
+                    await asyncio.gather(
+                        *(grpc_publish(stub, md, per, b, f"p{i}-") for i in range(PUBLISHERS))
+                    )
+                )
+                show("raw redis-py pipelined XADD (one loop)", raw)
                 show("bus domain path (validate, dedup, Lua append)", domain)
-                show("PublishBatch over gRPC (auth, audit, validate)", over_grpc)
+                show("PublishBatch over gRPC, one producer", over_grpc)
+                show(f"PublishBatch over gRPC, {PUBLISHERS} producers", parallel)
+                show("PublishBatch, bare grpc.aio (no mesh), one producer", bare)
                 print(
-                    f"  ratio PublishBatch/raw: {over_grpc / raw:.2f}x (target >= 0.5x); domain/raw: {domain / raw:.2f}x"
+                    f"  ratio PublishBatch/raw: {over_grpc / raw:.2f}x one producer, "
+                    f"{parallel / raw:.2f}x {PUBLISHERS} producers (target >= 0.5x); "
+                    f"domain path/raw: {domain / raw:.2f}x"
                 )
 
             print("2. end to end: 1 producer, 2 consumers")
