@@ -202,3 +202,41 @@ async def test_a_permanent_failure_is_dead_lettered_at_once(bus: Harness) -> Non
     (dl,) = (await bus.bus.list_dead_letters(TOPIC, "g", 10, ""))[0]
     assert (dl.attempts, dl.reason) == (1, "schema mismatch")
     await s.nothing_for(0.3)
+
+
+async def test_a_leased_event_trimmed_away_is_dropped_from_pending_not_redelivered(
+    bus: Harness,
+) -> None:
+    # Redis 6.2's XAUTOCLAIM returns such entries as nil and keeps them
+    # pending; 7.0 drops them and lists their ids. Either way: settled, gone.
+    ids = await bus.publish_apps("gone", "kept")
+    s = await bus.subscribe(visibility=0.2, policy=FAST_RETRY)
+    await s.take(2)  # both leased; neither settled
+    await bus.redis.xdel(bus.store.keys(TOPIC).stream, ids[0])
+    (again,) = await s.take(1, within=10)
+    assert (again.event_id, again.attempt) == (ids[1], 2)
+    await bus.ack(again)
+    await s.nothing_for(0.5)
+    (g,) = (await bus.bus.topic_stats(TOPIC)).groups
+    assert g.pending == 0
+
+
+async def test_stats_set_the_prometheus_gauges_and_counters(bus: Harness) -> None:
+    from prometheus_client import REGISTRY
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = value("autoecoops_events_acked_total", topic=TOPIC, group="metrics")
+    await bus.publish_apps("a", "b", "c")
+    s = await bus.subscribe(group="metrics", max_in_flight=2)
+    await bus.ack((await s.take(1))[0])
+    await bus.bus.topic_stats(TOPIC)
+    assert value("autoecoops_events_acked_total", topic=TOPIC, group="metrics") == before + 1
+    assert value("autoecoops_events_group_pending", topic=TOPIC, group="metrics") == 2
+    assert value("autoecoops_events_group_lag", topic=TOPIC, group="metrics") == 0
+    assert value("autoecoops_events_stream_length", topic=TOPIC) == 3
+    assert (
+        value("autoecoops_events_group_oldest_pending_age_seconds", topic=TOPIC, group="metrics")
+        >= 0
+    )
