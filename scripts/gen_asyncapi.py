@@ -126,33 +126,42 @@ def build_document(
             ),
             "messages": {"DeadLetter": {"$ref": "#/components/messages/DeadLetter"}},
         }
-        refs = [{"$ref": f"#/channels/{topic}/messages/{k}"} for k in channel_messages]
         name = _camel(topic)
-        operations[f"publish{name}"] = {
-            "action": "send",
-            "channel": {"$ref": f"#/channels/{topic}"},
-            "summary": f"Publish to {topic} (EventBusService.Publish / PublishBatch).",
-            "messages": refs,
-        }
-        operations[f"consume{name}"] = {
-            "action": "receive",
-            "channel": {"$ref": f"#/channels/{topic}"},
-            "summary": f"Consume {topic} in a consumer group (EventBusService.Subscribe, Ack, Nack).",
-            "messages": refs,
-        }
-        dlq_refs = [{"$ref": f"#/channels/{dlq}/messages/DeadLetter"}]
-        operations[f"deadLetter{name}"] = {
-            "action": "send",
-            "channel": {"$ref": f"#/channels/{dlq}"},
-            "summary": f"The bus dead-letters an event of {topic} after a group's last attempt.",
-            "messages": dlq_refs,
-        }
-        operations[f"inspectDeadLetters{name}"] = {
-            "action": "receive",
-            "channel": {"$ref": f"#/channels/{dlq}"},
-            "summary": f"List, redrive or purge the dead letters of {topic} (EventBusService).",
-            "messages": dlq_refs,
-        }
+        for op_id, action, channel, summary in (
+            (
+                f"publish{name}",
+                "send",
+                topic,
+                f"Publish to {topic} (EventBusService.Publish / PublishBatch).",
+            ),
+            (
+                f"consume{name}",
+                "receive",
+                topic,
+                f"Consume {topic} in a consumer group (EventBusService.Subscribe, Ack, Nack).",
+            ),
+            (
+                f"deadLetter{name}",
+                "send",
+                dlq,
+                f"The bus dead-letters an event of {topic} after a group's last attempt.",
+            ),
+            (
+                f"inspectDeadLetters{name}",
+                "receive",
+                dlq,
+                f"List, redrive or purge the dead letters of {topic} (EventBusService).",
+            ),
+        ):
+            operations[op_id] = {
+                "action": action,
+                "channel": {"$ref": f"#/channels/{channel}"},
+                "summary": summary,
+                "messages": [
+                    {"$ref": f"#/channels/{channel}/messages/{key}"}
+                    for key in channels[channel]["messages"]
+                ],
+            }
     messages["DeadLetter"] = {
         "name": "DeadLetter",
         "title": "DeadLetter",
@@ -196,7 +205,11 @@ def build_document(
 
 
 class _Dumper(yaml.SafeDumper):
-    """Writes multi-line descriptions as readable literal blocks."""
+    """Writes multi-line descriptions as literal blocks, and no anchors or aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        """Repeat shared values rather than alias them: easier to read and diff."""
+        return True
 
 
 def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:

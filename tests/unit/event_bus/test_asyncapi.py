@@ -136,20 +136,25 @@ def _parser_ready() -> Path:
     return modules
 
 
-def test_the_asyncapi_parser_accepts_the_document() -> None:
+def parse(path: Path) -> dict[str, Any]:
+    """What @asyncapi/parser makes of ``path``: its diagnostics and a summary."""
     node = shutil.which("node")
     if node is None:
         pytest.skip("Node.js is not installed: the AsyncAPI parser (@asyncapi/parser) runs on it")
-    modules = _parser_ready()
     done = subprocess.run(
-        [node, "-e", VALIDATE_JS, str(DOC)],
+        [node, "-e", VALIDATE_JS, str(path)],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "NODE_PATH": str(modules)},
+        env={**os.environ, "NODE_PATH": str(_parser_ready())},
     )
     assert done.returncode == 0, done.stderr
-    verdict = json.loads(done.stdout)
+    verdict: dict[str, Any] = json.loads(done.stdout)
+    return verdict
+
+
+def test_the_asyncapi_parser_accepts_the_document() -> None:
+    verdict = parse(DOC)
     # Severity 0 is an error, 1 a warning; 2 and 3 are hints (e.g. "3.1.0 exists").
     problems = [d for d in verdict["diagnostics"] if d["severity"] <= 1]
     assert problems == []
@@ -168,20 +173,8 @@ def test_a_broken_document_is_rejected_by_the_parser(
     tmp_path: Path, document: dict[str, Any]
 ) -> None:
     # The check above can fail: a dangling channel reference is an error.
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("Node.js is not installed: the AsyncAPI parser (@asyncapi/parser) runs on it")
-    modules = _parser_ready()
     broken = json.loads(json.dumps(document))
     next(iter(broken["operations"].values()))["channel"] = {"$ref": "#/channels/no.such.topic"}
     path = tmp_path / "broken.json"
     path.write_text(json.dumps(broken))
-    done = subprocess.run(
-        [node, "-e", VALIDATE_JS, str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "NODE_PATH": str(modules)},
-    )
-    verdict = json.loads(done.stdout)
-    assert any(d["severity"] == 0 for d in verdict["diagnostics"])
+    assert any(d["severity"] == 0 for d in parse(path)["diagnostics"])
