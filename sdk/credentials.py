@@ -126,25 +126,21 @@ class LocalToken(Credentials):
 
         On the key ring's own clock, not the client's: keys become active by it.
         """
-        # The signing code is the server's; imported here so a client that
-        # never uses LocalToken never loads it.
-        from autoecoops.kernel.auth.keys import KeyRing
-        from autoecoops.kernel.auth.settings import AuthSettings
-        from autoecoops.kernel.auth.tokens import Issuer
+        # The signing code is auth's own (``autoecoops token`` uses it too);
+        # imported here so a client that never uses LocalToken never loads it.
+        from autoecoops.kernel.auth.tokens import mint_local_token
         from autoecoops.kernel.mesh.config import MeshConfig
 
         config = MeshConfig.from_env()
         if self.data_dir is not None:
             config = dataclasses.replace(config, data_dir=Path(self.data_dir))
-        s = AuthSettings.from_env(config)
-        ring = KeyRing(s.key_dir, publish_delay=s.publish_delay, max_token_ttl=s.max_token_ttl)
-        ring.load_or_create(s.signing_alg, s.key_file)
-        issued = Issuer(s.issuer, ring).issue(
+        issued = mint_local_token(
+            config,
             self.subject,
-            self.audience or s.audience,
-            self.ttl.total_seconds(),
             roles=self.roles,
             groups=self.groups,
+            ttl=self.ttl.total_seconds(),
+            audience=self.audience,
         )
         return issued.token, issued.expires_at
 

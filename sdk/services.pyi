@@ -300,6 +300,7 @@ class _autoecoops_events_v1_SubscribeRequest(TypedDict, total=False):
     visibility_timeout: google.protobuf.duration_pb2.Duration | None
     retry_policy: autoecoops.events.v1.events_pb2.RetryPolicy | None
     start_position: autoecoops.events.v1.events_pb2.StartPosition.ValueType
+    max_batch_size: int
 
 class _autoecoops_iaops_v1_CreateDeploymentRequest(TypedDict, total=False):
     deployment: autoecoops.iaops.v1.iaops_pb2.Deployment | None

@@ -145,8 +145,9 @@ async def test_an_attempt_that_outlives_the_deadline_ends_the_call(start_mesh: S
             await sdk.auth.get_jwks(timeout=0.3)
     # DEADLINE_EXCEEDED is not retried: the one deadline is spent.
     assert len(server.seen["GetJwks"]) == 1
+    # The server got the call's deadline (give or take gRPC's encoding round-up).
     assert server.seen["GetJwks"][0].remaining is not None
-    assert server.seen["GetJwks"][0].remaining <= 0.3
+    assert server.seen["GetJwks"][0].remaining <= 0.3 + 0.02
 
 
 async def test_throttling_stops_a_retry_storm_and_recovers(start_mesh: StartMesh) -> None:
