@@ -189,8 +189,10 @@ def _clean(text: str) -> str:
     return "\n".join(lines).strip()
 
 
-class _Schemas:
-    """Component schemas, added as operations reference them."""
+class SchemaBuilder:
+    """JSON Schemas of proto messages and enums (the proto3 JSON mapping), as
+    ``components/schemas`` entries added when first referenced. Shared with the
+    AsyncAPI generator, so events and REST describe messages the same way."""
 
     def __init__(self, comments: Mapping[str, str]) -> None:
         self.comments = comments
@@ -198,6 +200,7 @@ class _Schemas:
         self._pending: list[descriptor.Descriptor | descriptor.EnumDescriptor] = []
 
     def ref(self, desc: descriptor.Descriptor | descriptor.EnumDescriptor) -> Schema:
+        """A ``$ref`` to the component of ``desc`` (built by ``finish``)."""
         name = desc.full_name
         if name not in self.components:
             self.components[name] = {}  # reserved, so recursion terminates
@@ -205,6 +208,7 @@ class _Schemas:
         return {"$ref": f"#/components/schemas/{name}"}
 
     def finish(self) -> dict[str, Schema]:
+        """Build every referenced component; return them sorted by name."""
         while self._pending:
             desc = self._pending.pop()
             if isinstance(desc, descriptor.EnumDescriptor):
@@ -214,6 +218,7 @@ class _Schemas:
         return dict(sorted(self.components.items()))
 
     def enum(self, desc: descriptor.EnumDescriptor) -> Schema:
+        """An enum as a string schema of its value names, values described."""
         lines = [
             f"- `{v.name}`: {self.comments.get(f'{desc.full_name}.{v.name}', '')}".rstrip(": ")
             for v in desc.values
@@ -224,6 +229,7 @@ class _Schemas:
         return schema
 
     def message(self, desc: descriptor.Descriptor, skip: Sequence[str] = ()) -> Schema:
+        """A message as an object schema (without the fields named in ``skip``)."""
         if desc.full_name == ANY:
             return {
                 "type": "object",
@@ -265,6 +271,7 @@ class _Schemas:
         return schema
 
     def field(self, f: descriptor.FieldDescriptor) -> Schema:
+        """The schema of a field: maps, arrays, or one value, with its description."""
         if is_map(f):
             entry = message_of(f)
             key, value = entry.fields_by_name["key"], entry.fields_by_name["value"]
@@ -290,6 +297,7 @@ class _Schemas:
         return dict(_SCALARS[f.type])
 
     def message_type(self, desc: descriptor.Descriptor) -> Schema:
+        """A message-typed value: inline for well-known types, else a ``$ref``."""
         name = desc.full_name
         if name in _WELL_KNOWN:
             return dict(_WELL_KNOWN[name])
@@ -298,6 +306,10 @@ class _Schemas:
                 _SCALARS[_WRAPPED[name.removeprefix("google.protobuf.").removesuffix("Value")]]
             )
         return self.ref(desc)
+
+
+#: The name scripts/gen_asyncapi.py imported first; ``SchemaBuilder`` is the public one.
+_Schemas = SchemaBuilder
 
 
 def _behaviors(f: descriptor.FieldDescriptor) -> set[int]:
@@ -381,7 +393,7 @@ def _singular(collection: str) -> str:
 class _Builder:
     def __init__(self, comments: Mapping[str, str]) -> None:
         self.comments = comments
-        self.schemas = _Schemas(comments)
+        self.schemas = SchemaBuilder(comments)
 
     def operation(self, b: Binding) -> tuple[str, Schema]:
         path, path_params = _path_of(b.template)
