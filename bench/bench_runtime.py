@@ -37,9 +37,7 @@ SERVER = r"""
 import asyncio, sys
 import grpc
 from autoecoops.auth.v1 import auth_pb2, auth_pb2_grpc
-from autoecoops.kernel.auth.service import AuthServicer
-
-class Echo(AuthServicer):
+class Echo(auth_pb2_grpc.AuthServiceServicer):
     async def GetOpenIdConfiguration(self, request, context):
         return auth_pb2.GetOpenIdConfigurationResponse(issuer="bench")
 
@@ -126,6 +124,7 @@ def time_startup(runs: int) -> tuple[list[float], list[float]]:
         env.update(
             {f"AUTOECOOPS_{s.env}_PORT": str(p) for s, p in zip(SERVICES, ports, strict=True)}
         )
+        env["AUTOECOOPS_GATEWAY_PORT"] = str(free_port())
         with tempfile.TemporaryDirectory() as data:
             env["AUTOECOOPS_DATA_DIR"] = data
             t0 = time.perf_counter()

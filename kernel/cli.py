@@ -1,7 +1,7 @@
 """The ``autoecoops`` command.
 
-autoecoops up                 every service on this machine (embedded Redis if REDIS_URL is unset)
-autoecoops serve SERVICE      one service, as a Kubernetes pod runs it
+autoecoops up                 every service and the REST gateway (embedded Redis if REDIS_URL is unset)
+autoecoops serve SERVICE      one service (or the gateway), as a Kubernetes pod runs it
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="run every service of the mesh in this process")
     serve = sub.add_parser("serve", help="run one service (one per pod in Kubernetes)")
-    serve.add_argument("service", choices=SERVICE_NAMES)
+    serve.add_argument("service", choices=[*SERVICE_NAMES, "gateway"])
     for package in COMMAND_PACKAGES:
         try:
             module = importlib.import_module(f"{package}.cli")
@@ -59,37 +59,43 @@ def _with_redis(config: MeshConfig) -> tuple[MeshConfig, object | None]:
     return dataclasses.replace(config, redis_url=url), embedded
 
 
-def _run(config: MeshConfig, names: Sequence[str]) -> int:
+def _run(config: MeshConfig, names: Sequence[str], gateway: bool) -> int:
+    from autoecoops.gateway import GatewaySettings, MeshWithGateway
     from autoecoops.kernel.mesh.metrics import serve_metrics
     from autoecoops.kernel.mesh.redis import EmbeddedRedis
     from autoecoops.kernel.mesh.server import Mesh, run_until_signalled
 
+    # Read now: a bad gateway setting stops us before anything starts.
+    settings = GatewaySettings.from_env() if gateway else None
     started = time.monotonic()
-    config, embedded = _with_redis(config)
+    config, embedded = _with_redis(config) if names else (config, None)
     if config.metrics_port:
         serve_metrics(config.metrics_port, config.host)
 
     def ready(mesh: Mesh) -> None:
         took = time.monotonic() - started
-        width = max(len(s.name) for s in mesh.servers)
+        width = max([len(s.name) for s in mesh.servers] + [len("gateway")])
         for srv in mesh.servers:
             print(f"  {srv.name:<{width}}  grpc://{config.host}:{srv.port}  SERVING", flush=True)
-        redis_note = "embedded, " + str(config.data_dir) if embedded else config.redis_url
-        print(f"  redis{' ' * (width - 5)}  {redis_note}")
-        if config.metrics_port:
+        rest = getattr(mesh, "gateway", None)
+        if rest is not None:
             print(
-                f"  metrics{' ' * (width - 7)}  http://{config.host}:{config.metrics_port}/metrics"
+                f"  {'gateway':<{width}}  http://{config.host}:{rest.port}  /docs /openapi.json /healthz"
             )
+        if mesh.servers:
+            redis_note = "embedded, " + str(config.data_dir) if embedded else config.redis_url
+            print(f"  {'redis':<{width}}  {redis_note}")
+        if config.metrics_port:
+            print(f"  {'metrics':<{width}}  http://{config.host}:{config.metrics_port}/metrics")
         if any(srv.name == "auth-service" for srv in mesh.servers):
             hint = 'TOKEN=$(autoecoops token --subject you --roles admin); then -H "authorization: Bearer $TOKEN"'
-            print(f"  token{' ' * (width - 5)}  {hint}")
-        print(
-            f"all {len(mesh.servers)} services SERVING in {took:.2f}s; Ctrl-C drains and stops",
-            flush=True,
-        )
+            print(f"  {'token':<{width}}  {hint}")
+        what = f"all {len(mesh.servers)} services" if mesh.servers else "the gateway"
+        print(f"{what} SERVING in {took:.2f}s; Ctrl-C drains and stops", flush=True)
 
+    mesh = MeshWithGateway(config, settings=settings) if settings else Mesh(config)
     try:
-        asyncio.run(run_until_signalled(Mesh(config), names, ready))
+        asyncio.run(run_until_signalled(mesh, names, ready))
     finally:
         if isinstance(embedded, EmbeddedRedis):
             embedded.stop()
@@ -114,8 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command not in ("up", "serve"):
             code: int = args.func(args, config)
             return code
+        if args.command == "serve" and args.service == "gateway":
+            return _run(config, [], gateway=True)
         names = [s.name for s in SERVICES] if args.command == "up" else [args.service]
-        return _run(config, names)
+        return _run(config, names, gateway=args.command == "up")
     except ConfigError as err:
         print(f"autoecoops: {err}", file=sys.stderr)
         return 2

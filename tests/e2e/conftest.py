@@ -73,6 +73,8 @@ def start_up(tmp_path: Path, extra_env: dict[str, str] | None = None) -> Running
         env[f"AUTOECOOPS_{svc.env}_PORT"] = str(port)
         addrs[svc.name] = f"127.0.0.1:{port}"
     env["AUTOECOOPS_DATA_DIR"] = str(tmp_path / "data")
+    # The gateway too, so a developer's own `./dev up` on 8080 is left alone.
+    env["AUTOECOOPS_GATEWAY_PORT"] = str(free_port())
     env.update(extra_env or {})
     proc = subprocess.Popen(
         [str(BIN / "autoecoops"), "up"],

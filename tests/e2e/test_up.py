@@ -29,6 +29,7 @@ def test_up_prints_where_every_service_listens(mesh: RunningMesh) -> None:
     text = "".join(mesh.output)
     for svc in SERVICES:
         assert f"grpc://{mesh.addrs[svc.name]}" in text
+    assert f"http://127.0.0.1:{mesh.env['AUTOECOOPS_GATEWAY_PORT']}" in text
     assert "all 8 services SERVING" in text
 
 
@@ -148,3 +149,16 @@ def test_bad_configuration_fails_at_start_with_one_line(tmp_path: Path) -> None:
         and "REDIS_URL" in done.stderr
         and len(done.stderr.strip().splitlines()) == 1
     )
+
+
+def test_the_gateway_serves_rest_and_the_contract(mesh: RunningMesh) -> None:
+    import httpx
+
+    base = f"http://127.0.0.1:{mesh.env['AUTOECOOPS_GATEWAY_PORT']}"
+    assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+    assert httpx.get(f"{base}/openapi.json", timeout=10).json()["openapi"].startswith("3.1")
+    token = mesh.cli("token", "--subject", "alice", "--roles", "admin").strip()
+    roles = httpx.get(f"{base}/v1/roles", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert roles.status_code == 200 and "admin" in [r["name"] for r in roles.json()["roles"]]
+    denied = httpx.get(f"{base}/v1/roles", timeout=10)
+    assert denied.status_code == 401 and denied.headers["www-authenticate"].startswith("Bearer")
