@@ -14,10 +14,11 @@ from autoecoops.kernel.auth.authority import Authority
 from autoecoops.kernel.auth.keys import KeyRing
 from autoecoops.kernel.auth.rbac import Binding, Role, Subject
 from autoecoops.kernel.auth.settings import AuthSettings
-from autoecoops.kernel.auth.store import AuthStore, ServiceAccount, TrustedIssuer, page
+from autoecoops.kernel.auth.store import AuthStore, ServiceAccount, TrustedIssuer
 from autoecoops.kernel.auth.tokens import IssuedToken
 from autoecoops.kernel.mesh.auth import Principal, current_principal
 from autoecoops.kernel.mesh.errors import FieldViolation, InvalidArgument, Unauthenticated
+from autoecoops.kernel.mesh.paging import page_by_key
 from autoecoops.kernel.mesh.server import Runtime
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
@@ -71,6 +72,10 @@ def _token_response(issued: IssuedToken, scopes: Sequence[str]) -> auth_pb2.Issu
         expire_time=_ts(issued.expires_at),
         scopes=list(scopes),
     )
+
+
+def _name(item: Any) -> str:
+    return str(item.name)
 
 
 def role_to_pb(role: Role) -> auth_pb2.Role:
@@ -274,7 +279,9 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def ListRoles(
         self, request: auth_pb2.ListRolesRequest, context: Ctx
     ) -> auth_pb2.ListRolesResponse:
-        items, token = page(await self.a.store.list_roles(), request.page_size, request.page_token)
+        items, token = page_by_key(
+            await self.a.store.list_roles(), request.page_size, request.page_token, _name
+        )
         return auth_pb2.ListRolesResponse(
             roles=[role_to_pb(r) for r in items], next_page_token=token
         )
@@ -317,7 +324,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             if (not request.namespace or b.namespace == request.namespace)
             and (not request.subject or any(s.name == request.subject for s in b.subjects))
         ]
-        chunk, token = page(items, request.page_size, request.page_token)
+        chunk, token = page_by_key(items, request.page_size, request.page_token, _name)
         return auth_pb2.ListRoleBindingsResponse(
             role_bindings=[binding_to_pb(b) for b in chunk], next_page_token=token
         )
@@ -355,8 +362,8 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def ListTrustedIssuers(
         self, request: auth_pb2.ListTrustedIssuersRequest, context: Ctx
     ) -> auth_pb2.ListTrustedIssuersResponse:
-        items, token = page(
-            await self.a.store.list_issuers(), request.page_size, request.page_token
+        items, token = page_by_key(
+            await self.a.store.list_issuers(), request.page_size, request.page_token, _name
         )
         return auth_pb2.ListTrustedIssuersResponse(
             trusted_issuers=[issuer_to_pb(i) for i in items], next_page_token=token
@@ -395,8 +402,8 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def ListServiceAccounts(
         self, request: auth_pb2.ListServiceAccountsRequest, context: Ctx
     ) -> auth_pb2.ListServiceAccountsResponse:
-        items, token = page(
-            await self.a.store.list_accounts(), request.page_size, request.page_token
+        items, token = page_by_key(
+            await self.a.store.list_accounts(), request.page_size, request.page_token, _name
         )
         return auth_pb2.ListServiceAccountsResponse(
             service_accounts=[account_to_pb(a) for a in items], next_page_token=token

@@ -14,7 +14,6 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,7 +21,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from autoecoops.kernel.auth.rbac import Binding, Policy, Role, Subject
-from autoecoops.kernel.mesh.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from autoecoops.kernel.mesh.errors import AlreadyExists, NotFound, Unavailable
 
 # KEYS: hash, version counter. ARGV: field, value, mode (create|update|delete).
 _WRITE = """
@@ -355,28 +354,3 @@ class AuthStore:
     async def list_accounts(self) -> list[ServiceAccount]:
         """Every account, by name."""
         return [_account(a) for a in await self._get_all(self._accounts)]
-
-
-def page(
-    items: Sequence[Any], page_size: int, page_token: str, key: str = "name"
-) -> tuple[list[Any], str]:
-    """One page of name-sorted ``items`` after ``page_token`` (the last name, base64)."""
-    if page_size < 0:
-        raise InvalidArgument("page_size must not be negative", reason="INVALID_PAGE_SIZE")
-    size = min(page_size or 100, 1000)
-    after = ""
-    if page_token:
-        try:
-            after = base64.urlsafe_b64decode(page_token.encode()).decode()
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidArgument(
-                "page_token is not one this server issued", reason="INVALID_PAGE_TOKEN"
-            ) from None
-    rest = [i for i in items if getattr(i, key) > after]
-    chunk = rest[:size]
-    token = (
-        base64.urlsafe_b64encode(getattr(chunk[-1], key).encode()).decode()
-        if len(rest) > size
-        else ""
-    )
-    return chunk, token

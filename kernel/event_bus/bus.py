@@ -7,7 +7,6 @@ messages. Subscriptions run in subscription.py.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import random
 import time
@@ -41,6 +40,7 @@ from autoecoops.kernel.event_bus.tokens import (
     check_token_field,
     subject_tag,
 )
+from autoecoops.kernel.mesh import paging
 from autoecoops.kernel.mesh.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -402,10 +402,10 @@ class EventBus:
         self.registry.check_topic(topic)
         if group:
             check_name(group, "group", "consumer group")
-        size = min(page_size or 100, MAX_PAGE)
+        size = paging.page_size(page_size, 100, MAX_PAGE)
         if page_size < 0:
             raise InvalidArgument("page_size: must not be negative", reason="INVALID_PAGE_SIZE")
-        start = "(" + _decode_page_token(page_token) if page_token else "-"
+        start = "(" + paging.decode_cursor(page_token) if page_token else "-"
         out: list[DeadLetterRecord] = []
         # A filtered page scans a bounded amount and may come back short, with
         # a token to go on (AIP-158 allows it).
@@ -424,7 +424,7 @@ class EventBus:
                 if len(chunk) < want and len(out) < size:
                     return out, ""
             more = await self.store.dead_letters(topic, start, "+", 1)
-        return out, _page_token(start[1:]) if more else ""
+        return out, paging.encode_cursor(start[1:]) if more else ""
 
     async def get_dead_letter(self, topic: str, dead_letter_id: str) -> DeadLetterRecord:
         """One dead letter; NOT_FOUND if it does not exist."""
@@ -555,35 +555,17 @@ class EventBus:
         """Topics with a stream, by name, a page at a time."""
         if page_size < 0:
             raise InvalidArgument("page_size: must not be negative", reason="INVALID_PAGE_SIZE")
-        after = _decode_page_token(page_token) if page_token else ""
-        size = min(page_size or 100, MAX_PAGE)
+        after = paging.decode_cursor(page_token) if page_token else ""
+        size = paging.page_size(page_size, 100, MAX_PAGE)
         async with redis_errors():
             names = await self.store.existing([t for t in self.registry.topics if t > after])
             page = names[:size]
             infos = [await self.store.topic_info(t) for t in page]
         out = [i for i in infos if i is not None]
-        return out, _page_token(page[-1]) if len(names) > size else ""
+        return out, paging.encode_cursor(page[-1]) if len(names) > size else ""
 
 
 def _check_ids(ids: Sequence[str]) -> list[str]:
     for i, value in enumerate(ids):
         parse_stream_id(value, f"ids.ids[{i}]")
     return list(ids)
-
-
-def _page_token(value: str) -> str:
-    return base64.urlsafe_b64encode(f"v1:{value}".encode()).decode().rstrip("=")
-
-
-def _decode_page_token(token: str) -> str:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    except (ValueError, UnicodeDecodeError):
-        raw = ""
-    if not raw.startswith("v1:"):
-        raise InvalidArgument(
-            "page_token: not a token this list returned",
-            reason="INVALID_PAGE_TOKEN",
-            field_violations=[FieldViolation("page_token", "malformed")],
-        )
-    return raw[3:]

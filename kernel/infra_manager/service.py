@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Sequence
 
 import grpc
@@ -12,6 +11,7 @@ from autoecoops.infra.v1 import infra_pb2 as pb
 from autoecoops.infra.v1 import infra_pb2_grpc
 from autoecoops.kernel.infra_manager import convert
 from autoecoops.kernel.infra_manager.app import InfraApp, build
+from autoecoops.kernel.mesh import paging
 from autoecoops.kernel.mesh.auth import Principal, current_principal
 from autoecoops.kernel.mesh.errors import FieldViolation, InvalidArgument, Unauthenticated
 from autoecoops.kernel.mesh.server import Runtime
@@ -36,30 +36,6 @@ def _caller() -> Principal:
             "this call needs an authenticated caller", reason="CREDENTIALS_MISSING"
         )
     return principal
-
-
-def _page_size(size: int) -> int:
-    if size < 0:
-        raise InvalidArgument(
-            "page_size must not be negative",
-            field_violations=[FieldViolation("page_size", "must not be negative")],
-        )
-    return min(size or DEFAULT_PAGE, MAX_PAGE)
-
-
-def _token(value: str) -> str:
-    return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
-
-
-def _untoken(token: str) -> str:
-    try:
-        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument(
-            "page_token is not one this service issued",
-            reason="INVALID_PAGE_TOKEN",
-            field_violations=[FieldViolation("page_token", "malformed")],
-        ) from None
 
 
 def merge_update(
@@ -118,8 +94,8 @@ class InfraServicer(infra_pb2_grpc.InfraServiceServicer):
         self, request: pb.ListApplicationsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListApplicationsResponse:
         """A page of applications in name order, optionally of one project."""
-        size = _page_size(request.page_size)
-        after = _untoken(request.page_token) if request.page_token else ""
+        size = paging.page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE)
+        after = paging.decode_cursor(request.page_token) if request.page_token else ""
         store = self.app.manager.store
         out: list[pb.Application] = []
         last = ""
@@ -144,7 +120,7 @@ class InfraServicer(infra_pb2_grpc.InfraServiceServicer):
             if len(names) < size:
                 break
         return pb.ListApplicationsResponse(
-            applications=out, next_page_token=_token(last) if more else ""
+            applications=out, next_page_token=paging.encode_cursor(last) if more else ""
         )
 
     async def UpdateApplication(
@@ -212,11 +188,11 @@ class InfraServicer(infra_pb2_grpc.InfraServiceServicer):
         self, request: pb.ListApplicationHistoryRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListApplicationHistoryResponse:
         """A page of history, newest first."""
-        size = _page_size(request.page_size)
+        size = paging.page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE)
         entries = await self.app.manager.history(request.name)
         start = 0
         if request.page_token:
-            text = _untoken(request.page_token)
+            text = paging.decode_cursor(request.page_token)
             if not text.isdigit():
                 raise InvalidArgument(
                     "page_token is not one this service issued",
@@ -228,7 +204,7 @@ class InfraServicer(infra_pb2_grpc.InfraServiceServicer):
         more = start + size < len(entries)
         return pb.ListApplicationHistoryResponse(
             entries=[convert.history_pb(e) for e in page],
-            next_page_token=_token(str(start + size)) if more else "",
+            next_page_token=paging.encode_cursor(str(start + size)) if more else "",
         )
 
     async def RefreshApplication(

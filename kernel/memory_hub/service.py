@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from autoecoops.kernel.mesh import paging
 from autoecoops.kernel.mesh.auth import current_principal
 from autoecoops.kernel.mesh.errors import (
     AutoEcoOpsError,
@@ -54,30 +53,6 @@ def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     s.update(data)
     return s
-
-
-def _page_size(n: int) -> int:
-    if n < 0:
-        raise InvalidArgument(
-            "page_size must not be negative",
-            field_violations=[FieldViolation("page_size", "must be 0 or more")],
-        )
-    return min(n or DEFAULT_PAGE, MAX_PAGE)
-
-
-def _token(last: str) -> str:
-    return base64.urlsafe_b64encode(last.encode()).decode() if last else ""
-
-
-def _untoken(token: str) -> str:
-    try:
-        return base64.urlsafe_b64decode(token.encode()).decode() if token else ""
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidArgument(
-            "page_token is not one this service issued",
-            reason="INVALID_PAGE_TOKEN",
-            field_violations=[FieldViolation("page_token", "malformed")],
-        ) from None
 
 
 def namespace_pb(rec: NamespaceRecord) -> memory_pb2.Namespace:
@@ -213,8 +188,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     ) -> memory_pb2.ListNamespacesResponse:
         """The namespaces the caller may get, one page at a time: the others are
         not merely hidden but never named."""
-        size = _page_size(request.page_size)
-        after = _untoken(request.page_token)
+        size = paging.page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE)
+        after = paging.decode_cursor(request.page_token)
         page: list[str] = []
         more = False
         while not more:
@@ -231,7 +206,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         recs = await self.hub.store.namespaces(page)
         return memory_pb2.ListNamespacesResponse(
             namespaces=[namespace_pb(r) for r in recs],
-            next_page_token=_token(page[-1]) if more and page else "",
+            next_page_token=paging.encode_cursor(page[-1]) if more and page else "",
         )
 
     async def UpdateNamespace(
@@ -348,15 +323,15 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     ) -> memory_pb2.ListDocumentsResponse:
         """A page of documents in id order."""
         check_namespace_name(request.namespace, "namespace")
-        size = _page_size(request.page_size)
-        after = _untoken(request.page_token)
+        size = paging.page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE)
+        after = paging.decode_cursor(request.page_token)
         await self.hub.store.require(request.namespace)
         ids = await self.hub.store.document_ids(request.namespace, after, size + 1)
         found = await self.hub.store.documents(request.namespace, ids[:size])
         page = [found[i][0] for i in ids[:size] if i in found]
         return memory_pb2.ListDocumentsResponse(
             documents=[document_pb(d) for d in page],
-            next_page_token=_token(ids[size - 1]) if len(ids) > size else "",
+            next_page_token=paging.encode_cursor(ids[size - 1]) if len(ids) > size else "",
         )
 
     async def DeleteDocument(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Sequence
 
 import grpc
@@ -11,8 +9,8 @@ from google.protobuf import json_format, timestamp_pb2
 
 from autoecoops.audit.v1 import audit_pb2, audit_pb2_grpc
 from autoecoops.kernel.mesh.auth import current_principal
-from autoecoops.kernel.mesh.errors import FieldViolation, InvalidArgument
 from autoecoops.kernel.mesh.interceptors import current_trace_id
+from autoecoops.kernel.mesh.paging import page_by_key
 from autoecoops.kernel.mesh.server import Runtime
 from autoecoops.kernel.policy_audit import compliance
 from autoecoops.kernel.policy_audit.app import PolicyAudit, build
@@ -77,26 +75,7 @@ def checkpoint_to_proto(cp: SignedCheckpoint) -> audit_pb2.Checkpoint:
 
 
 def _page(names: Sequence[str], page_size: int, token: str) -> tuple[list[str], str]:
-    if page_size < 0:
-        raise InvalidArgument(
-            "page_size must not be negative",
-            field_violations=[FieldViolation("page_size", "must not be negative")],
-        )
-    after = ""
-    if token:
-        try:
-            after = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        except (binascii.Error, UnicodeDecodeError):
-            raise InvalidArgument(
-                "page_token is not a token this service issued",
-                field_violations=[FieldViolation("page_token", "not a valid page token")],
-            ) from None
-    size = min(page_size or 50, 500)
-    rest = [n for n in sorted(names) if n > after]
-    page = rest[:size]
-    more = len(rest) > size
-    next_token = base64.urlsafe_b64encode(page[-1].encode()).decode().rstrip("=") if more else ""
-    return page, next_token
+    return page_by_key(names, page_size, token, str, default=50, maximum=500)
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
