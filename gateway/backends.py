@@ -1,6 +1,6 @@
 """The gateway's connections: one pooled channel per backend, and their health.
 
-Channels use the mesh's channel options (``clients.channel_options``) but not
+Channels use the mesh's channel options (``config.channel_options``) but not
 the client factory's interceptors, on purpose: none of them applies at the
 edge (there is no served call whose deadline to propagate, and the gateway
 must never attach a service identity to a caller's request), and grpc.aio
@@ -20,8 +20,7 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from autoecoops.gateway.rules import Binding
-from autoecoops.kernel.mesh.clients import channel_options
-from autoecoops.kernel.mesh.config import MeshConfig
+from autoecoops.kernel.mesh.config import MeshConfig, channel_options
 
 SERVING = "SERVING"
 

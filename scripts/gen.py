@@ -165,7 +165,7 @@ def main() -> int:
                 print(f"  gen/{path}", file=sys.stderr)
             return 1
         print("gen/ is up to date")
-        return 0
+        return sdk_stub("--check")
     with tempfile.TemporaryDirectory(dir=ROOT / ".build") as tmp:
         fresh = Path(tmp) / "gen"
         generate_all(fresh)
@@ -173,7 +173,18 @@ def main() -> int:
             shutil.rmtree(GEN)
         os.replace(fresh, GEN)
     print(f"regenerated {GEN.relative_to(ROOT)}/ from {len(proto_files())} proto files")
-    return 0
+    return sdk_stub()
+
+
+def sdk_stub(*args: str) -> int:
+    """The SDK's typed sub-client stub (sdk/services.pyi), derived from the new gen/.
+
+    A fresh interpreter, so it imports the modules just written.
+    """
+    done = subprocess.run([sys.executable, "-m", "autoecoops.sdk._stubgen", *args], cwd=ROOT)
+    if done.returncode == 0 and not args:
+        print("regenerated sdk/services.pyi")
+    return done.returncode
 
 
 if __name__ == "__main__":

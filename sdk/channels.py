@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from autoecoops.kernel.mesh.config import DOMAIN_SERVICE, MeshConfig
+from autoecoops.kernel.mesh.config import channel_options as mesh_channel_options
 from autoecoops.kernel.mesh.errors import ConfigError
 
 
@@ -89,15 +90,10 @@ def channel_options(
     config: MeshConfig, tls: TLS | None, extra: Sequence[tuple[str, Any]] = ()
 ) -> list[tuple[str, Any]]:
     """Channel arguments: message limits from the mesh config, keepalive, then ``extra``."""
-    options: dict[str, Any] = {
-        "grpc.max_receive_message_length": config.max_message_bytes,
-        "grpc.max_send_message_length": config.max_message_bytes,
-        "grpc.keepalive_time_ms": 30_000,
-        "grpc.keepalive_permit_without_calls": 1,
-        # The SDK retries itself, by the contract's idempotent flag; gRPC's
-        # own retries (transparent ones aside) would retry the rest too.
-        "grpc.enable_retries": 0,
-    }
+    options: dict[str, Any] = dict(mesh_channel_options(config))
+    # The SDK retries itself, by the contract's idempotent flag; gRPC's own
+    # retries (transparent ones aside) would retry the rest too.
+    options["grpc.enable_retries"] = 0
     if tls is not None and tls.server_name:
         options["grpc.ssl_target_name_override"] = tls.server_name
     options.update(dict(extra))

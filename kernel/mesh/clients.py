@@ -17,7 +17,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-from autoecoops.kernel.mesh.config import MeshConfig
+from autoecoops.kernel.mesh.config import MeshConfig, channel_options
 from autoecoops.kernel.mesh.descriptors import method_info
 from autoecoops.kernel.mesh.errors import DeadlineExceeded
 from autoecoops.kernel.mesh.interceptors import current_deadline
@@ -140,16 +140,6 @@ class DeadlineInterceptor(
     ) -> Any:
         """Bidirectional call with the propagated deadline."""
         return await continuation(_details(details), request_iterator)
-
-
-def channel_options(config: MeshConfig) -> list[tuple[str, Any]]:
-    """Channel arguments shared by every mesh client."""
-    return [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-    ]
 
 
 class ClientFactory:

@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from autoecoops.kernel.mesh.errors import ConfigError
@@ -141,6 +142,16 @@ class MeshConfig:
                 env.get(f"{PREFIX}KEY_PREFIX", "").strip() or defaults.key_prefix
             ),
         )
+
+
+def channel_options(config: MeshConfig) -> list[tuple[str, Any]]:
+    """gRPC channel arguments every client of the mesh uses (services, gateway, SDK)."""
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
 
 
 def _key_prefix(prefix: str) -> str:
