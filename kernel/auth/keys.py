@@ -98,6 +98,7 @@ class KeyRing:
         #: Longest lifetime of a token we sign; retired keys stay published that long.
         self.max_token_ttl = max_token_ttl
         self._keys: list[SigningKey] = []
+        self._public_cache: tuple[tuple[str, ...], dict[str, tuple[str, PublicKey]]] | None = None
 
     @property
     def keys(self) -> Sequence[SigningKey]:
@@ -168,8 +169,15 @@ class KeyRing:
         return [k.jwk() for k in self._keys]
 
     def public_keys(self) -> dict[str, tuple[str, PublicKey]]:
-        """kid -> (alg, public key) of every published key."""
-        return {k.meta.kid: (k.meta.alg, k.public) for k in self._keys}
+        """kid -> (alg, public key) of every published key.
+
+        Cached per set of keys: deriving a public key costs ~10 µs, and
+        auth-service looks one up on every token it verifies.
+        """
+        kids = tuple(k.meta.kid for k in self._keys)
+        if self._public_cache is None or self._public_cache[0] != kids:
+            self._public_cache = (kids, {k.meta.kid: (k.meta.alg, k.public) for k in self._keys})
+        return self._public_cache[1]
 
     def _add(self, key: SigningKey) -> None:
         self._keys.append(key)

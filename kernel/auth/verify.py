@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import time
@@ -35,6 +36,8 @@ log = logging.getLogger("autoecoops.auth")
 
 #: Claims every token must carry (RFC 8725 3.9, 3.10: iss/aud bind the token to us).
 REQUIRED_CLAIMS = ("exp", "iat", "iss", "aud", "sub")
+# Built once: PyJWT only reads it, and this is the hot path of every cache miss.
+_OPTIONS: Any = {"require": list(REQUIRED_CLAIMS), "verify_iat": True}
 # Header parameters naming a key (jku, x5u, jwk, x5c) are never read: keys
 # come only from the issuer's configured KeySource (RFC 8725 3.10).
 
@@ -144,6 +147,11 @@ class IssuerPolicy:
     #: external issuer's roles mean nothing here until mapped from groups.
     trust_roles_claim: bool = False
 
+    @functools.cached_property
+    def audience_list(self) -> list[str]:
+        """The audiences as PyJWT takes them, built once."""
+        return sorted(self.audiences)
+
 
 def actors_of(claims: Mapping[str, Any]) -> tuple[str, ...]:
     """The ``act`` chain (RFC 8693 4.1), innermost (most recent) actor first."""
@@ -172,6 +180,13 @@ def _peek(segment: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise reject("TOKEN_MALFORMED", "the token cannot be parsed")
     return value
+
+
+@functools.lru_cache(maxsize=512)
+def _alg_and_kid(head: str) -> tuple[Any, Any]:
+    """(alg, kid) of a header segment; cached, since one issuer's tokens share a header."""
+    header = _peek(head)
+    return header.get("alg"), header.get("kid")
 
 
 def _strings(value: Any) -> tuple[str, ...]:
@@ -232,8 +247,7 @@ class JwtVerifier:
         if not isinstance(token, str) or token.count(".") != 2 or len(token) > 16_384:
             raise reject("TOKEN_MALFORMED", "not a compact JWS")
         head, body, _ = token.split(".")
-        header = _peek(head)
-        alg = header.get("alg")
+        alg, kid = _alg_and_kid(head)
         if not isinstance(alg, str) or alg.lower() == "none":
             raise reject("ALGORITHM_NOT_ALLOWED", "unsigned tokens are not accepted")
         if len(self._issuers) == 1:
@@ -254,7 +268,6 @@ class JwtVerifier:
         # HS256-with-a-public-key and other algorithm confusion.
         if alg not in policy.algorithms:
             raise reject("ALGORITHM_NOT_ALLOWED", f"algorithm {alg} is not allowed for this issuer")
-        kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise reject("KEY_UNKNOWN", "the token names no key id")
         found = await policy.keys.key(kid)
@@ -270,10 +283,10 @@ class JwtVerifier:
                 token,
                 key,
                 algorithms=[alg],
-                audience=list(policy.audiences),
+                audience=policy.audience_list,
                 issuer=iss,
                 leeway=self._leeway,
-                options={"require": list(REQUIRED_CLAIMS), "verify_iat": True},
+                options=_OPTIONS,
             )
         except jwt.ExpiredSignatureError:
             raise reject("TOKEN_EXPIRED", "the token has expired") from None
