@@ -129,6 +129,7 @@ class Consumer:
         start_position: int = events_pb2.START_POSITION_LATEST,
         metadata: MetadataProvider | None = None,
         max_reconnect_backoff: float = 30.0,
+        ack_delay: float = 0.005,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -143,6 +144,8 @@ class Consumer:
         self.start_position = start_position
         self._metadata = metadata
         self._max_backoff = max_reconnect_backoff
+        #: How long an ack may wait for others to share its Ack call.
+        self._ack_delay = ack_delay
         self._stopping = asyncio.Event()
         self._call: Any = None
         self._handlers: dict[str, asyncio.Task[None]] = {}
@@ -269,6 +272,10 @@ class Consumer:
         Ends once closing and every ack is sent."""
         while not (self._closing and not self._acks):
             await self._ack_ready.wait()
+            if self._ack_delay and not self._closing and len(self._acks) < self.concurrency:
+                # A moment for the other handlers of the batch to finish: one
+                # Ack call (and one audit entry) for many events.
+                await asyncio.sleep(self._ack_delay)
             self._ack_ready.clear()
             await self._flush_acks()
 
