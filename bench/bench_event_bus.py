@@ -1,8 +1,8 @@
 """event-bus benchmarks (issue #5), 1 KiB payloads. Needs a Redis ($REDIS_URL or 127.0.0.1:6379).
 
 1. Publish throughput, batches of --batch events: PublishBatch over gRPC
-   (event-bus in its own process beside auth-service and policy-audit: real
-   tokens, the mesh interceptor, and its synchronous audit append per call)
+   (event-bus in its own process, auth-service and policy-audit in another:
+   real tokens, the mesh interceptor, and its synchronous audit append per call)
    from one producer and from four, and the bus's domain path in this process
    (validation, dedup, Lua append), vs a raw redis-py pipelined XADD loop of
    the same envelopes. Target >= 0.5x raw.
@@ -52,7 +52,7 @@ PUBLISHERS = 4
 SERVICES_RUN = ["auth-service", "policy-audit", "event-bus"]
 
 SERVER = r"""
-import asyncio, os
+import asyncio, os, sys
 import grpc
 from autoecoops.events.v1 import events_pb2_grpc
 from autoecoops.kernel.event_bus.bus import EventBus
@@ -62,10 +62,13 @@ from autoecoops.kernel.event_bus.store import EventStore, connect_bus
 from autoecoops.kernel.mesh.config import MeshConfig
 from autoecoops.kernel.mesh.server import Mesh
 
-async def main():
+async def main(names):
     cfg = MeshConfig.from_env()
     mesh = Mesh(cfg)
-    await mesh.start(["auth-service", "policy-audit", "event-bus"])
+    await mesh.start(names)
+    if "event-bus" not in names:
+        print("ready", flush=True)
+        await asyncio.Event().wait()
     # The same servicer on a bare grpc.aio server: no interceptors, no auth, no audit.
     settings = EventBusSettings.from_env()
     store = EventStore(connect_bus(cfg.redis_url), cfg.key_prefix + "events:", settings)
@@ -76,7 +79,7 @@ async def main():
     print("ready", flush=True)
     await asyncio.Event().wait()
 
-asyncio.run(main())
+asyncio.run(main(sys.argv[1].split(",")))
 """
 
 
@@ -108,7 +111,8 @@ async def cleanup(r: aioredis.Redis, prefix: str) -> None:
 
 
 class Server:
-    """auth-service, policy-audit and event-bus in a process of their own."""
+    """event-bus in a process of its own, auth-service and policy-audit in
+    another, as they run in pods of their own."""
 
     def __init__(self, redis_url: str, prefix: str, data_dir: Path) -> None:
         self.ports = {s.name: free_port() for s in SERVICES}
@@ -125,19 +129,27 @@ class Server:
         )
         self.env = env
         self.data_dir = data_dir
-        self.proc: asyncio.subprocess.Process | None = None
+        self.procs: list[asyncio.subprocess.Process] = []
 
     @property
     def addr(self) -> str:
         return f"127.0.0.1:{self.ports['event-bus']}"
 
     async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", SERVER, env=self.env, cwd=ROOT, stdout=asyncio.subprocess.PIPE
-        )
-        assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), 60)
-        assert line.strip() == b"ready", line
+        for names in ("auth-service,policy-audit", "event-bus"):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                SERVER,
+                names,
+                env=self.env,
+                cwd=ROOT,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            self.procs.append(proc)
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 60)
+            assert line.strip() == b"ready", line
 
     def token(self) -> str:
         from autoecoops.kernel.auth.keys import KeyRing
@@ -151,9 +163,10 @@ class Server:
         return Issuer(s.issuer, ring).issue("bench", s.audience, 3600, roles=["admin"]).token
 
     async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            await self.proc.wait()
+        for proc in reversed(self.procs):
+            if proc.returncode is None:
+                proc.terminate()
+                await proc.wait()
 
 
 # -- 1. publish throughput -------------------------------------------------------
