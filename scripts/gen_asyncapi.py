@@ -22,8 +22,7 @@ import yaml
 from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
 
 from autoecoops.common.v1 import options_pb2
-from autoecoops.gateway.openapi import _Schemas as SchemaBuilder
-from autoecoops.gateway.openapi import comments_of
+from autoecoops.gateway.openapi import SchemaBuilder, comments_of
 
 Schema = dict[str, Any]
 
