@@ -22,7 +22,6 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from autoecoops.kernel.mesh.auth import Authorizer, TokenVerifier, UnavailableVerifier
 from autoecoops.kernel.mesh.clients import ClientFactory
@@ -127,8 +126,6 @@ class ServiceServer:
         cfg = runtime.config
         self.server = grpc.aio.server(
             interceptors=[
-                # OTel first, so the mesh interceptor runs inside the call's span.
-                aio_server_interceptor(),  # type: ignore[no-untyped-call]
                 MeshInterceptor(runtime.verifier, runtime.authorizer, runtime.auditor),
             ],
             options=[

@@ -19,14 +19,21 @@ from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProces
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 _provider: TracerProvider | None = None
+_recording = False
+
+
+def recording() -> bool:
+    """Whether spans are recorded (and so worth building with the SDK's tracer)."""
+    return _recording
 
 
 def setup_tracing(service_name: str, export: bool = False) -> TracerProvider:
     """Install (once) and return the process's tracer provider."""
-    global _provider
+    global _provider, _recording
     if _provider is None:
         console = os.environ.get("AUTOECOOPS_TRACE_CONSOLE") == "1"
         record = export or console or "OTEL_TRACES_SAMPLER" in os.environ
+        _recording = record
         _provider = TracerProvider(
             resource=Resource.create({"service.name": service_name}),
             # None lets the SDK pick its default (or OTEL_TRACES_SAMPLER).
