@@ -132,6 +132,10 @@ class EventBusServicer(events_pb2_grpc.EventBusServiceServicer):
 
     def __init__(self, bus: EventBus) -> None:
         self.bus = bus
+        # With outcome audit on, every ack and nack is recorded (with the
+        # event, attempt and reason) through the bus's outbox, atomically with
+        # settling it; the interceptor's generic entry would only repeat it.
+        self.AUDITS_ITSELF = frozenset({"Ack", "Nack"}) if bus.settings.audit else frozenset()
 
     async def Publish(
         self, request: events_pb2.PublishRequest, context: grpc.aio.ServicerContext

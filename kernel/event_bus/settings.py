@@ -63,7 +63,7 @@ class EventBusSettings:
     #: for retries that fell due (``AUTOECOOPS_EVENT_BUS_POLL_SECONDS``).
     poll_interval: float = 0.5
     #: Write every processing outcome to policy-audit (``AUTOECOOPS_EVENT_BUS_AUDIT``).
-    audit: bool = False
+    audit: bool = True
     #: Seconds between refreshes of the Prometheus gauges when metrics are on
     #: (``AUTOECOOPS_EVENT_BUS_METRICS_INTERVAL_SECONDS``).
     metrics_interval: float = 15.0
