@@ -229,8 +229,8 @@ class Authority:
         (await self._policy()).check_no_escalation(caller, role.permissions)
         return await self.store.update_role(role)
 
-    async def create_binding(self, caller: Principal, binding: Binding) -> Binding:
-        """Bind a role; the caller must hold the role's permissions where it applies."""
+    async def _check_binding(self, caller: Principal, binding: Binding) -> None:
+        """A valid binding to an existing role whose permissions the caller holds where it applies."""
         validate_binding(binding)
         policy = await self._policy()
         role = policy.roles.get(binding.role)
@@ -240,19 +240,15 @@ class Authority:
                 field_violations=[FieldViolation("role_binding.role", "unknown role")],
             )
         policy.check_no_escalation(caller, role.permissions, binding.namespace)
+
+    async def create_binding(self, caller: Principal, binding: Binding) -> Binding:
+        """Bind a role; the caller must hold the role's permissions where it applies."""
+        await self._check_binding(caller, binding)
         return await self.store.create_binding(binding)
 
     async def update_binding(self, caller: Principal, binding: Binding) -> Binding:
         """Replace a binding, with the same escalation check as creation."""
-        validate_binding(binding)
-        policy = await self._policy()
-        role = policy.roles.get(binding.role)
-        if role is None:
-            raise InvalidArgument(
-                f"role {binding.role!r} does not exist",
-                field_violations=[FieldViolation("role_binding.role", "unknown role")],
-            )
-        policy.check_no_escalation(caller, role.permissions, binding.namespace)
+        await self._check_binding(caller, binding)
         return await self.store.update_binding(binding)
 
     async def create_account(
