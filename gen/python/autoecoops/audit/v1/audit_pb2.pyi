@@ -500,6 +500,95 @@ class AppendEntryResponse(_message.Message):
 Global___AppendEntryResponse: _TypeAlias = AppendEntryResponse  # noqa: Y015
 
 @_typing.final
+class BatchAppendEntriesRequest(_message.Message):
+    """BatchAppendEntriesRequest appends several entries, in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___AppendEntryRequest]:
+        """The appends, each with its own entry and request id. At most 1000. An
+        empty batch appends nothing and answers with the latest checkpoint (a
+        relay uses it to learn that the log is reachable again).
+        """
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___AppendEntryRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchAppendEntriesRequest: _TypeAlias = BatchAppendEntriesRequest  # noqa: Y015
+
+@_typing.final
+class AppendedEntry(_message.Message):
+    """Where one entry of a batch landed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    LEAF_HASH_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The entry's index."""
+    leaf_hash: _builtins.bytes
+    """The entry's leaf hash, SHA-256(0x00 || entry_bytes)."""
+    replayed: _builtins.bool
+    """True when the request id had been appended before and this is the
+    original entry (nothing new was appended).
+    """
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        leaf_hash: _builtins.bytes = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "leaf_hash", b"leaf_hash", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendedEntry: _TypeAlias = AppendedEntry  # noqa: Y015
+
+@_typing.final
+class BatchAppendEntriesResponse(_message.Message):
+    """BatchAppendEntriesResponse places each entry in the log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___AppendedEntry]:
+        """One result per request, in the order of the request."""
+
+    @_builtins.property
+    def checkpoint(self) -> Global___Checkpoint:
+        """A signed checkpoint whose tree includes every entry of the batch."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___AppendedEntry] | None = ...,
+        checkpoint: Global___Checkpoint | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchAppendEntriesResponse: _TypeAlias = BatchAppendEntriesResponse  # noqa: Y015
+
+@_typing.final
 class GetEntryRequest(_message.Message):
     """GetEntryRequest names an entry."""
 

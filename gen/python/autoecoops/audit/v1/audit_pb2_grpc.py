@@ -43,6 +43,11 @@ class AuditServiceStub:
                 request_serializer=autoecoops_dot_audit_dot_v1_dot_audit__pb2.AppendEntryRequest.SerializeToString,
                 response_deserializer=autoecoops_dot_audit_dot_v1_dot_audit__pb2.AppendEntryResponse.FromString,
                 _registered_method=True)
+        self.BatchAppendEntries = channel.unary_unary(
+                '/autoecoops.audit.v1.AuditService/BatchAppendEntries',
+                request_serializer=autoecoops_dot_audit_dot_v1_dot_audit__pb2.BatchAppendEntriesRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_audit_dot_v1_dot_audit__pb2.BatchAppendEntriesResponse.FromString,
+                _registered_method=True)
         self.GetEntry = channel.unary_unary(
                 '/autoecoops.audit.v1.AuditService/GetEntry',
                 request_serializer=autoecoops_dot_audit_dot_v1_dot_audit__pb2.GetEntryRequest.SerializeToString,
@@ -85,6 +90,17 @@ class AuditServiceServicer:
     def AppendEntry(self, request, context):
         """Appends an entry and returns its index and a checkpoint that covers it.
         Not itself audited: it is the audit write.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchAppendEntries(self, request, context):
+        """Appends many entries in one call, in the order given, and returns where
+        each landed and one checkpoint that covers them all. Each entry is
+        idempotent by its own request_id, exactly as AppendEntry. This is how
+        every service's audit outbox relay writes: many calls' entries share one
+        round trip and one group commit. Not itself audited: it is the audit write.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -141,6 +157,11 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     servicer.AppendEntry,
                     request_deserializer=autoecoops_dot_audit_dot_v1_dot_audit__pb2.AppendEntryRequest.FromString,
                     response_serializer=autoecoops_dot_audit_dot_v1_dot_audit__pb2.AppendEntryResponse.SerializeToString,
+            ),
+            'BatchAppendEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchAppendEntries,
+                    request_deserializer=autoecoops_dot_audit_dot_v1_dot_audit__pb2.BatchAppendEntriesRequest.FromString,
+                    response_serializer=autoecoops_dot_audit_dot_v1_dot_audit__pb2.BatchAppendEntriesResponse.SerializeToString,
             ),
             'GetEntry': grpc.unary_unary_rpc_method_handler(
                     servicer.GetEntry,
@@ -204,6 +225,33 @@ class AuditService:
             '/autoecoops.audit.v1.AuditService/AppendEntry',
             autoecoops_dot_audit_dot_v1_dot_audit__pb2.AppendEntryRequest.SerializeToString,
             autoecoops_dot_audit_dot_v1_dot_audit__pb2.AppendEntryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchAppendEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.audit.v1.AuditService/BatchAppendEntries',
+            autoecoops_dot_audit_dot_v1_dot_audit__pb2.BatchAppendEntriesRequest.SerializeToString,
+            autoecoops_dot_audit_dot_v1_dot_audit__pb2.BatchAppendEntriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

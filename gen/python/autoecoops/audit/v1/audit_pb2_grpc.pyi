@@ -41,6 +41,13 @@ class AuditServiceStub:
     """Appends an entry and returns its index and a checkpoint that covers it.
     Not itself audited: it is the audit write.
     """
+    BatchAppendEntries: _grpc.UnaryUnaryMultiCallable[_audit_pb2.BatchAppendEntriesRequest, _audit_pb2.BatchAppendEntriesResponse]
+    """Appends many entries in one call, in the order given, and returns where
+    each landed and one checkpoint that covers them all. Each entry is
+    idempotent by its own request_id, exactly as AppendEntry. This is how
+    every service's audit outbox relay writes: many calls' entries share one
+    round trip and one group commit. Not itself audited: it is the audit write.
+    """
     GetEntry: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetEntryRequest, _audit_pb2.GetEntryResponse]
     """Gets an entry with the exact bytes its leaf hash was computed from."""
     ListEntries: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListEntriesRequest, _audit_pb2.ListEntriesResponse]
@@ -70,6 +77,13 @@ class AuditServiceAsyncStub(AuditServiceStub):
     AppendEntry: _aio.UnaryUnaryMultiCallable[_audit_pb2.AppendEntryRequest, _audit_pb2.AppendEntryResponse]  # type: ignore[assignment]
     """Appends an entry and returns its index and a checkpoint that covers it.
     Not itself audited: it is the audit write.
+    """
+    BatchAppendEntries: _aio.UnaryUnaryMultiCallable[_audit_pb2.BatchAppendEntriesRequest, _audit_pb2.BatchAppendEntriesResponse]  # type: ignore[assignment]
+    """Appends many entries in one call, in the order given, and returns where
+    each landed and one checkpoint that covers them all. Each entry is
+    idempotent by its own request_id, exactly as AppendEntry. This is how
+    every service's audit outbox relay writes: many calls' entries share one
+    round trip and one group commit. Not itself audited: it is the audit write.
     """
     GetEntry: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetEntryRequest, _audit_pb2.GetEntryResponse]  # type: ignore[assignment]
     """Gets an entry with the exact bytes its leaf hash was computed from."""
@@ -103,6 +117,19 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_audit_pb2.AppendEntryResponse, _abc.Awaitable[_audit_pb2.AppendEntryResponse]]:
         """Appends an entry and returns its index and a checkpoint that covers it.
         Not itself audited: it is the audit write.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchAppendEntries(
+        self,
+        request: _audit_pb2.BatchAppendEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.BatchAppendEntriesResponse, _abc.Awaitable[_audit_pb2.BatchAppendEntriesResponse]]:
+        """Appends many entries in one call, in the order given, and returns where
+        each landed and one checkpoint that covers them all. Each entry is
+        idempotent by its own request_id, exactly as AppendEntry. This is how
+        every service's audit outbox relay writes: many calls' entries share one
+        round trip and one group commit. Not itself audited: it is the audit write.
         """
 
     @_abc_1.abstractmethod

@@ -51,6 +51,30 @@ SUBJECT_KIND_SERVICE_ACCOUNT: SubjectKind.ValueType  # 3
 """A service account, by client id."""
 Global___SubjectKind: _TypeAlias = SubjectKind  # noqa: Y015
 
+class _ChangeType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChangeTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHANGE_TYPE_UNSPECIFIED: _ChangeType.ValueType  # 0
+    """Not set."""
+    CHANGE_TYPE_UPSERT: _ChangeType.ValueType  # 1
+    """The object was created or replaced; the change carries it whole."""
+    CHANGE_TYPE_DELETE: _ChangeType.ValueType  # 2
+    """The object was deleted; the change carries only its name."""
+
+class ChangeType(_ChangeType, metaclass=_ChangeTypeEnumTypeWrapper):
+    """What a change did."""
+
+CHANGE_TYPE_UNSPECIFIED: ChangeType.ValueType  # 0
+"""Not set."""
+CHANGE_TYPE_UPSERT: ChangeType.ValueType  # 1
+"""The object was created or replaced; the change carries it whole."""
+CHANGE_TYPE_DELETE: ChangeType.ValueType  # 2
+"""The object was deleted; the change carries only its name."""
+Global___ChangeType: _TypeAlias = ChangeType  # noqa: Y015
+
 @_typing.final
 class Principal(_message.Message):
     """The verified identity behind a call."""
@@ -113,7 +137,7 @@ class IssueTokenRequest(_message.Message):
     """The audience the token is for; defaults to the mesh."""
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Requested scopes, a subset of what the account holds."""
+        """Requested scopes; each must be held by the account, else PERMISSION_DENIED."""
 
     def __init__(
         self,
@@ -184,16 +208,24 @@ class ExchangeTokenRequest(_message.Message):
     subject_token: _builtins.str
     """The token to exchange, from a trusted issuer or from us."""
     subject_token_type: _builtins.str
-    """The type of subject_token, e.g. "urn:ietf:params:oauth:token-type:jwt"."""
+    """The type of subject_token: "urn:ietf:params:oauth:token-type:access_token"
+    or "urn:ietf:params:oauth:token-type:jwt"; empty means jwt. Any other
+    type is INVALID_ARGUMENT.
+    """
     actor_token: _builtins.str
     """The token of the party acting on the subject's behalf, if any."""
     actor_token_type: _builtins.str
-    """The type of actor_token."""
+    """The type of actor_token (the same types; empty means jwt)."""
     audience: _builtins.str
-    """The audience the new token is restricted to."""
+    """The audience the new token is restricted to: the mesh audience or one
+    service, never wider than the subject token's audience.
+    """
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Requested scopes."""
+        """Requested scopes; they must lie within the subject token's scope (and
+        what its subject holds), else PERMISSION_DENIED SCOPE_WIDENING. Empty
+        keeps the subject token's scope.
+        """
 
     def __init__(
         self,
@@ -223,6 +255,7 @@ class ExchangeTokenResponse(_message.Message):
     ISSUED_TOKEN_TYPE_FIELD_NUMBER: _builtins.int
     TOKEN_TYPE_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
     access_token: _builtins.str
     """The signed JWT."""
     issued_token_type: _builtins.str
@@ -233,6 +266,12 @@ class ExchangeTokenResponse(_message.Message):
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the token expires."""
 
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The scopes the token carries (RFC 8693 2.2.1 `scope`); empty for an
+        unscoped token, which carries whatever its subject holds.
+        """
+
     def __init__(
         self,
         *,
@@ -240,10 +279,11 @@ class ExchangeTokenResponse(_message.Message):
         issued_token_type: _builtins.str = ...,
         token_type: _builtins.str = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "expire_time", b"expire_time", "issued_token_type", b"issued_token_type", "token_type", b"token_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "expire_time", b"expire_time", "issued_token_type", b"issued_token_type", "scopes", b"scopes", "token_type", b"token_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -389,18 +429,27 @@ class GetJwksResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEYS_FIELD_NUMBER: _builtins.int
+    JWK_SET_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___JsonWebKey]:
         """The keys that verify tokens, including recently retired ones."""
+
+    @_builtins.property
+    def jwk_set(self) -> _struct_pb2.Struct:
+        """The same keys as an RFC 7517 JWK Set document (`{"keys": [...]}`), each
+        key with exactly the members RFC 7518 defines for its type (EC: crv, x,
+        y; RSA: n, e). The REST route serves this as its body.
+        """
 
     def __init__(
         self,
         *,
         keys: _abc.Iterable[Global___JsonWebKey] | None = ...,
+        jwk_set: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["jwk_set", b"jwk_set"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jwk_set", b"jwk_set", "keys", b"keys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1700,3 +1749,152 @@ class DeleteServiceAccountResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteServiceAccountResponse: _TypeAlias = DeleteServiceAccountResponse  # noqa: Y015
+
+@_typing.final
+class WatchAuthorizationRequest(_message.Message):
+    """WatchAuthorizationRequest opens a watch of roles and bindings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESUME_VERSION_FIELD_NUMBER: _builtins.int
+    resume_version: _builtins.int
+    """The version the watcher already holds (after a reconnect); 0 asks for a
+    full snapshot. A version the change log no longer covers gets a snapshot.
+    """
+    def __init__(
+        self,
+        *,
+        resume_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resume_version", b"resume_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchAuthorizationRequest: _TypeAlias = WatchAuthorizationRequest  # noqa: Y015
+
+@_typing.final
+class AuthorizationSnapshot(_message.Message):
+    """The complete RBAC state at one version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLES_FIELD_NUMBER: _builtins.int
+    ROLE_BINDINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def roles(self) -> _containers.RepeatedCompositeFieldContainer[Global___Role]:
+        """Every role."""
+
+    @_builtins.property
+    def role_bindings(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoleBinding]:
+        """Every role binding."""
+
+    def __init__(
+        self,
+        *,
+        roles: _abc.Iterable[Global___Role] | None = ...,
+        role_bindings: _abc.Iterable[Global___RoleBinding] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["role_bindings", b"role_bindings", "roles", b"roles"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthorizationSnapshot: _TypeAlias = AuthorizationSnapshot  # noqa: Y015
+
+@_typing.final
+class AuthorizationChange(_message.Message):
+    """One change to a role or a binding."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    ROLE_BINDING_FIELD_NUMBER: _builtins.int
+    type: Global___ChangeType.ValueType
+    """Upsert or delete."""
+    @_builtins.property
+    def role(self) -> Global___Role:
+        """A role."""
+
+    @_builtins.property
+    def role_binding(self) -> Global___RoleBinding:
+        """A role binding."""
+
+    def __init__(
+        self,
+        *,
+        type: Global___ChangeType.ValueType = ...,
+        role: Global___Role | None = ...,
+        role_binding: Global___RoleBinding | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object", "role", b"role", "role_binding", b"role_binding"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["object", b"object", "role", b"role", "role_binding", b"role_binding", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_object: _TypeAlias = _typing.Literal["role", "role_binding"]  # noqa: Y015
+    _WhichOneofArgType_object: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_object) -> _WhichOneofReturnType_object | None: ...
+
+Global___AuthorizationChange: _TypeAlias = AuthorizationChange  # noqa: Y015
+
+@_typing.final
+class AuthorizationBookmark(_message.Message):
+    """A marker: the watcher is current at the response's version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthorizationBookmark: _TypeAlias = AuthorizationBookmark  # noqa: Y015
+
+@_typing.final
+class WatchAuthorizationResponse(_message.Message):
+    """One event of a watch; versions only grow along a stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    BOOKMARK_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The RBAC version after this event."""
+    @_builtins.property
+    def snapshot(self) -> Global___AuthorizationSnapshot:
+        """The whole state; replaces whatever the watcher held."""
+
+    @_builtins.property
+    def change(self) -> Global___AuthorizationChange:
+        """One change, applied on top of the previous version."""
+
+    @_builtins.property
+    def bookmark(self) -> Global___AuthorizationBookmark:
+        """Nothing changed: sent on a resume and when idle, so a watcher knows the stream is live."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        snapshot: Global___AuthorizationSnapshot | None = ...,
+        change: Global___AuthorizationChange | None = ...,
+        bookmark: Global___AuthorizationBookmark | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bookmark", b"bookmark", "change", b"change", "event", b"event", "snapshot", b"snapshot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bookmark", b"bookmark", "change", b"change", "event", b"event", "snapshot", b"snapshot", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["snapshot", "change", "bookmark"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___WatchAuthorizationResponse: _TypeAlias = WatchAuthorizationResponse  # noqa: Y015

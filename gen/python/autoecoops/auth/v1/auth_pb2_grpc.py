@@ -161,6 +161,11 @@ class AuthServiceStub:
                 request_serializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.CheckPermissionRequest.SerializeToString,
                 response_deserializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.CheckPermissionResponse.FromString,
                 _registered_method=True)
+        self.WatchAuthorization = channel.unary_stream(
+                '/autoecoops.auth.v1.AuthService/WatchAuthorization',
+                request_serializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.WatchAuthorizationRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.WatchAuthorizationResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -248,7 +253,9 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateRoleBinding(self, request, context):
-        """Binds a role to subjects, cluster-wide or in one namespace.
+        """Binds a role to subjects, cluster-wide or in one namespace. A binding in
+        namespace N needs `auth.rolebindings.create` held in N (or cluster-wide),
+        and the role's permissions held in N.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -262,7 +269,8 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListRoleBindings(self, request, context):
-        """Lists role bindings, optionally those of one namespace or subject.
+        """Lists role bindings, optionally those of one namespace or subject. Listing
+        one namespace needs `auth.rolebindings.list` there; listing all, cluster-wide.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -340,6 +348,16 @@ class AuthServiceServicer:
 
     def CheckPermission(self, request, context):
         """Answers whether a subject holds a permission, cluster-wide or in a namespace.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchAuthorization(self, request, context):
+        """Streams the RBAC state every service enforces, the way a Kubernetes
+        informer does: first a full versioned snapshot of roles and bindings (or,
+        when `resume_version` is still covered by the change log, a bookmark at
+        that version), then each change in order, and a bookmark when idle.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -472,6 +490,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.CheckPermission,
                     request_deserializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.CheckPermissionRequest.FromString,
                     response_serializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.CheckPermissionResponse.SerializeToString,
+            ),
+            'WatchAuthorization': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAuthorization,
+                    request_deserializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.WatchAuthorizationRequest.FromString,
+                    response_serializer=autoecoops_dot_auth_dot_v1_dot_auth__pb2.WatchAuthorizationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1151,6 +1174,33 @@ class AuthService:
             '/autoecoops.auth.v1.AuthService/CheckPermission',
             autoecoops_dot_auth_dot_v1_dot_auth__pb2.CheckPermissionRequest.SerializeToString,
             autoecoops_dot_auth_dot_v1_dot_auth__pb2.CheckPermissionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAuthorization(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/autoecoops.auth.v1.AuthService/WatchAuthorization',
+            autoecoops_dot_auth_dot_v1_dot_auth__pb2.WatchAuthorizationRequest.SerializeToString,
+            autoecoops_dot_auth_dot_v1_dot_auth__pb2.WatchAuthorizationResponse.FromString,
             options,
             channel_credentials,
             insecure,

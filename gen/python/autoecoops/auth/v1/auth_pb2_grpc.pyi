@@ -62,11 +62,16 @@ class AuthServiceStub:
     DeleteRole: _grpc.UnaryUnaryMultiCallable[_auth_pb2.DeleteRoleRequest, _auth_pb2.DeleteRoleResponse]
     """Deletes a role. Bindings to it stop granting anything."""
     CreateRoleBinding: _grpc.UnaryUnaryMultiCallable[_auth_pb2.CreateRoleBindingRequest, _auth_pb2.CreateRoleBindingResponse]
-    """Binds a role to subjects, cluster-wide or in one namespace."""
+    """Binds a role to subjects, cluster-wide or in one namespace. A binding in
+    namespace N needs `auth.rolebindings.create` held in N (or cluster-wide),
+    and the role's permissions held in N.
+    """
     GetRoleBinding: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetRoleBindingRequest, _auth_pb2.GetRoleBindingResponse]
     """Gets a role binding by name."""
     ListRoleBindings: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListRoleBindingsRequest, _auth_pb2.ListRoleBindingsResponse]
-    """Lists role bindings, optionally those of one namespace or subject."""
+    """Lists role bindings, optionally those of one namespace or subject. Listing
+    one namespace needs `auth.rolebindings.list` there; listing all, cluster-wide.
+    """
     UpdateRoleBinding: _grpc.UnaryUnaryMultiCallable[_auth_pb2.UpdateRoleBindingRequest, _auth_pb2.UpdateRoleBindingResponse]
     """Updates the fields of a role binding named by the update mask."""
     DeleteRoleBinding: _grpc.UnaryUnaryMultiCallable[_auth_pb2.DeleteRoleBindingRequest, _auth_pb2.DeleteRoleBindingResponse]
@@ -89,6 +94,12 @@ class AuthServiceStub:
     """Deletes a service account; tokens it already holds expire on their own."""
     CheckPermission: _grpc.UnaryUnaryMultiCallable[_auth_pb2.CheckPermissionRequest, _auth_pb2.CheckPermissionResponse]
     """Answers whether a subject holds a permission, cluster-wide or in a namespace."""
+    WatchAuthorization: _grpc.UnaryStreamMultiCallable[_auth_pb2.WatchAuthorizationRequest, _auth_pb2.WatchAuthorizationResponse]
+    """Streams the RBAC state every service enforces, the way a Kubernetes
+    informer does: first a full versioned snapshot of roles and bindings (or,
+    when `resume_version` is still covered by the change log, a bookmark at
+    that version), then each change in order, and a bookmark when idle.
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -124,11 +135,16 @@ class AuthServiceAsyncStub(AuthServiceStub):
     DeleteRole: _aio.UnaryUnaryMultiCallable[_auth_pb2.DeleteRoleRequest, _auth_pb2.DeleteRoleResponse]  # type: ignore[assignment]
     """Deletes a role. Bindings to it stop granting anything."""
     CreateRoleBinding: _aio.UnaryUnaryMultiCallable[_auth_pb2.CreateRoleBindingRequest, _auth_pb2.CreateRoleBindingResponse]  # type: ignore[assignment]
-    """Binds a role to subjects, cluster-wide or in one namespace."""
+    """Binds a role to subjects, cluster-wide or in one namespace. A binding in
+    namespace N needs `auth.rolebindings.create` held in N (or cluster-wide),
+    and the role's permissions held in N.
+    """
     GetRoleBinding: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetRoleBindingRequest, _auth_pb2.GetRoleBindingResponse]  # type: ignore[assignment]
     """Gets a role binding by name."""
     ListRoleBindings: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListRoleBindingsRequest, _auth_pb2.ListRoleBindingsResponse]  # type: ignore[assignment]
-    """Lists role bindings, optionally those of one namespace or subject."""
+    """Lists role bindings, optionally those of one namespace or subject. Listing
+    one namespace needs `auth.rolebindings.list` there; listing all, cluster-wide.
+    """
     UpdateRoleBinding: _aio.UnaryUnaryMultiCallable[_auth_pb2.UpdateRoleBindingRequest, _auth_pb2.UpdateRoleBindingResponse]  # type: ignore[assignment]
     """Updates the fields of a role binding named by the update mask."""
     DeleteRoleBinding: _aio.UnaryUnaryMultiCallable[_auth_pb2.DeleteRoleBindingRequest, _auth_pb2.DeleteRoleBindingResponse]  # type: ignore[assignment]
@@ -151,6 +167,12 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """Deletes a service account; tokens it already holds expire on their own."""
     CheckPermission: _aio.UnaryUnaryMultiCallable[_auth_pb2.CheckPermissionRequest, _auth_pb2.CheckPermissionResponse]  # type: ignore[assignment]
     """Answers whether a subject holds a permission, cluster-wide or in a namespace."""
+    WatchAuthorization: _aio.UnaryStreamMultiCallable[_auth_pb2.WatchAuthorizationRequest, _auth_pb2.WatchAuthorizationResponse]  # type: ignore[assignment]
+    """Streams the RBAC state every service enforces, the way a Kubernetes
+    informer does: first a full versioned snapshot of roles and bindings (or,
+    when `resume_version` is still covered by the change log, a bookmark at
+    that version), then each change in order, and a bookmark when idle.
+    """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     """Identity for the mesh: our own token issuer, OIDC federation with trusted
@@ -255,7 +277,10 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.CreateRoleBindingRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.CreateRoleBindingResponse, _abc.Awaitable[_auth_pb2.CreateRoleBindingResponse]]:
-        """Binds a role to subjects, cluster-wide or in one namespace."""
+        """Binds a role to subjects, cluster-wide or in one namespace. A binding in
+        namespace N needs `auth.rolebindings.create` held in N (or cluster-wide),
+        and the role's permissions held in N.
+        """
 
     @_abc_1.abstractmethod
     def GetRoleBinding(
@@ -271,7 +296,9 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.ListRoleBindingsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.ListRoleBindingsResponse, _abc.Awaitable[_auth_pb2.ListRoleBindingsResponse]]:
-        """Lists role bindings, optionally those of one namespace or subject."""
+        """Lists role bindings, optionally those of one namespace or subject. Listing
+        one namespace needs `auth.rolebindings.list` there; listing all, cluster-wide.
+        """
 
     @_abc_1.abstractmethod
     def UpdateRoleBinding(
@@ -360,5 +387,17 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.CheckPermissionResponse, _abc.Awaitable[_auth_pb2.CheckPermissionResponse]]:
         """Answers whether a subject holds a permission, cluster-wide or in a namespace."""
+
+    @_abc_1.abstractmethod
+    def WatchAuthorization(
+        self,
+        request: _auth_pb2.WatchAuthorizationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_auth_pb2.WatchAuthorizationResponse], _abc.AsyncIterator[_auth_pb2.WatchAuthorizationResponse]]:
+        """Streams the RBAC state every service enforces, the way a Kubernetes
+        informer does: first a full versioned snapshot of roles and bindings (or,
+        when `resume_version` is still covered by the change log, a bookmark at
+        that version), then each change in order, and a bookmark when idle.
+        """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"autoecoops/common/v1/options.proto\x12\x14\x61utoecoops.common.v1\x1a google/protobuf/descriptor.proto\"p\n\x0cMethodPolicy\x12\x12\n\npermission\x18\x01 \x01(\t\x12\x12\n\nidempotent\x18\x02 \x01(\x08\x12\x0f\n\x07\x61udited\x18\x03 \x01(\x08\x12\x0e\n\x06public\x18\x04 \x01(\x08\x12\x17\n\x0fnamespace_field\x18\x05 \x01(\t\"9\n\tEventSpec\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x0f\n\x07summary\x18\x03 \x01(\t:T\n\x06method\x12\x1e.google.protobuf.MethodOptions\x18\xd1\x86\x03 \x01(\x0b\x32\".autoecoops.common.v1.MethodPolicy:Q\n\x05\x65vent\x12\x1f.google.protobuf.MessageOptions\x18\xd2\x86\x03 \x01(\x0b\x32\x1f.autoecoops.common.v1.EventSpecb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"autoecoops/common/v1/options.proto\x12\x14\x61utoecoops.common.v1\x1a google/protobuf/descriptor.proto\"\x88\x01\n\x0cMethodPolicy\x12\x12\n\npermission\x18\x01 \x01(\t\x12\x12\n\nidempotent\x18\x02 \x01(\x08\x12\x0f\n\x07\x61udited\x18\x03 \x01(\x08\x12\x0e\n\x06public\x18\x04 \x01(\x08\x12\x17\n\x0fnamespace_field\x18\x05 \x01(\t\x12\x16\n\x0eresource_field\x18\x06 \x01(\t\"9\n\tEventSpec\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x0f\n\x07summary\x18\x03 \x01(\t:T\n\x06method\x12\x1e.google.protobuf.MethodOptions\x18\xd1\x86\x03 \x01(\x0b\x32\".autoecoops.common.v1.MethodPolicy:Q\n\x05\x65vent\x12\x1f.google.protobuf.MessageOptions\x18\xd2\x86\x03 \x01(\x0b\x32\x1f.autoecoops.common.v1.EventSpecb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'autoecoops.common.v1.options_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_METHODPOLICY']._serialized_start=94
-  _globals['_METHODPOLICY']._serialized_end=206
-  _globals['_EVENTSPEC']._serialized_start=208
-  _globals['_EVENTSPEC']._serialized_end=265
+  _globals['_METHODPOLICY']._serialized_start=95
+  _globals['_METHODPOLICY']._serialized_end=231
+  _globals['_EVENTSPEC']._serialized_start=233
+  _globals['_EVENTSPEC']._serialized_end=290
 # @@protoc_insertion_point(module_scope)

@@ -32,6 +32,7 @@ class MethodPolicy(_message.Message):
     AUDITED_FIELD_NUMBER: _builtins.int
     PUBLIC_FIELD_NUMBER: _builtins.int
     NAMESPACE_FIELD_FIELD_NUMBER: _builtins.int
+    RESOURCE_FIELD_FIELD_NUMBER: _builtins.int
     permission: _builtins.str
     """The RBAC permission the caller must hold, e.g. "memory.documents.search".
     Empty only when public is true; an RPC with neither is denied.
@@ -49,6 +50,12 @@ class MethodPolicy(_message.Message):
     acts in, e.g. "namespace". RBAC then honours namespace-scoped bindings;
     empty means the permission must be held cluster-wide.
     """
+    resource_field: _builtins.str
+    """The request field (a dotted path, e.g. "slo.name" or "name") holding the
+    resource an audited call acts on; its value becomes the audit entry's
+    resource. Empty falls back to the request's "name", "namespace" or
+    "topic", or a sub-message's "name".
+    """
     def __init__(
         self,
         *,
@@ -57,10 +64,11 @@ class MethodPolicy(_message.Message):
         audited: _builtins.bool = ...,
         public: _builtins.bool = ...,
         namespace_field: _builtins.str = ...,
+        resource_field: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audited", b"audited", "idempotent", b"idempotent", "namespace_field", b"namespace_field", "permission", b"permission", "public", b"public"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audited", b"audited", "idempotent", b"idempotent", "namespace_field", b"namespace_field", "permission", b"permission", "public", b"public", "resource_field", b"resource_field"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,7 +27,7 @@ from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#autoecoops/events/v1/envelope.proto\x12\x14\x61utoecoops.events.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x03\n\x08\x45nvelope\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x06source\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04type\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x0cspec_version\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12\x14\n\x0ctrace_parent\x18\x07 \x01(\t\x12\x13\n\x0btrace_state\x18\x08 \x01(\t\x12*\n\x05\x61\x63tor\x18\t \x01(\x0b\x32\x1b.autoecoops.events.v1.Actor\x12\x10\n\x08resource\x18\n \x01(\t\x12=\n\x0fpolicy_decision\x18\x0b \x01(\x0b\x32$.autoecoops.events.v1.PolicyDecision\x12\x1d\n\x0fidempotency_key\x18\x0c \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x11\x64\x61ta_content_type\x18\r \x01(\t\x12(\n\x04\x64\x61ta\x18\x0e \x01(\x0b\x32\x14.google.protobuf.AnyB\x04\xe2\x41\x01\x02\"8\n\x05\x41\x63tor\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06issuer\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tors\x18\x03 \x03(\t\"O\n\x0ePolicyDecision\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61llowed\x18\x02 \x01(\x08\x12\x17\n\x0f\x62undle_revision\x18\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#autoecoops/events/v1/envelope.proto\x12\x14\x61utoecoops.events.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x03\n\x08\x45nvelope\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x06source\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04type\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x0cspec_version\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12\x14\n\x0ctrace_parent\x18\x07 \x01(\t\x12\x13\n\x0btrace_state\x18\x08 \x01(\t\x12*\n\x05\x61\x63tor\x18\t \x01(\x0b\x32\x1b.autoecoops.events.v1.Actor\x12\x10\n\x08resource\x18\n \x01(\t\x12=\n\x0fpolicy_decision\x18\x0b \x01(\x0b\x32$.autoecoops.events.v1.PolicyDecision\x12\x1d\n\x0fidempotency_key\x18\x0c \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x11\x64\x61ta_content_type\x18\r \x01(\t\x12(\n\x04\x64\x61ta\x18\x0e \x01(\x0b\x32\x14.google.protobuf.AnyB\x04\xe2\x41\x01\x02\x12\x15\n\rpartition_key\x18\x0f \x01(\t\"8\n\x05\x41\x63tor\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06issuer\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tors\x18\x03 \x03(\t\"O\n\x0ePolicyDecision\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61llowed\x18\x02 \x01(\x08\x12\x17\n\x0f\x62undle_revision\x18\x03 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,9 +43,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENVELOPE'].fields_by_name['data']._loaded_options = None
   _globals['_ENVELOPE'].fields_by_name['data']._serialized_options = b'\342A\001\002'
   _globals['_ENVELOPE']._serialized_start=155
-  _globals['_ENVELOPE']._serialized_end=568
-  _globals['_ACTOR']._serialized_start=570
-  _globals['_ACTOR']._serialized_end=626
-  _globals['_POLICYDECISION']._serialized_start=628
-  _globals['_POLICYDECISION']._serialized_end=707
+  _globals['_ENVELOPE']._serialized_end=591
+  _globals['_ACTOR']._serialized_start=593
+  _globals['_ACTOR']._serialized_end=649
+  _globals['_POLICYDECISION']._serialized_start=651
+  _globals['_POLICYDECISION']._serialized_end=730
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,7 @@ class Envelope(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     DATA_CONTENT_TYPE_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    PARTITION_KEY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The event's id (CloudEvents `id`), unique per source. Empty on publish
     means the bus assigns one; the id returned by Publish is authoritative.
@@ -78,6 +79,13 @@ class Envelope(_message.Message):
     """The media type `data` was encoded with (CloudEvents `datacontenttype`);
     "application/protobuf" for a packed proto message, the usual case.
     """
+    partition_key: _builtins.str
+    """The ordering key: on a partitioned topic, events with the same key go to
+    the same partition and are delivered in the order they were published
+    (as a Kafka record key). Empty means the subject, else the resource, else
+    the idempotency key, so a retried publish always lands on the partition
+    that deduplicates it. Ignored by a topic of one partition.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the event happened; the bus sets the publish time when empty."""
@@ -111,10 +119,11 @@ class Envelope(_message.Message):
         idempotency_key: _builtins.str = ...,
         data_content_type: _builtins.str = ...,
         data: _any_pb2.Any | None = ...,
+        partition_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "data", b"data", "policy_decision", b"policy_decision", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "data", b"data", "data_content_type", b"data_content_type", "id", b"id", "idempotency_key", b"idempotency_key", "policy_decision", b"policy_decision", "resource", b"resource", "source", b"source", "spec_version", b"spec_version", "subject", b"subject", "time", b"time", "trace_parent", b"trace_parent", "trace_state", b"trace_state", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "data", b"data", "data_content_type", b"data_content_type", "id", b"id", "idempotency_key", b"idempotency_key", "partition_key", b"partition_key", "policy_decision", b"policy_decision", "resource", b"resource", "source", b"source", "spec_version", b"spec_version", "subject", b"subject", "time", b"time", "trace_parent", b"trace_parent", "trace_state", b"trace_state", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -99,6 +99,7 @@ class Delivery(_message.Message):
     ENVELOPE_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
     delivery_id: _builtins.str
     """Identifies this delivery attempt; an opaque URL-safe token that Ack,
     Nack and ExtendLease take. A redelivery gets a new id.
@@ -107,6 +108,10 @@ class Delivery(_message.Message):
     """The event's id (the envelope's id)."""
     attempt: _builtins.int
     """Which attempt this is, starting at 1."""
+    partition: _builtins.int
+    """The partition the event is in; event_id is its position there. Always 0
+    on a topic of one partition.
+    """
     @_builtins.property
     def envelope(self) -> _envelope_pb2.Envelope:
         """The event."""
@@ -123,10 +128,11 @@ class Delivery(_message.Message):
         envelope: _envelope_pb2.Envelope | None = ...,
         attempt: _builtins.int = ...,
         lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        partition: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "lease_expire_time", b"lease_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "delivery_id", b"delivery_id", "envelope", b"envelope", "event_id", b"event_id", "lease_expire_time", b"lease_expire_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "delivery_id", b"delivery_id", "envelope", b"envelope", "event_id", b"event_id", "lease_expire_time", b"lease_expire_time", "partition", b"partition"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -148,6 +154,7 @@ class DeadLetter(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     CONSUMER_FIELD_NUMBER: _builtins.int
     DEAD_LETTER_TIME_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
     dead_letter_id: _builtins.str
     """The dead letter's id within its topic."""
     topic: _builtins.str
@@ -160,6 +167,10 @@ class DeadLetter(_message.Message):
     """How many deliveries were made."""
     consumer: _builtins.str
     """The consumer that held the last attempt."""
+    partition: _builtins.int
+    """The partition the event was in. On a partitioned topic the dead letter's
+    id starts with it: "p<partition>-<milliseconds>-<sequence>".
+    """
     @_builtins.property
     def envelope(self) -> _envelope_pb2.Envelope:
         """The original event, unchanged."""
@@ -179,10 +190,11 @@ class DeadLetter(_message.Message):
         attempts: _builtins.int = ...,
         consumer: _builtins.str = ...,
         dead_letter_time: _timestamp_pb2.Timestamp | None = ...,
+        partition: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dead_letter_time", b"dead_letter_time", "envelope", b"envelope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "consumer", b"consumer", "dead_letter_id", b"dead_letter_id", "dead_letter_time", b"dead_letter_time", "envelope", b"envelope", "group", b"group", "reason", b"reason", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "consumer", b"consumer", "dead_letter_id", b"dead_letter_id", "dead_letter_time", b"dead_letter_time", "envelope", b"envelope", "group", b"group", "partition", b"partition", "reason", b"reason", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -260,10 +272,15 @@ class Topic(_message.Message):
     LENGTH_FIELD_NUMBER: _builtins.int
     GROUPS_FIELD_NUMBER: _builtins.int
     LAST_EVENT_TIME_FIELD_NUMBER: _builtins.int
+    PARTITIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The topic's name, a short dotted name such as "memory.documents"."""
     length: _builtins.int
     """The number of events in the topic's stream."""
+    partitions: _builtins.int
+    """How many partitions the topic has (1 for an unpartitioned topic). Set
+    once, by CreateTopic or on first use from AUTOECOOPS_EVENT_BUS_PARTITIONS.
+    """
     @_builtins.property
     def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The consumer groups reading it."""
@@ -279,10 +296,11 @@ class Topic(_message.Message):
         length: _builtins.int = ...,
         groups: _abc.Iterable[_builtins.str] | None = ...,
         last_event_time: _timestamp_pb2.Timestamp | None = ...,
+        partitions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_event_time", b"last_event_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups", "last_event_time", b"last_event_time", "length", b"length", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups", "last_event_time", b"last_event_time", "length", b"length", "name", b"name", "partitions", b"partitions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -298,15 +316,18 @@ class TopicStats(_message.Message):
     LENGTH_FIELD_NUMBER: _builtins.int
     DEAD_LETTER_COUNT_FIELD_NUMBER: _builtins.int
     GROUPS_FIELD_NUMBER: _builtins.int
+    PARTITIONS_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
     """The topic."""
     length: _builtins.int
     """The number of events in the topic's stream."""
     dead_letter_count: _builtins.int
     """Dead letters currently held for the topic, over all groups."""
+    partitions: _builtins.int
+    """How many partitions the topic has."""
     @_builtins.property
     def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsumerGroupStats]:
-        """One entry per consumer group."""
+        """One entry per consumer group, summed over the partitions."""
 
     def __init__(
         self,
@@ -315,10 +336,11 @@ class TopicStats(_message.Message):
         length: _builtins.int = ...,
         dead_letter_count: _builtins.int = ...,
         groups: _abc.Iterable[Global___ConsumerGroupStats] | None = ...,
+        partitions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letter_count", b"dead_letter_count", "groups", b"groups", "length", b"length", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letter_count", b"dead_letter_count", "groups", b"groups", "length", b"length", "partitions", b"partitions", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -424,21 +446,27 @@ class PublishResponse(_message.Message):
 
     EVENT_ID_FIELD_NUMBER: _builtins.int
     DUPLICATE_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """The event's id."""
     duplicate: _builtins.bool
     """True when the idempotency key had been seen, so nothing was stored and
     event_id is that of the original event.
     """
+    partition: _builtins.int
+    """The partition the event is in (0 on a topic of one partition); with
+    event_id it is the event's position.
+    """
     def __init__(
         self,
         *,
         event_id: _builtins.str = ...,
         duplicate: _builtins.bool = ...,
+        partition: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "event_id", b"event_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "event_id", b"event_id", "partition", b"partition"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -480,19 +508,23 @@ class PublishResult(_message.Message):
 
     EVENT_ID_FIELD_NUMBER: _builtins.int
     DUPLICATE_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """The event's id."""
     duplicate: _builtins.bool
     """True when the idempotency key had been seen and nothing was stored."""
+    partition: _builtins.int
+    """The partition the event is in."""
     def __init__(
         self,
         *,
         event_id: _builtins.str = ...,
         duplicate: _builtins.bool = ...,
+        partition: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "event_id", b"event_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "event_id", b"event_id", "partition", b"partition"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1078,6 +1110,7 @@ class ReplayRequest(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     END_EVENT_ID_FIELD_NUMBER: _builtins.int
     RESET_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
     """The topic."""
     group: _builtins.str
@@ -1088,6 +1121,11 @@ class ReplayRequest(_message.Message):
     """This event."""
     reset: _builtins.bool
     """Move the group's position instead of re-delivering a range."""
+    partition: _builtins.int
+    """Only this partition. Unset: every partition (start and end by time then
+    apply to each; an event id names a position in one partition, so with
+    start_event_id or end_event_id a partitioned topic needs it).
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """The first event published at or after this time."""
@@ -1106,15 +1144,20 @@ class ReplayRequest(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         end_event_id: _builtins.str = ...,
         reset: _builtins.bool = ...,
+        partition: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "end_event_id", b"end_event_id", "end_time", b"end_time", "start", b"start", "start_event_id", b"start_event_id", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_partition", b"_partition", "end", b"end", "end_event_id", b"end_event_id", "end_time", b"end_time", "partition", b"partition", "start", b"start", "start_event_id", b"start_event_id", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "end_event_id", b"end_event_id", "end_time", b"end_time", "group", b"group", "reset", b"reset", "start", b"start", "start_event_id", b"start_event_id", "start_time", b"start_time", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_partition", b"_partition", "end", b"end", "end_event_id", b"end_event_id", "end_time", b"end_time", "group", b"group", "partition", b"partition", "reset", b"reset", "start", b"start", "start_event_id", b"start_event_id", "start_time", b"start_time", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__partition: _TypeAlias = _typing.Literal["partition"]  # noqa: Y015
+    _WhichOneofArgType__partition: _TypeAlias = _typing.Literal["_partition", b"_partition"]  # noqa: Y015
     _WhichOneofReturnType_end: _TypeAlias = _typing.Literal["end_time", "end_event_id"]  # noqa: Y015
     _WhichOneofArgType_end: _TypeAlias = _typing.Literal["end", b"end"]  # noqa: Y015
     _WhichOneofReturnType_start: _TypeAlias = _typing.Literal["start_time", "start_event_id"]  # noqa: Y015
     _WhichOneofArgType_start: _TypeAlias = _typing.Literal["start", b"start"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__partition) -> _WhichOneofReturnType__partition | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_end) -> _WhichOneofReturnType_end | None: ...
     @_typing.overload
@@ -1193,6 +1236,58 @@ class GetTopicStatsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetTopicStatsResponse: _TypeAlias = GetTopicStatsResponse  # noqa: Y015
+
+@_typing.final
+class CreateTopicRequest(_message.Message):
+    """CreateTopicRequest sets up a topic."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOPIC_ID_FIELD_NUMBER: _builtins.int
+    TOPIC_FIELD_NUMBER: _builtins.int
+    topic_id: _builtins.str
+    """The topic's name; one the contracts name, e.g. "memory.documents"."""
+    @_builtins.property
+    def topic(self) -> Global___Topic:
+        """The topic's settings: partitions (1 to AUTOECOOPS_EVENT_BUS_MAX_PARTITIONS)."""
+
+    def __init__(
+        self,
+        *,
+        topic_id: _builtins.str = ...,
+        topic: Global___Topic | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["topic", b"topic"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["topic", b"topic", "topic_id", b"topic_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateTopicRequest: _TypeAlias = CreateTopicRequest  # noqa: Y015
+
+@_typing.final
+class CreateTopicResponse(_message.Message):
+    """CreateTopicResponse returns the topic."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOPIC_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def topic(self) -> Global___Topic:
+        """The topic as set up."""
+
+    def __init__(
+        self,
+        *,
+        topic: Global___Topic | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["topic", b"topic"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["topic", b"topic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateTopicResponse: _TypeAlias = CreateTopicResponse  # noqa: Y015
 
 @_typing.final
 class ListTopicsRequest(_message.Message):

@@ -28,7 +28,12 @@ if _version_not_supported:
 class EventBusServiceStub:
     """The event bus: topics on Redis Streams, consumer groups with at-least-once
     delivery, leases, retries with exponential backoff, a dead-letter queue
-    per topic and replay. A topic `t` is the stream `autoecoops:events:t`.
+    per topic and replay. A topic has one or more partitions (set once with
+    CreateTopic, else AUTOECOOPS_EVENT_BUS_PARTITIONS): each is its own stream,
+    an event goes to the partition of its envelope's partition_key, and order
+    is kept per partition. A topic `t` of one partition is the stream
+    `autoecoops:events:t`; partition p of a partitioned one is
+    `autoecoops:events:{t:p}`.
     """
 
     def __init__(self, channel):
@@ -97,6 +102,11 @@ class EventBusServiceStub:
                 request_serializer=autoecoops_dot_events_dot_v1_dot_events__pb2.GetTopicStatsRequest.SerializeToString,
                 response_deserializer=autoecoops_dot_events_dot_v1_dot_events__pb2.GetTopicStatsResponse.FromString,
                 _registered_method=True)
+        self.CreateTopic = channel.unary_unary(
+                '/autoecoops.events.v1.EventBusService/CreateTopic',
+                request_serializer=autoecoops_dot_events_dot_v1_dot_events__pb2.CreateTopicRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_events_dot_v1_dot_events__pb2.CreateTopicResponse.FromString,
+                _registered_method=True)
         self.ListTopics = channel.unary_unary(
                 '/autoecoops.events.v1.EventBusService/ListTopics',
                 request_serializer=autoecoops_dot_events_dot_v1_dot_events__pb2.ListTopicsRequest.SerializeToString,
@@ -107,7 +117,12 @@ class EventBusServiceStub:
 class EventBusServiceServicer:
     """The event bus: topics on Redis Streams, consumer groups with at-least-once
     delivery, leases, retries with exponential backoff, a dead-letter queue
-    per topic and replay. A topic `t` is the stream `autoecoops:events:t`.
+    per topic and replay. A topic has one or more partitions (set once with
+    CreateTopic, else AUTOECOOPS_EVENT_BUS_PARTITIONS): each is its own stream,
+    an event goes to the partition of its envelope's partition_key, and order
+    is kept per partition. A topic `t` of one partition is the stream
+    `autoecoops:events:t`; partition p of a partitioned one is
+    `autoecoops:events:{t:p}`.
     """
 
     def Publish(self, request, context):
@@ -201,6 +216,17 @@ class EventBusServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateTopic(self, request, context):
+        """Sets a topic's partition count before it is used (the topic must be one
+        the contracts name). Creating it again with the same count returns it;
+        another count, or a topic already in use with another count, is
+        FAILED_PRECONDITION: the count never changes, because moving keys
+        between partitions would break the order per key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListTopics(self, request, context):
         """Lists the topics that have had events published to them.
         """
@@ -271,6 +297,11 @@ def add_EventBusServiceServicer_to_server(servicer, server):
                     request_deserializer=autoecoops_dot_events_dot_v1_dot_events__pb2.GetTopicStatsRequest.FromString,
                     response_serializer=autoecoops_dot_events_dot_v1_dot_events__pb2.GetTopicStatsResponse.SerializeToString,
             ),
+            'CreateTopic': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTopic,
+                    request_deserializer=autoecoops_dot_events_dot_v1_dot_events__pb2.CreateTopicRequest.FromString,
+                    response_serializer=autoecoops_dot_events_dot_v1_dot_events__pb2.CreateTopicResponse.SerializeToString,
+            ),
             'ListTopics': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTopics,
                     request_deserializer=autoecoops_dot_events_dot_v1_dot_events__pb2.ListTopicsRequest.FromString,
@@ -287,7 +318,12 @@ def add_EventBusServiceServicer_to_server(servicer, server):
 class EventBusService:
     """The event bus: topics on Redis Streams, consumer groups with at-least-once
     delivery, leases, retries with exponential backoff, a dead-letter queue
-    per topic and replay. A topic `t` is the stream `autoecoops:events:t`.
+    per topic and replay. A topic has one or more partitions (set once with
+    CreateTopic, else AUTOECOOPS_EVENT_BUS_PARTITIONS): each is its own stream,
+    an event goes to the partition of its envelope's partition_key, and order
+    is kept per partition. A topic `t` of one partition is the stream
+    `autoecoops:events:t`; partition p of a partitioned one is
+    `autoecoops:events:{t:p}`.
     """
 
     @staticmethod
@@ -604,6 +640,33 @@ class EventBusService:
             '/autoecoops.events.v1.EventBusService/GetTopicStats',
             autoecoops_dot_events_dot_v1_dot_events__pb2.GetTopicStatsRequest.SerializeToString,
             autoecoops_dot_events_dot_v1_dot_events__pb2.GetTopicStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTopic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.events.v1.EventBusService/CreateTopic',
+            autoecoops_dot_events_dot_v1_dot_events__pb2.CreateTopicRequest.SerializeToString,
+            autoecoops_dot_events_dot_v1_dot_events__pb2.CreateTopicResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,7 +29,12 @@ GRPC_VERSION: str
 class EventBusServiceStub:
     """The event bus: topics on Redis Streams, consumer groups with at-least-once
     delivery, leases, retries with exponential backoff, a dead-letter queue
-    per topic and replay. A topic `t` is the stream `autoecoops:events:t`.
+    per topic and replay. A topic has one or more partitions (set once with
+    CreateTopic, else AUTOECOOPS_EVENT_BUS_PARTITIONS): each is its own stream,
+    an event goes to the partition of its envelope's partition_key, and order
+    is kept per partition. A topic `t` of one partition is the stream
+    `autoecoops:events:t`; partition p of a partitioned one is
+    `autoecoops:events:{t:p}`.
     """
 
     @_typing.overload
@@ -73,6 +78,13 @@ class EventBusServiceStub:
     """
     GetTopicStats: _grpc.UnaryUnaryMultiCallable[_events_pb2.GetTopicStatsRequest, _events_pb2.GetTopicStatsResponse]
     """Returns a topic's length and its consumer groups' progress and counters."""
+    CreateTopic: _grpc.UnaryUnaryMultiCallable[_events_pb2.CreateTopicRequest, _events_pb2.CreateTopicResponse]
+    """Sets a topic's partition count before it is used (the topic must be one
+    the contracts name). Creating it again with the same count returns it;
+    another count, or a topic already in use with another count, is
+    FAILED_PRECONDITION: the count never changes, because moving keys
+    between partitions would break the order per key.
+    """
     ListTopics: _grpc.UnaryUnaryMultiCallable[_events_pb2.ListTopicsRequest, _events_pb2.ListTopicsResponse]
     """Lists the topics that have had events published to them."""
 
@@ -80,7 +92,12 @@ class EventBusServiceStub:
 class EventBusServiceAsyncStub(EventBusServiceStub):
     """The event bus: topics on Redis Streams, consumer groups with at-least-once
     delivery, leases, retries with exponential backoff, a dead-letter queue
-    per topic and replay. A topic `t` is the stream `autoecoops:events:t`.
+    per topic and replay. A topic has one or more partitions (set once with
+    CreateTopic, else AUTOECOOPS_EVENT_BUS_PARTITIONS): each is its own stream,
+    an event goes to the partition of its envelope's partition_key, and order
+    is kept per partition. A topic `t` of one partition is the stream
+    `autoecoops:events:t`; partition p of a partitioned one is
+    `autoecoops:events:{t:p}`.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -121,13 +138,25 @@ class EventBusServiceAsyncStub(EventBusServiceStub):
     """
     GetTopicStats: _aio.UnaryUnaryMultiCallable[_events_pb2.GetTopicStatsRequest, _events_pb2.GetTopicStatsResponse]  # type: ignore[assignment]
     """Returns a topic's length and its consumer groups' progress and counters."""
+    CreateTopic: _aio.UnaryUnaryMultiCallable[_events_pb2.CreateTopicRequest, _events_pb2.CreateTopicResponse]  # type: ignore[assignment]
+    """Sets a topic's partition count before it is used (the topic must be one
+    the contracts name). Creating it again with the same count returns it;
+    another count, or a topic already in use with another count, is
+    FAILED_PRECONDITION: the count never changes, because moving keys
+    between partitions would break the order per key.
+    """
     ListTopics: _aio.UnaryUnaryMultiCallable[_events_pb2.ListTopicsRequest, _events_pb2.ListTopicsResponse]  # type: ignore[assignment]
     """Lists the topics that have had events published to them."""
 
 class EventBusServiceServicer(metaclass=_abc_1.ABCMeta):
     """The event bus: topics on Redis Streams, consumer groups with at-least-once
     delivery, leases, retries with exponential backoff, a dead-letter queue
-    per topic and replay. A topic `t` is the stream `autoecoops:events:t`.
+    per topic and replay. A topic has one or more partitions (set once with
+    CreateTopic, else AUTOECOOPS_EVENT_BUS_PARTITIONS): each is its own stream,
+    an event goes to the partition of its envelope's partition_key, and order
+    is kept per partition. A topic `t` of one partition is the stream
+    `autoecoops:events:t`; partition p of a partitioned one is
+    `autoecoops:events:{t:p}`.
     """
 
     @_abc_1.abstractmethod
@@ -238,6 +267,19 @@ class EventBusServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_events_pb2.GetTopicStatsResponse, _abc.Awaitable[_events_pb2.GetTopicStatsResponse]]:
         """Returns a topic's length and its consumer groups' progress and counters."""
+
+    @_abc_1.abstractmethod
+    def CreateTopic(
+        self,
+        request: _events_pb2.CreateTopicRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_events_pb2.CreateTopicResponse, _abc.Awaitable[_events_pb2.CreateTopicResponse]]:
+        """Sets a topic's partition count before it is used (the topic must be one
+        the contracts name). Creating it again with the same count returns it;
+        another count, or a topic already in use with another count, is
+        FAILED_PRECONDITION: the count never changes, because moving keys
+        between partitions would break the order per key.
+        """
 
     @_abc_1.abstractmethod
     def ListTopics(

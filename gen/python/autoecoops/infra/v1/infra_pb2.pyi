@@ -273,26 +273,229 @@ class ApplicationSource(_message.Message):
     REPO_URL_FIELD_NUMBER: _builtins.int
     TARGET_REVISION_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
+    HELM_FIELD_NUMBER: _builtins.int
+    KUSTOMIZE_FIELD_NUMBER: _builtins.int
     repo_url: _builtins.str
     """The repository URL, e.g. "https://github.com/org/deploy.git"."""
     target_revision: _builtins.str
     """The branch, tag or commit to track; empty means HEAD."""
     path: _builtins.str
     """The directory in the repository holding the manifests or chart."""
+    @_builtins.property
+    def helm(self) -> Global___ApplicationSourceHelm:
+        """Helm options. The source is a Helm chart when this is set or when the
+        path holds a Chart.yaml; it is rendered with `helm template`.
+        """
+
+    @_builtins.property
+    def kustomize(self) -> Global___ApplicationSourceKustomize:
+        """Kustomize options. The source is a Kustomize overlay when this is set or
+        when the path holds a kustomization.yaml; it is rendered with
+        `kubectl kustomize` (or the kustomize binary).
+        """
+
     def __init__(
         self,
         *,
         repo_url: _builtins.str = ...,
         target_revision: _builtins.str = ...,
         path: _builtins.str = ...,
+        helm: Global___ApplicationSourceHelm | None = ...,
+        kustomize: Global___ApplicationSourceKustomize | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["helm", b"helm", "kustomize", b"kustomize"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "repo_url", b"repo_url", "target_revision", b"target_revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["helm", b"helm", "kustomize", b"kustomize", "path", b"path", "repo_url", b"repo_url", "target_revision", b"target_revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ApplicationSource: _TypeAlias = ApplicationSource  # noqa: Y015
+
+@_typing.final
+class ApplicationSourceHelm(_message.Message):
+    """How a Helm chart is rendered: the options of `helm template`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUE_FILES_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    RELEASE_NAME_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    KUBE_VERSION_FIELD_NUMBER: _builtins.int
+    API_VERSIONS_FIELD_NUMBER: _builtins.int
+    SKIP_CRDS_FIELD_NUMBER: _builtins.int
+    IGNORE_MISSING_VALUE_FILES_FIELD_NUMBER: _builtins.int
+    values: _builtins.str
+    """Inline values as a YAML mapping, applied after the values files."""
+    release_name: _builtins.str
+    """The release name (.Release.Name); empty means the application's name."""
+    namespace: _builtins.str
+    """The release namespace (.Release.Namespace, helm's --namespace); empty
+    means the destination namespace.
+    """
+    kube_version: _builtins.str
+    """The Kubernetes version the chart sees in .Capabilities.KubeVersion
+    (helm's --kube-version), e.g. "1.29.0"; empty means helm's default.
+    """
+    skip_crds: _builtins.bool
+    """Leave out the chart's crds/ directory (helm's --skip-crds)."""
+    ignore_missing_value_files: _builtins.bool
+    """Skip values files that do not exist instead of failing."""
+    @_builtins.property
+    def value_files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Values files applied in order (helm's -f), relative to the chart's
+        directory; a leading "/" makes one relative to the repository's root.
+        """
+
+    @_builtins.property
+    def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___HelmParameter]:
+        """Single values (helm's --set), applied last."""
+
+    @_builtins.property
+    def api_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Extra API versions for .Capabilities.APIVersions (helm's --api-versions)."""
+
+    def __init__(
+        self,
+        *,
+        value_files: _abc.Iterable[_builtins.str] | None = ...,
+        values: _builtins.str = ...,
+        parameters: _abc.Iterable[Global___HelmParameter] | None = ...,
+        release_name: _builtins.str = ...,
+        namespace: _builtins.str = ...,
+        kube_version: _builtins.str = ...,
+        api_versions: _abc.Iterable[_builtins.str] | None = ...,
+        skip_crds: _builtins.bool = ...,
+        ignore_missing_value_files: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_versions", b"api_versions", "ignore_missing_value_files", b"ignore_missing_value_files", "kube_version", b"kube_version", "namespace", b"namespace", "parameters", b"parameters", "release_name", b"release_name", "skip_crds", b"skip_crds", "value_files", b"value_files", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplicationSourceHelm: _TypeAlias = ApplicationSourceHelm  # noqa: Y015
+
+@_typing.final
+class HelmParameter(_message.Message):
+    """One value set on the command line of `helm template`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    FORCE_STRING_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The value's path, e.g. "image.tag"."""
+    value: _builtins.str
+    """The value."""
+    force_string: _builtins.bool
+    """Keep the value a string (helm's --set-string) instead of inferring its type."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: _builtins.str = ...,
+        force_string: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force_string", b"force_string", "name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HelmParameter: _TypeAlias = HelmParameter  # noqa: Y015
+
+@_typing.final
+class ApplicationSourceKustomize(_message.Message):
+    """How a Kustomize overlay is rendered: what `kustomize edit` would add on top."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CommonLabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class CommonAnnotationsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_PREFIX_FIELD_NUMBER: _builtins.int
+    NAME_SUFFIX_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    COMMON_LABELS_FIELD_NUMBER: _builtins.int
+    COMMON_ANNOTATIONS_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    name_prefix: _builtins.str
+    """Prepended to every resource's name."""
+    name_suffix: _builtins.str
+    """Appended to every resource's name."""
+    namespace: _builtins.str
+    """The namespace set on every namespaced resource."""
+    @_builtins.property
+    def images(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Image overrides as `kustomize edit set image` takes them:
+        "name=new-name:tag", "name:tag" or "name@sha256:digest".
+        """
+
+    @_builtins.property
+    def common_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels added to every resource (and selector)."""
+
+    @_builtins.property
+    def common_annotations(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Annotations added to every resource."""
+
+    def __init__(
+        self,
+        *,
+        name_prefix: _builtins.str = ...,
+        name_suffix: _builtins.str = ...,
+        images: _abc.Iterable[_builtins.str] | None = ...,
+        common_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        common_annotations: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        namespace: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["common_annotations", b"common_annotations", "common_labels", b"common_labels", "images", b"images", "name_prefix", b"name_prefix", "name_suffix", b"name_suffix", "namespace", b"namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplicationSourceKustomize: _TypeAlias = ApplicationSourceKustomize  # noqa: Y015
 
 @_typing.final
 class ApplicationDestination(_message.Message):
@@ -594,7 +797,8 @@ class ApplicationCondition(_message.Message):
     type: _builtins.str
     """The kind of problem: "ComparisonError" (Git or the cluster could not be
     read), "SyncError" (the last automated sync failed), "PruneSkipped"
-    (extraneous resources were kept) or "DestinationNotPermitted".
+    (extraneous resources were kept), "DestinationNotPermitted" or
+    "SharedResourceWarning" (another application declares the same object).
     """
     message: _builtins.str
     """What is wrong, for a human."""
@@ -1201,6 +1405,107 @@ class GetApplicationDiffResponse(_message.Message):
 Global___GetApplicationDiffResponse: _TypeAlias = GetApplicationDiffResponse  # noqa: Y015
 
 @_typing.final
+class GetManifestsRequest(_message.Message):
+    """GetManifestsRequest names an application and a revision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The application's name."""
+    revision: _builtins.str
+    """The Git revision to render; empty means the target revision."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        revision: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetManifestsRequest: _TypeAlias = GetManifestsRequest  # noqa: Y015
+
+@_typing.final
+class GetManifestsResponse(_message.Message):
+    """GetManifestsResponse is the rendered desired state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    MANIFESTS_FIELD_NUMBER: _builtins.int
+    revision: _builtins.str
+    """The Git commit the revision resolved to."""
+    @_builtins.property
+    def manifests(self) -> _containers.RepeatedCompositeFieldContainer[Global___RenderedManifest]:
+        """Every rendered object, in the order the source produced them."""
+
+    def __init__(
+        self,
+        *,
+        revision: _builtins.str = ...,
+        manifests: _abc.Iterable[Global___RenderedManifest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifests", b"manifests", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetManifestsResponse: _TypeAlias = GetManifestsResponse  # noqa: Y015
+
+@_typing.final
+class RenderedManifest(_message.Message):
+    """One rendered Kubernetes object."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    SOURCE_PATH_FIELD_NUMBER: _builtins.int
+    DOCUMENT_INDEX_FIELD_NUMBER: _builtins.int
+    LINE_FIELD_NUMBER: _builtins.int
+    YAML_FIELD_NUMBER: _builtins.int
+    source_path: _builtins.str
+    """Where it came from: the file in the repository (for Helm, the
+    template named by its "# Source:" line), e.g. "templates/deploy.yaml".
+    """
+    document_index: _builtins.int
+    """The document's position in that file, from 0."""
+    line: _builtins.int
+    """The 1-based line in the file where the document starts; 0 when the
+    file's lines do not map to the rendered output (Helm templates,
+    Kustomize).
+    """
+    yaml: _builtins.str
+    """The object as YAML, exactly as rendered (for plain YAML, as written in
+    Git, comments included).
+    """
+    @_builtins.property
+    def resource(self) -> Global___ResourceRef:
+        """The object's identity."""
+
+    def __init__(
+        self,
+        *,
+        resource: Global___ResourceRef | None = ...,
+        source_path: _builtins.str = ...,
+        document_index: _builtins.int = ...,
+        line: _builtins.int = ...,
+        yaml: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resource", b"resource"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document_index", b"document_index", "line", b"line", "resource", b"resource", "source_path", b"source_path", "yaml", b"yaml"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenderedManifest: _TypeAlias = RenderedManifest  # noqa: Y015
+
+@_typing.final
 class SyncApplicationRequest(_message.Message):
     """SyncApplicationRequest starts a sync."""
 
@@ -1328,6 +1633,52 @@ class RollbackApplicationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RollbackApplicationResponse: _TypeAlias = RollbackApplicationResponse  # noqa: Y015
+
+@_typing.final
+class TerminateOperationRequest(_message.Message):
+    """TerminateOperationRequest names the application whose operation to stop."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The application's name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TerminateOperationRequest: _TypeAlias = TerminateOperationRequest  # noqa: Y015
+
+@_typing.final
+class TerminateOperationResponse(_message.Message):
+    """TerminateOperationResponse returns the operation being stopped."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def operation(self) -> Global___OperationState:
+        """The operation, in phase TERMINATING (or already finished)."""
+
+    def __init__(
+        self,
+        *,
+        operation: Global___OperationState | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TerminateOperationResponse: _TypeAlias = TerminateOperationResponse  # noqa: Y015
 
 @_typing.final
 class ListApplicationHistoryRequest(_message.Message):

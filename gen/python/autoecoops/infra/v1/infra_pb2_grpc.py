@@ -67,6 +67,11 @@ class InfraServiceStub:
                 request_serializer=autoecoops_dot_infra_dot_v1_dot_infra__pb2.GetApplicationDiffRequest.SerializeToString,
                 response_deserializer=autoecoops_dot_infra_dot_v1_dot_infra__pb2.GetApplicationDiffResponse.FromString,
                 _registered_method=True)
+        self.GetManifests = channel.unary_unary(
+                '/autoecoops.infra.v1.InfraService/GetManifests',
+                request_serializer=autoecoops_dot_infra_dot_v1_dot_infra__pb2.GetManifestsRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_infra_dot_v1_dot_infra__pb2.GetManifestsResponse.FromString,
+                _registered_method=True)
         self.SyncApplication = channel.unary_unary(
                 '/autoecoops.infra.v1.InfraService/SyncApplication',
                 request_serializer=autoecoops_dot_infra_dot_v1_dot_infra__pb2.SyncApplicationRequest.SerializeToString,
@@ -76,6 +81,11 @@ class InfraServiceStub:
                 '/autoecoops.infra.v1.InfraService/RollbackApplication',
                 request_serializer=autoecoops_dot_infra_dot_v1_dot_infra__pb2.RollbackApplicationRequest.SerializeToString,
                 response_deserializer=autoecoops_dot_infra_dot_v1_dot_infra__pb2.RollbackApplicationResponse.FromString,
+                _registered_method=True)
+        self.TerminateOperation = channel.unary_unary(
+                '/autoecoops.infra.v1.InfraService/TerminateOperation',
+                request_serializer=autoecoops_dot_infra_dot_v1_dot_infra__pb2.TerminateOperationRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_infra_dot_v1_dot_infra__pb2.TerminateOperationResponse.FromString,
                 _registered_method=True)
         self.ListApplicationHistory = channel.unary_unary(
                 '/autoecoops.infra.v1.InfraService/ListApplicationHistory',
@@ -138,10 +148,23 @@ class InfraServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetManifests(self, request, context):
+        """Returns the manifests of an application rendered at a revision, as
+        `argocd app manifests` does: the desired state after Helm or Kustomize
+        rendering, one entry per object. Other services (IAOps validates what
+        will be deployed) read rendered manifests here and never render twice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SyncApplication(self, request, context):
         """Starts a sync: applies the desired state at a revision to the cluster.
         Returns at once with the running operation; its progress is in the
         application's status.operation_state and on the "infra.sync" topic.
+        A sync to another revision than the target while automated sync is on
+        is refused (FAILED_PRECONDITION AUTO_SYNC_ENABLED): the next automated
+        sync would undo it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -152,6 +175,16 @@ class InfraServiceServicer:
         (FAILED_PRECONDITION) while automated sync is enabled, since it would
         undo the rollback, unless the request sets disable_auto_sync, which
         turns it off first (as Argo CD's UI does).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TerminateOperation(self, request, context):
+        """Stops the application's running sync or rollback, as `argocd app
+        terminate-op` does: waits and running hooks are cancelled, the SyncFail
+        hooks are not run, and the operation ends FAILED with "terminated by
+        <caller>". FAILED_PRECONDITION NO_OPERATION_RUNNING when none runs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -205,6 +238,11 @@ def add_InfraServiceServicer_to_server(servicer, server):
                     request_deserializer=autoecoops_dot_infra_dot_v1_dot_infra__pb2.GetApplicationDiffRequest.FromString,
                     response_serializer=autoecoops_dot_infra_dot_v1_dot_infra__pb2.GetApplicationDiffResponse.SerializeToString,
             ),
+            'GetManifests': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetManifests,
+                    request_deserializer=autoecoops_dot_infra_dot_v1_dot_infra__pb2.GetManifestsRequest.FromString,
+                    response_serializer=autoecoops_dot_infra_dot_v1_dot_infra__pb2.GetManifestsResponse.SerializeToString,
+            ),
             'SyncApplication': grpc.unary_unary_rpc_method_handler(
                     servicer.SyncApplication,
                     request_deserializer=autoecoops_dot_infra_dot_v1_dot_infra__pb2.SyncApplicationRequest.FromString,
@@ -214,6 +252,11 @@ def add_InfraServiceServicer_to_server(servicer, server):
                     servicer.RollbackApplication,
                     request_deserializer=autoecoops_dot_infra_dot_v1_dot_infra__pb2.RollbackApplicationRequest.FromString,
                     response_serializer=autoecoops_dot_infra_dot_v1_dot_infra__pb2.RollbackApplicationResponse.SerializeToString,
+            ),
+            'TerminateOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.TerminateOperation,
+                    request_deserializer=autoecoops_dot_infra_dot_v1_dot_infra__pb2.TerminateOperationRequest.FromString,
+                    response_serializer=autoecoops_dot_infra_dot_v1_dot_infra__pb2.TerminateOperationResponse.SerializeToString,
             ),
             'ListApplicationHistory': grpc.unary_unary_rpc_method_handler(
                     servicer.ListApplicationHistory,
@@ -402,6 +445,33 @@ class InfraService:
             _registered_method=True)
 
     @staticmethod
+    def GetManifests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.infra.v1.InfraService/GetManifests',
+            autoecoops_dot_infra_dot_v1_dot_infra__pb2.GetManifestsRequest.SerializeToString,
+            autoecoops_dot_infra_dot_v1_dot_infra__pb2.GetManifestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def SyncApplication(request,
             target,
             options=(),
@@ -445,6 +515,33 @@ class InfraService:
             '/autoecoops.infra.v1.InfraService/RollbackApplication',
             autoecoops_dot_infra_dot_v1_dot_infra__pb2.RollbackApplicationRequest.SerializeToString,
             autoecoops_dot_infra_dot_v1_dot_infra__pb2.RollbackApplicationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TerminateOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.infra.v1.InfraService/TerminateOperation',
+            autoecoops_dot_infra_dot_v1_dot_infra__pb2.TerminateOperationRequest.SerializeToString,
+            autoecoops_dot_infra_dot_v1_dot_infra__pb2.TerminateOperationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,16 +50,31 @@ class InfraServiceStub:
     """Compares the desired state (Git at a revision) with the live state and
     returns a unified diff per resource.
     """
+    GetManifests: _grpc.UnaryUnaryMultiCallable[_infra_pb2.GetManifestsRequest, _infra_pb2.GetManifestsResponse]
+    """Returns the manifests of an application rendered at a revision, as
+    `argocd app manifests` does: the desired state after Helm or Kustomize
+    rendering, one entry per object. Other services (IAOps validates what
+    will be deployed) read rendered manifests here and never render twice.
+    """
     SyncApplication: _grpc.UnaryUnaryMultiCallable[_infra_pb2.SyncApplicationRequest, _infra_pb2.SyncApplicationResponse]
     """Starts a sync: applies the desired state at a revision to the cluster.
     Returns at once with the running operation; its progress is in the
     application's status.operation_state and on the "infra.sync" topic.
+    A sync to another revision than the target while automated sync is on
+    is refused (FAILED_PRECONDITION AUTO_SYNC_ENABLED): the next automated
+    sync would undo it.
     """
     RollbackApplication: _grpc.UnaryUnaryMultiCallable[_infra_pb2.RollbackApplicationRequest, _infra_pb2.RollbackApplicationResponse]
     """Starts a sync to the revision of an earlier history entry. Refused
     (FAILED_PRECONDITION) while automated sync is enabled, since it would
     undo the rollback, unless the request sets disable_auto_sync, which
     turns it off first (as Argo CD's UI does).
+    """
+    TerminateOperation: _grpc.UnaryUnaryMultiCallable[_infra_pb2.TerminateOperationRequest, _infra_pb2.TerminateOperationResponse]
+    """Stops the application's running sync or rollback, as `argocd app
+    terminate-op` does: waits and running hooks are cancelled, the SyncFail
+    hooks are not run, and the operation ends FAILED with "terminated by
+    <caller>". FAILED_PRECONDITION NO_OPERATION_RUNNING when none runs.
     """
     ListApplicationHistory: _grpc.UnaryUnaryMultiCallable[_infra_pb2.ListApplicationHistoryRequest, _infra_pb2.ListApplicationHistoryResponse]
     """Lists an application's deployment history, newest first."""
@@ -90,16 +105,31 @@ class InfraServiceAsyncStub(InfraServiceStub):
     """Compares the desired state (Git at a revision) with the live state and
     returns a unified diff per resource.
     """
+    GetManifests: _aio.UnaryUnaryMultiCallable[_infra_pb2.GetManifestsRequest, _infra_pb2.GetManifestsResponse]  # type: ignore[assignment]
+    """Returns the manifests of an application rendered at a revision, as
+    `argocd app manifests` does: the desired state after Helm or Kustomize
+    rendering, one entry per object. Other services (IAOps validates what
+    will be deployed) read rendered manifests here and never render twice.
+    """
     SyncApplication: _aio.UnaryUnaryMultiCallable[_infra_pb2.SyncApplicationRequest, _infra_pb2.SyncApplicationResponse]  # type: ignore[assignment]
     """Starts a sync: applies the desired state at a revision to the cluster.
     Returns at once with the running operation; its progress is in the
     application's status.operation_state and on the "infra.sync" topic.
+    A sync to another revision than the target while automated sync is on
+    is refused (FAILED_PRECONDITION AUTO_SYNC_ENABLED): the next automated
+    sync would undo it.
     """
     RollbackApplication: _aio.UnaryUnaryMultiCallable[_infra_pb2.RollbackApplicationRequest, _infra_pb2.RollbackApplicationResponse]  # type: ignore[assignment]
     """Starts a sync to the revision of an earlier history entry. Refused
     (FAILED_PRECONDITION) while automated sync is enabled, since it would
     undo the rollback, unless the request sets disable_auto_sync, which
     turns it off first (as Argo CD's UI does).
+    """
+    TerminateOperation: _aio.UnaryUnaryMultiCallable[_infra_pb2.TerminateOperationRequest, _infra_pb2.TerminateOperationResponse]  # type: ignore[assignment]
+    """Stops the application's running sync or rollback, as `argocd app
+    terminate-op` does: waits and running hooks are cancelled, the SyncFail
+    hooks are not run, and the operation ends FAILED with "terminated by
+    <caller>". FAILED_PRECONDITION NO_OPERATION_RUNNING when none runs.
     """
     ListApplicationHistory: _aio.UnaryUnaryMultiCallable[_infra_pb2.ListApplicationHistoryRequest, _infra_pb2.ListApplicationHistoryResponse]  # type: ignore[assignment]
     """Lists an application's deployment history, newest first."""
@@ -165,6 +195,18 @@ class InfraServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def GetManifests(
+        self,
+        request: _infra_pb2.GetManifestsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_infra_pb2.GetManifestsResponse, _abc.Awaitable[_infra_pb2.GetManifestsResponse]]:
+        """Returns the manifests of an application rendered at a revision, as
+        `argocd app manifests` does: the desired state after Helm or Kustomize
+        rendering, one entry per object. Other services (IAOps validates what
+        will be deployed) read rendered manifests here and never render twice.
+        """
+
+    @_abc_1.abstractmethod
     def SyncApplication(
         self,
         request: _infra_pb2.SyncApplicationRequest,
@@ -173,6 +215,9 @@ class InfraServiceServicer(metaclass=_abc_1.ABCMeta):
         """Starts a sync: applies the desired state at a revision to the cluster.
         Returns at once with the running operation; its progress is in the
         application's status.operation_state and on the "infra.sync" topic.
+        A sync to another revision than the target while automated sync is on
+        is refused (FAILED_PRECONDITION AUTO_SYNC_ENABLED): the next automated
+        sync would undo it.
         """
 
     @_abc_1.abstractmethod
@@ -185,6 +230,18 @@ class InfraServiceServicer(metaclass=_abc_1.ABCMeta):
         (FAILED_PRECONDITION) while automated sync is enabled, since it would
         undo the rollback, unless the request sets disable_auto_sync, which
         turns it off first (as Argo CD's UI does).
+        """
+
+    @_abc_1.abstractmethod
+    def TerminateOperation(
+        self,
+        request: _infra_pb2.TerminateOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_infra_pb2.TerminateOperationResponse, _abc.Awaitable[_infra_pb2.TerminateOperationResponse]]:
+        """Stops the application's running sync or rollback, as `argocd app
+        terminate-op` does: waits and running hooks are cancelled, the SyncFail
+        hooks are not run, and the operation ends FAILED with "terminated by
+        <caller>". FAILED_PRECONDITION NO_OPERATION_RUNNING when none runs.
         """
 
     @_abc_1.abstractmethod
