@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from autoecoops.common.v1 import types_pb2 as _types_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
@@ -23,57 +24,73 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class _IndicatorKind:
+class _SliSource:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
 
-class _IndicatorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_IndicatorKind.ValueType], _builtins.type):
+class _SliSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SliSource.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    INDICATOR_KIND_UNSPECIFIED: _IndicatorKind.ValueType  # 0
-    """Not set."""
-    INDICATOR_KIND_AVAILABILITY: _IndicatorKind.ValueType  # 1
-    """The fraction of requests that succeeded."""
-    INDICATOR_KIND_LATENCY: _IndicatorKind.ValueType  # 2
-    """The fraction of requests served faster than a threshold."""
+    SLI_SOURCE_UNSPECIFIED: _SliSource.ValueType  # 0
+    """Not set: PUSHED."""
+    SLI_SOURCE_PUSHED: _SliSource.ValueType  # 1
+    """Samples sent with RecordSli, kept in Redis time buckets."""
+    SLI_SOURCE_PROMETHEUS: _SliSource.ValueType  # 2
+    """PromQL queries against a Prometheus server's HTTP API."""
+    SLI_SOURCE_MESH: _SliSource.ValueType  # 3
+    """The mesh's own RPC metrics (autoecoops_grpc_server_*), sampled by the platform."""
+    SLI_SOURCE_APPLICATION_HEALTH: _SliSource.ValueType  # 4
+    """A probe of an infra-manager application's health every evaluation tick:
+    one good event when it is Healthy, one bad event otherwise.
+    """
 
-class IndicatorKind(_IndicatorKind, metaclass=_IndicatorKindEnumTypeWrapper):
-    """What an SLI measures."""
+class SliSource(_SliSource, metaclass=_SliSourceEnumTypeWrapper):
+    """Where an SLO's events come from."""
 
-INDICATOR_KIND_UNSPECIFIED: IndicatorKind.ValueType  # 0
-"""Not set."""
-INDICATOR_KIND_AVAILABILITY: IndicatorKind.ValueType  # 1
-"""The fraction of requests that succeeded."""
-INDICATOR_KIND_LATENCY: IndicatorKind.ValueType  # 2
-"""The fraction of requests served faster than a threshold."""
-Global___IndicatorKind: _TypeAlias = IndicatorKind  # noqa: Y015
+SLI_SOURCE_UNSPECIFIED: SliSource.ValueType  # 0
+"""Not set: PUSHED."""
+SLI_SOURCE_PUSHED: SliSource.ValueType  # 1
+"""Samples sent with RecordSli, kept in Redis time buckets."""
+SLI_SOURCE_PROMETHEUS: SliSource.ValueType  # 2
+"""PromQL queries against a Prometheus server's HTTP API."""
+SLI_SOURCE_MESH: SliSource.ValueType  # 3
+"""The mesh's own RPC metrics (autoecoops_grpc_server_*), sampled by the platform."""
+SLI_SOURCE_APPLICATION_HEALTH: SliSource.ValueType  # 4
+"""A probe of an infra-manager application's health every evaluation tick:
+one good event when it is Healthy, one bad event otherwise.
+"""
+Global___SliSource: _TypeAlias = SliSource  # noqa: Y015
 
-class _AlertSeverity:
+class _CalendarUnit:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
 
-class _AlertSeverityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlertSeverity.ValueType], _builtins.type):
+class _CalendarUnitEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CalendarUnit.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    ALERT_SEVERITY_UNSPECIFIED: _AlertSeverity.ValueType  # 0
+    CALENDAR_UNIT_UNSPECIFIED: _CalendarUnit.ValueType  # 0
     """Not set."""
-    ALERT_SEVERITY_INFO: _AlertSeverity.ValueType  # 1
-    """For information only; nobody is notified."""
-    ALERT_SEVERITY_WARNING: _AlertSeverity.ValueType  # 2
-    """Needs attention within working hours (a ticket)."""
-    ALERT_SEVERITY_CRITICAL: _AlertSeverity.ValueType  # 3
-    """Needs attention now (a page)."""
+    CALENDAR_UNIT_DAY: _CalendarUnit.ValueType  # 1
+    """The calendar day (UTC)."""
+    CALENDAR_UNIT_WEEK: _CalendarUnit.ValueType  # 2
+    """The ISO week, Monday to Sunday (UTC)."""
+    CALENDAR_UNIT_MONTH: _CalendarUnit.ValueType  # 3
+    """The calendar month (UTC)."""
+    CALENDAR_UNIT_QUARTER: _CalendarUnit.ValueType  # 4
+    """The calendar quarter (UTC)."""
 
-class AlertSeverity(_AlertSeverity, metaclass=_AlertSeverityEnumTypeWrapper):
-    """How urgent an alert is."""
+class CalendarUnit(_CalendarUnit, metaclass=_CalendarUnitEnumTypeWrapper):
+    """A calendar period the objective applies over."""
 
-ALERT_SEVERITY_UNSPECIFIED: AlertSeverity.ValueType  # 0
+CALENDAR_UNIT_UNSPECIFIED: CalendarUnit.ValueType  # 0
 """Not set."""
-ALERT_SEVERITY_INFO: AlertSeverity.ValueType  # 1
-"""For information only; nobody is notified."""
-ALERT_SEVERITY_WARNING: AlertSeverity.ValueType  # 2
-"""Needs attention within working hours (a ticket)."""
-ALERT_SEVERITY_CRITICAL: AlertSeverity.ValueType  # 3
-"""Needs attention now (a page)."""
-Global___AlertSeverity: _TypeAlias = AlertSeverity  # noqa: Y015
+CALENDAR_UNIT_DAY: CalendarUnit.ValueType  # 1
+"""The calendar day (UTC)."""
+CALENDAR_UNIT_WEEK: CalendarUnit.ValueType  # 2
+"""The ISO week, Monday to Sunday (UTC)."""
+CALENDAR_UNIT_MONTH: CalendarUnit.ValueType  # 3
+"""The calendar month (UTC)."""
+CALENDAR_UNIT_QUARTER: CalendarUnit.ValueType  # 4
+"""The calendar quarter (UTC)."""
+Global___CalendarUnit: _TypeAlias = CalendarUnit  # noqa: Y015
 
 class _ErrorBudgetStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -88,9 +105,9 @@ class _ErrorBudgetStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Err
     ERROR_BUDGET_STATUS_BURNING: _ErrorBudgetStatus.ValueType  # 2
     """Budget remains but a burn-rate alert is firing."""
     ERROR_BUDGET_STATUS_EXHAUSTED: _ErrorBudgetStatus.ValueType  # 3
-    """The budget is spent; the objective is missed over the window."""
+    """The budget is spent; the objective is missed over the period."""
     ERROR_BUDGET_STATUS_NO_DATA: _ErrorBudgetStatus.ValueType  # 4
-    """Too little data to tell."""
+    """No events over the period."""
 
 class ErrorBudgetStatus(_ErrorBudgetStatus, metaclass=_ErrorBudgetStatusEnumTypeWrapper):
     """The state of an error budget."""
@@ -102,9 +119,9 @@ ERROR_BUDGET_STATUS_HEALTHY: ErrorBudgetStatus.ValueType  # 1
 ERROR_BUDGET_STATUS_BURNING: ErrorBudgetStatus.ValueType  # 2
 """Budget remains but a burn-rate alert is firing."""
 ERROR_BUDGET_STATUS_EXHAUSTED: ErrorBudgetStatus.ValueType  # 3
-"""The budget is spent; the objective is missed over the window."""
+"""The budget is spent; the objective is missed over the period."""
 ERROR_BUDGET_STATUS_NO_DATA: ErrorBudgetStatus.ValueType  # 4
-"""Too little data to tell."""
+"""No events over the period."""
 Global___ErrorBudgetStatus: _TypeAlias = ErrorBudgetStatus  # noqa: Y015
 
 class _AlertState:
@@ -118,7 +135,7 @@ class _AlertStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlertState
     ALERT_STATE_FIRING: _AlertState.ValueType  # 1
     """The burn rate is above the threshold over both windows."""
     ALERT_STATE_RESOLVED: _AlertState.ValueType  # 2
-    """The burn rate fell back below the threshold."""
+    """The burn rate fell back below the threshold (with hysteresis)."""
 
 class AlertState(_AlertState, metaclass=_AlertStateEnumTypeWrapper):
     """Whether an alert is firing."""
@@ -128,7 +145,7 @@ ALERT_STATE_UNSPECIFIED: AlertState.ValueType  # 0
 ALERT_STATE_FIRING: AlertState.ValueType  # 1
 """The burn rate is above the threshold over both windows."""
 ALERT_STATE_RESOLVED: AlertState.ValueType  # 2
-"""The burn rate fell back below the threshold."""
+"""The burn rate fell back below the threshold (with hysteresis)."""
 Global___AlertState: _TypeAlias = AlertState  # noqa: Y015
 
 class _StepAction:
@@ -140,31 +157,43 @@ class _StepActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepAction
     STEP_ACTION_UNSPECIFIED: _StepAction.ValueType  # 0
     """Not set."""
     STEP_ACTION_RESTART: _StepAction.ValueType  # 1
-    """Restarts a workload (a rolling restart)."""
+    """Restarts an application's workloads: a sync whose manifests carry a
+    fresh restartedAt annotation (kubectl rollout restart, through infra-manager).
+    """
     STEP_ACTION_SCALE: _StepAction.ValueType  # 2
-    """Scales a workload; parameters: {"replicas": n} or {"delta": n}."""
+    """Scales a workload; parameters: {"replicas": n}; target "<app>/<kind>/<name>"."""
     STEP_ACTION_ROLLBACK: _StepAction.ValueType  # 3
-    """Rolls an infra-manager application back; parameters: {"history_id": n}, default the previous entry."""
+    """Rolls an infra-manager application back; parameters: {"history_id": n},
+    default the entry before the current one.
+    """
     STEP_ACTION_SYNC: _StepAction.ValueType  # 4
-    """Syncs an infra-manager application; parameters: {"prune": bool}."""
-    STEP_ACTION_NOTIFY: _StepAction.ValueType  # 5
-    """Sends a notification; parameters: {"message": "..."}."""
+    """Syncs an infra-manager application; parameters: {"prune": bool, "revision": "..."}."""
+    STEP_ACTION_PUBLISH: _StepAction.ValueType  # 5
+    """Publishes an event on the bus; parameters: {"message": "..."}."""
+    STEP_ACTION_WEBHOOK: _StepAction.ValueType  # 6
+    """POSTs a JSON body to a webhook URL (the target); parameters: {"body": {...}}."""
 
 class StepAction(_StepAction, metaclass=_StepActionEnumTypeWrapper):
-    """What a runbook step does."""
+    """What a runbook step does. Every action goes through a kernel service."""
 
 STEP_ACTION_UNSPECIFIED: StepAction.ValueType  # 0
 """Not set."""
 STEP_ACTION_RESTART: StepAction.ValueType  # 1
-"""Restarts a workload (a rolling restart)."""
+"""Restarts an application's workloads: a sync whose manifests carry a
+fresh restartedAt annotation (kubectl rollout restart, through infra-manager).
+"""
 STEP_ACTION_SCALE: StepAction.ValueType  # 2
-"""Scales a workload; parameters: {"replicas": n} or {"delta": n}."""
+"""Scales a workload; parameters: {"replicas": n}; target "<app>/<kind>/<name>"."""
 STEP_ACTION_ROLLBACK: StepAction.ValueType  # 3
-"""Rolls an infra-manager application back; parameters: {"history_id": n}, default the previous entry."""
+"""Rolls an infra-manager application back; parameters: {"history_id": n},
+default the entry before the current one.
+"""
 STEP_ACTION_SYNC: StepAction.ValueType  # 4
-"""Syncs an infra-manager application; parameters: {"prune": bool}."""
-STEP_ACTION_NOTIFY: StepAction.ValueType  # 5
-"""Sends a notification; parameters: {"message": "..."}."""
+"""Syncs an infra-manager application; parameters: {"prune": bool, "revision": "..."}."""
+STEP_ACTION_PUBLISH: StepAction.ValueType  # 5
+"""Publishes an event on the bus; parameters: {"message": "..."}."""
+STEP_ACTION_WEBHOOK: StepAction.ValueType  # 6
+"""POSTs a JSON body to a webhook URL (the target); parameters: {"body": {...}}."""
 Global___StepAction: _TypeAlias = StepAction  # noqa: Y015
 
 class _RemediationState:
@@ -182,11 +211,11 @@ class _RemediationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Reme
     REMEDIATION_STATE_RUNNING: _RemediationState.ValueType  # 3
     """Running its steps."""
     REMEDIATION_STATE_SUCCEEDED: _RemediationState.ValueType  # 4
-    """Every step succeeded."""
+    """A step's action and verification succeeded."""
     REMEDIATION_STATE_FAILED: _RemediationState.ValueType  # 5
-    """A step failed."""
+    """Every step failed (and it escalated), or the platform stopped mid-step."""
     REMEDIATION_STATE_SKIPPED: _RemediationState.ValueType  # 6
-    """Not run, e.g. within the runbook's cooldown."""
+    """Not run: a safeguard (cooldown, rate, blast radius, concurrency) held it back."""
     REMEDIATION_STATE_CANCELLED: _RemediationState.ValueType  # 7
     """Cancelled by CancelRemediation."""
 
@@ -202,11 +231,11 @@ REMEDIATION_STATE_AWAITING_APPROVAL: RemediationState.ValueType  # 2
 REMEDIATION_STATE_RUNNING: RemediationState.ValueType  # 3
 """Running its steps."""
 REMEDIATION_STATE_SUCCEEDED: RemediationState.ValueType  # 4
-"""Every step succeeded."""
+"""A step's action and verification succeeded."""
 REMEDIATION_STATE_FAILED: RemediationState.ValueType  # 5
-"""A step failed."""
+"""Every step failed (and it escalated), or the platform stopped mid-step."""
 REMEDIATION_STATE_SKIPPED: RemediationState.ValueType  # 6
-"""Not run, e.g. within the runbook's cooldown."""
+"""Not run: a safeguard (cooldown, rate, blast radius, concurrency) held it back."""
 REMEDIATION_STATE_CANCELLED: RemediationState.ValueType  # 7
 """Cancelled by CancelRemediation."""
 Global___RemediationState: _TypeAlias = RemediationState  # noqa: Y015
@@ -224,11 +253,11 @@ class _StepStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepState.V
     STEP_STATE_RUNNING: _StepState.ValueType  # 2
     """Running."""
     STEP_STATE_SUCCEEDED: _StepState.ValueType  # 3
-    """Succeeded."""
+    """Its action and verification succeeded."""
     STEP_STATE_FAILED: _StepState.ValueType  # 4
-    """Failed or timed out."""
+    """Its action or verification failed."""
     STEP_STATE_SKIPPED: _StepState.ValueType  # 5
-    """Not run because an earlier step failed or the remediation was cancelled."""
+    """Not run (an earlier step fixed it, or the remediation ended)."""
 
 class StepState(_StepState, metaclass=_StepStateEnumTypeWrapper):
     """The state of one step of a remediation."""
@@ -240,12 +269,102 @@ STEP_STATE_PENDING: StepState.ValueType  # 1
 STEP_STATE_RUNNING: StepState.ValueType  # 2
 """Running."""
 STEP_STATE_SUCCEEDED: StepState.ValueType  # 3
-"""Succeeded."""
+"""Its action and verification succeeded."""
 STEP_STATE_FAILED: StepState.ValueType  # 4
-"""Failed or timed out."""
+"""Its action or verification failed."""
 STEP_STATE_SKIPPED: StepState.ValueType  # 5
-"""Not run because an earlier step failed or the remediation was cancelled."""
+"""Not run (an earlier step fixed it, or the remediation ended)."""
 Global___StepState: _TypeAlias = StepState  # noqa: Y015
+
+@_typing.final
+class RatioIndicator(_message.Message):
+    """A ratio SLI: good (or bad) events over all events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GOOD_FIELD_NUMBER: _builtins.int
+    BAD_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    good: _builtins.str
+    """For PROMETHEUS: a PromQL counter selector of good events, e.g.
+    `http_requests_total{code!~"5.."}`. Exactly one of good and bad.
+    """
+    bad: _builtins.str
+    """For PROMETHEUS: a PromQL counter selector of bad events."""
+    total: _builtins.str
+    """For PROMETHEUS: a PromQL counter selector of all events."""
+    def __init__(
+        self,
+        *,
+        good: _builtins.str = ...,
+        bad: _builtins.str = ...,
+        total: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bad", b"bad", "good", b"good", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RatioIndicator: _TypeAlias = RatioIndicator  # noqa: Y015
+
+@_typing.final
+class ThresholdIndicator(_message.Message):
+    """A threshold SLI from a histogram: an event is good when its value is
+    at most the threshold (latency under X).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METRIC_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    metric: _builtins.str
+    """For PROMETHEUS: the histogram's base name with an optional label
+    matcher, e.g. `http_request_duration_seconds{job="api"}`.
+    """
+    @_builtins.property
+    def threshold(self) -> _duration_pb2.Duration:
+        """The threshold, e.g. 300ms; for PROMETHEUS it must be a bucket boundary."""
+
+    def __init__(
+        self,
+        *,
+        metric: _builtins.str = ...,
+        threshold: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["threshold", b"threshold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metric", b"metric", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ThresholdIndicator: _TypeAlias = ThresholdIndicator  # noqa: Y015
+
+@_typing.final
+class MeshSelector(_message.Message):
+    """The mesh RPCs a MESH SLO watches."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRPC_SERVICE_FIELD_NUMBER: _builtins.int
+    GRPC_METHOD_FIELD_NUMBER: _builtins.int
+    grpc_service: _builtins.str
+    """The gRPC service's full name, e.g. "autoecoops.memory.v1.MemoryService"."""
+    grpc_method: _builtins.str
+    """One method; empty watches every method of the service."""
+    def __init__(
+        self,
+        *,
+        grpc_service: _builtins.str = ...,
+        grpc_method: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grpc_method", b"grpc_method", "grpc_service", b"grpc_service"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MeshSelector: _TypeAlias = MeshSelector  # noqa: Y015
 
 @_typing.final
 class Indicator(_message.Message):
@@ -253,32 +372,83 @@ class Indicator(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    KIND_FIELD_NUMBER: _builtins.int
-    LATENCY_THRESHOLD_FIELD_NUMBER: _builtins.int
-    kind: Global___IndicatorKind.ValueType
-    """What is measured."""
+    SOURCE_FIELD_NUMBER: _builtins.int
+    RATIO_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    MESH_FIELD_NUMBER: _builtins.int
+    APPLICATION_FIELD_NUMBER: _builtins.int
+    source: Global___SliSource.ValueType
+    """Where the events come from."""
+    application: _builtins.str
+    """For APPLICATION_HEALTH: the infra-manager application probed."""
     @_builtins.property
-    def latency_threshold(self) -> _duration_pb2.Duration:
-        """For LATENCY: a request is good when it completes within this, e.g. 300ms."""
+    def ratio(self) -> Global___RatioIndicator:
+        """good/total or bad/total events."""
+
+    @_builtins.property
+    def threshold(self) -> Global___ThresholdIndicator:
+        """Values under a threshold, from histogram buckets."""
+
+    @_builtins.property
+    def mesh(self) -> Global___MeshSelector:
+        """For MESH: the RPCs watched. A ratio counts calls not answered with a
+        server error (INTERNAL, UNAVAILABLE, UNKNOWN, DEADLINE_EXCEEDED,
+        DATA_LOSS, UNIMPLEMENTED) as good; a threshold counts calls faster than it.
+        """
 
     def __init__(
         self,
         *,
-        kind: Global___IndicatorKind.ValueType = ...,
-        latency_threshold: _duration_pb2.Duration | None = ...,
+        source: Global___SliSource.ValueType = ...,
+        ratio: Global___RatioIndicator | None = ...,
+        threshold: Global___ThresholdIndicator | None = ...,
+        mesh: Global___MeshSelector | None = ...,
+        application: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["latency_threshold", b"latency_threshold"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "mesh", b"mesh", "ratio", b"ratio", "threshold", b"threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "latency_threshold", b"latency_threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application", b"application", "kind", b"kind", "mesh", b"mesh", "ratio", b"ratio", "source", b"source", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["ratio", "threshold"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___Indicator: _TypeAlias = Indicator  # noqa: Y015
 
 @_typing.final
-class BurnRateThreshold(_message.Message):
-    """A multiwindow burn-rate alerting rule: it fires when the error budget
-    burns faster than burn_rate over both the long and the short window.
+class TimeWindow(_message.Message):
+    """The period an objective applies over."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLING_FIELD_NUMBER: _builtins.int
+    CALENDAR_FIELD_NUMBER: _builtins.int
+    calendar: Global___CalendarUnit.ValueType
+    """A calendar period."""
+    @_builtins.property
+    def rolling(self) -> _duration_pb2.Duration:
+        """A rolling window, e.g. 7d, 28d or 30d (1h to 90d)."""
+
+    def __init__(
+        self,
+        *,
+        rolling: _duration_pb2.Duration | None = ...,
+        calendar: Global___CalendarUnit.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["calendar", b"calendar", "kind", b"kind", "rolling", b"rolling"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calendar", b"calendar", "kind", b"kind", "rolling", b"rolling"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["rolling", "calendar"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___TimeWindow: _TypeAlias = TimeWindow  # noqa: Y015
+
+@_typing.final
+class BurnRateWindow(_message.Message):
+    """One row of the multiwindow burn-rate table: it fires when the error
+    budget burns faster than burn_rate over both the long and the short window.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -286,11 +456,16 @@ class BurnRateThreshold(_message.Message):
     LONG_WINDOW_FIELD_NUMBER: _builtins.int
     SHORT_WINDOW_FIELD_NUMBER: _builtins.int
     BURN_RATE_FIELD_NUMBER: _builtins.int
+    BUDGET_CONSUMED_FIELD_NUMBER: _builtins.int
     SEVERITY_FIELD_NUMBER: _builtins.int
     burn_rate: _builtins.float
     """The burn rate that fires, in multiples of the sustainable rate, e.g. 14.4."""
-    severity: Global___AlertSeverity.ValueType
-    """The severity of the alert it raises."""
+    budget_consumed: _builtins.float
+    """Or the fraction of the period's budget consumed over the long window,
+    e.g. 0.02; the burn rate is then derived from it and the period.
+    """
+    severity: _types_pb2.Severity.ValueType
+    """The severity it raises: CRITICAL pages, MEDIUM (or lower) tickets."""
     @_builtins.property
     def long_window(self) -> _duration_pb2.Duration:
         """The long window, e.g. 1h."""
@@ -305,15 +480,59 @@ class BurnRateThreshold(_message.Message):
         long_window: _duration_pb2.Duration | None = ...,
         short_window: _duration_pb2.Duration | None = ...,
         burn_rate: _builtins.float = ...,
-        severity: Global___AlertSeverity.ValueType = ...,
+        budget_consumed: _builtins.float = ...,
+        severity: _types_pb2.Severity.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["long_window", b"long_window", "short_window", b"short_window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["burn_rate", b"burn_rate", "long_window", b"long_window", "severity", b"severity", "short_window", b"short_window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_consumed", b"budget_consumed", "burn_rate", b"burn_rate", "long_window", b"long_window", "severity", b"severity", "short_window", b"short_window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___BurnRateThreshold: _TypeAlias = BurnRateThreshold  # noqa: Y015
+Global___BurnRateWindow: _TypeAlias = BurnRateWindow  # noqa: Y015
+
+@_typing.final
+class AlertPolicy(_message.Message):
+    """How an SLO alerts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOWS_FIELD_NUMBER: _builtins.int
+    RESOLVE_RATIO_FIELD_NUMBER: _builtins.int
+    MIN_FIRING_FIELD_NUMBER: _builtins.int
+    DISABLED_FIELD_NUMBER: _builtins.int
+    resolve_ratio: _builtins.float
+    """A firing alert resolves only once both windows fall below
+    burn_rate x resolve_ratio; default 0.9 (hysteresis against flapping).
+    """
+    disabled: _builtins.bool
+    """No alerting at all for this SLO."""
+    @_builtins.property
+    def windows(self) -> _containers.RepeatedCompositeFieldContainer[Global___BurnRateWindow]:
+        """The rows; empty means the Google SRE Workbook table plus Sloth's
+        1d/2h row: 14.4x 1h/5m and 6x 6h/30m page (CRITICAL), 3x 1d/2h and
+        1x 3d/6h ticket (MEDIUM), scaled to the SLO's period.
+        """
+
+    @_builtins.property
+    def min_firing(self) -> _duration_pb2.Duration:
+        """A firing alert stays firing at least this long; default 0."""
+
+    def __init__(
+        self,
+        *,
+        windows: _abc.Iterable[Global___BurnRateWindow] | None = ...,
+        resolve_ratio: _builtins.float = ...,
+        min_firing: _duration_pb2.Duration | None = ...,
+        disabled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["min_firing", b"min_firing"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disabled", b"disabled", "min_firing", b"min_firing", "resolve_ratio", b"resolve_ratio", "windows", b"windows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AlertPolicy: _TypeAlias = AlertPolicy  # noqa: Y015
 
 @_typing.final
 class Slo(_message.Message):
@@ -346,36 +565,50 @@ class Slo(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     INDICATOR_FIELD_NUMBER: _builtins.int
     OBJECTIVE_FIELD_NUMBER: _builtins.int
-    WINDOW_FIELD_NUMBER: _builtins.int
-    BURN_RATE_THRESHOLDS_FIELD_NUMBER: _builtins.int
+    TIME_WINDOW_FIELD_NUMBER: _builtins.int
+    ALERT_POLICY_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    CONDITIONS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The SLO's name, e.g. "checkout-availability"."""
+    """The SLO's resource name, "slos/{slo}", e.g. "slos/checkout-availability"."""
     service: _builtins.str
-    """The service it measures, e.g. "memory-hub"."""
+    """The service it measures, e.g. "checkout" or an infra-manager application."""
     description: _builtins.str
     """A human description."""
     objective: _builtins.float
-    """The target fraction of good events, e.g. 0.999."""
+    """The target fraction of good events, e.g. 0.999 (0 < objective < 1)."""
+    owner: _builtins.str
+    """Who owns it, e.g. a team or an e-mail address."""
+    display_name: _builtins.str
+    """A display name for humans."""
+    etag: _builtins.str
+    """Changes with every update; send it back on update to guard against
+    lost updates (AIP-154).
+    """
     @_builtins.property
     def indicator(self) -> Global___Indicator:
         """What is measured."""
 
     @_builtins.property
-    def window(self) -> _duration_pb2.Duration:
-        """The rolling window the objective applies over; default 30 days."""
+    def time_window(self) -> Global___TimeWindow:
+        """The period the objective applies over; default a rolling 30 days."""
 
     @_builtins.property
-    def burn_rate_thresholds(self) -> _containers.RepeatedCompositeFieldContainer[Global___BurnRateThreshold]:
-        """Burn-rate alerting rules; empty means the defaults (14.4x over 1h/5m
-        critical, 6x over 6h/30m critical, 1x over 3d/6h warning).
-        """
+    def alert_policy(self) -> Global___AlertPolicy:
+        """How it alerts."""
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels, e.g. team and tier."""
+
+    @_builtins.property
+    def conditions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Condition]:
+        """Observed conditions, e.g. BudgetExhausted, Burning."""
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -393,15 +626,19 @@ class Slo(_message.Message):
         description: _builtins.str = ...,
         indicator: Global___Indicator | None = ...,
         objective: _builtins.float = ...,
-        window: _duration_pb2.Duration | None = ...,
-        burn_rate_thresholds: _abc.Iterable[Global___BurnRateThreshold] | None = ...,
+        time_window: Global___TimeWindow | None = ...,
+        alert_policy: Global___AlertPolicy | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        owner: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        etag: _builtins.str = ...,
+        conditions: _abc.Iterable[_types_pb2.Condition] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "indicator", b"indicator", "update_time", b"update_time", "window", b"window"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alert_policy", b"alert_policy", "create_time", b"create_time", "indicator", b"indicator", "time_window", b"time_window", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["burn_rate_thresholds", b"burn_rate_thresholds", "create_time", b"create_time", "description", b"description", "indicator", b"indicator", "labels", b"labels", "name", b"name", "objective", b"objective", "service", b"service", "update_time", b"update_time", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_policy", b"alert_policy", "conditions", b"conditions", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "etag", b"etag", "indicator", b"indicator", "labels", b"labels", "name", b"name", "objective", b"objective", "owner", b"owner", "service", b"service", "time_window", b"time_window", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -422,7 +659,7 @@ class SliSample(_message.Message):
     """The number of all events; at least good_count."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
-        """The end of the interval the counts cover; unset means now."""
+        """When the events happened (the end of the interval); unset means now."""
 
     def __init__(
         self,
@@ -447,8 +684,14 @@ class BurnRate(_message.Message):
 
     WINDOW_FIELD_NUMBER: _builtins.int
     RATE_FIELD_NUMBER: _builtins.int
+    TOTAL_COUNT_FIELD_NUMBER: _builtins.int
+    BAD_COUNT_FIELD_NUMBER: _builtins.int
     rate: _builtins.float
     """The error rate over it divided by the sustainable rate (1 - objective)."""
+    total_count: _builtins.int
+    """Events over the window."""
+    bad_count: _builtins.int
+    """Bad events over the window."""
     @_builtins.property
     def window(self) -> _duration_pb2.Duration:
         """The window, e.g. 1h."""
@@ -458,10 +701,12 @@ class BurnRate(_message.Message):
         *,
         window: _duration_pb2.Duration | None = ...,
         rate: _builtins.float = ...,
+        total_count: _builtins.int = ...,
+        bad_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rate", b"rate", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bad_count", b"bad_count", "rate", b"rate", "total_count", b"total_count", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -475,7 +720,7 @@ class ErrorBudget(_message.Message):
 
     SLO_FIELD_NUMBER: _builtins.int
     OBJECTIVE_FIELD_NUMBER: _builtins.int
-    WINDOW_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
     GOOD_COUNT_FIELD_NUMBER: _builtins.int
     TOTAL_COUNT_FIELD_NUMBER: _builtins.int
     SLI_FIELD_NUMBER: _builtins.int
@@ -484,40 +729,55 @@ class ErrorBudget(_message.Message):
     BURN_RATES_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     COMPUTE_TIME_FIELD_NUMBER: _builtins.int
+    EXHAUSTION_TIME_FIELD_NUMBER: _builtins.int
+    BUDGET_EVENTS_FIELD_NUMBER: _builtins.int
+    PERIOD_START_FIELD_NUMBER: _builtins.int
     slo: _builtins.str
-    """The SLO."""
+    """The SLO's resource name."""
     objective: _builtins.float
     """The SLO's objective."""
     good_count: _builtins.int
-    """Good events over the window."""
+    """Good events over the period."""
     total_count: _builtins.int
-    """All events over the window."""
+    """All events over the period."""
     sli: _builtins.float
-    """The measured SLI: good_count / total_count."""
+    """The measured SLI: good_count / total_count (1 without events)."""
     consumed_fraction: _builtins.float
     """The fraction of the budget spent; above 1 when overspent."""
     remaining_fraction: _builtins.float
     """The fraction of the budget left: 1 - consumed_fraction; negative when overspent."""
     status: Global___ErrorBudgetStatus.ValueType
     """The overall state."""
+    budget_events: _builtins.float
+    """Bad events the whole period may have at the current traffic."""
     @_builtins.property
-    def window(self) -> _duration_pb2.Duration:
-        """The window it is computed over."""
+    def period(self) -> _duration_pb2.Duration:
+        """The period it is computed over (for a calendar period: its length so far)."""
 
     @_builtins.property
     def burn_rates(self) -> _containers.RepeatedCompositeFieldContainer[Global___BurnRate]:
-        """The burn rate over each window of the SLO's alerting rules."""
+        """The burn rate over each window of the SLO's alerting rows."""
 
     @_builtins.property
     def compute_time(self) -> _timestamp_pb2.Timestamp:
         """When this was computed."""
+
+    @_builtins.property
+    def exhaustion_time(self) -> _timestamp_pb2.Timestamp:
+        """When the budget runs out at the burn rate of the last hour; unset when
+        it is not being spent (or is already spent).
+        """
+
+    @_builtins.property
+    def period_start(self) -> _timestamp_pb2.Timestamp:
+        """Where the period started."""
 
     def __init__(
         self,
         *,
         slo: _builtins.str = ...,
         objective: _builtins.float = ...,
-        window: _duration_pb2.Duration | None = ...,
+        period: _duration_pb2.Duration | None = ...,
         good_count: _builtins.int = ...,
         total_count: _builtins.int = ...,
         sli: _builtins.float = ...,
@@ -526,10 +786,13 @@ class ErrorBudget(_message.Message):
         burn_rates: _abc.Iterable[Global___BurnRate] | None = ...,
         status: Global___ErrorBudgetStatus.ValueType = ...,
         compute_time: _timestamp_pb2.Timestamp | None = ...,
+        exhaustion_time: _timestamp_pb2.Timestamp | None = ...,
+        budget_events: _builtins.float = ...,
+        period_start: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "window", b"window"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "exhaustion_time", b"exhaustion_time", "period", b"period", "period_start", b"period_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["burn_rates", b"burn_rates", "compute_time", b"compute_time", "consumed_fraction", b"consumed_fraction", "good_count", b"good_count", "objective", b"objective", "remaining_fraction", b"remaining_fraction", "sli", b"sli", "slo", b"slo", "status", b"status", "total_count", b"total_count", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_events", b"budget_events", "burn_rates", b"burn_rates", "compute_time", b"compute_time", "consumed_fraction", b"consumed_fraction", "exhaustion_time", b"exhaustion_time", "good_count", b"good_count", "objective", b"objective", "period", b"period", "period_start", b"period_start", "remaining_fraction", b"remaining_fraction", "sli", b"sli", "slo", b"slo", "status", b"status", "total_count", b"total_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -537,37 +800,47 @@ Global___ErrorBudget: _TypeAlias = ErrorBudget  # noqa: Y015
 
 @_typing.final
 class Alert(_message.Message):
-    """A burn-rate alert on an SLO."""
+    """A burn-rate alert on an SLO: one firing episode of one row."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     SLO_FIELD_NUMBER: _builtins.int
     SERVICE_FIELD_NUMBER: _builtins.int
     SEVERITY_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
-    THRESHOLD_FIELD_NUMBER: _builtins.int
-    BURN_RATE_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    LONG_BURN_RATE_FIELD_NUMBER: _builtins.int
+    SHORT_BURN_RATE_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
     FIRE_TIME_FIELD_NUMBER: _builtins.int
     RESOLVE_TIME_FIELD_NUMBER: _builtins.int
-    id: _builtins.str
-    """The alert's id."""
+    ALERT_NAME_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The alert's resource name, "alerts/{alert}"."""
     slo: _builtins.str
     """The SLO it is about."""
     service: _builtins.str
     """The service the SLO measures."""
-    severity: Global___AlertSeverity.ValueType
+    severity: _types_pb2.Severity.ValueType
     """Its severity."""
     state: Global___AlertState.ValueType
     """Whether it is firing."""
-    burn_rate: _builtins.float
-    """The burn rate over the long window when it fired."""
+    long_burn_rate: _builtins.float
+    """The burn rate over the long window when it last changed."""
+    short_burn_rate: _builtins.float
+    """The burn rate over the short window when it last changed."""
     summary: _builtins.str
-    """A human summary, e.g. "burning 14.6x over 1h"."""
+    """A human summary, e.g. "burning 14.6x over 1h (and 20.1x over 5m)"."""
+    alert_name: _builtins.str
+    """The alert's Sloth-style name: "<Slo>PageAlert" or "<Slo>TicketAlert"."""
+    trace_id: _builtins.str
+    """The trace that covers the evaluation that fired it."""
     @_builtins.property
-    def threshold(self) -> Global___BurnRateThreshold:
-        """The rule that fired."""
+    def window(self) -> Global___BurnRateWindow:
+        """The row that fired."""
 
     @_builtins.property
     def fire_time(self) -> _timestamp_pb2.Timestamp:
@@ -577,27 +850,73 @@ class Alert(_message.Message):
     def resolve_time(self) -> _timestamp_pb2.Timestamp:
         """When it resolved; unset while firing."""
 
+    @_builtins.property
+    def context(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContextCitation]:
+        """Runbooks and incident notes from memory-hub relevant to it, with citations."""
+
     def __init__(
         self,
         *,
-        id: _builtins.str = ...,
+        name: _builtins.str = ...,
         slo: _builtins.str = ...,
         service: _builtins.str = ...,
-        severity: Global___AlertSeverity.ValueType = ...,
+        severity: _types_pb2.Severity.ValueType = ...,
         state: Global___AlertState.ValueType = ...,
-        threshold: Global___BurnRateThreshold | None = ...,
-        burn_rate: _builtins.float = ...,
+        window: Global___BurnRateWindow | None = ...,
+        long_burn_rate: _builtins.float = ...,
+        short_burn_rate: _builtins.float = ...,
         summary: _builtins.str = ...,
         fire_time: _timestamp_pb2.Timestamp | None = ...,
         resolve_time: _timestamp_pb2.Timestamp | None = ...,
+        alert_name: _builtins.str = ...,
+        context: _abc.Iterable[Global___ContextCitation] | None = ...,
+        trace_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["fire_time", b"fire_time", "resolve_time", b"resolve_time", "threshold", b"threshold"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fire_time", b"fire_time", "resolve_time", b"resolve_time", "window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["burn_rate", b"burn_rate", "fire_time", b"fire_time", "id", b"id", "resolve_time", b"resolve_time", "service", b"service", "severity", b"severity", "slo", b"slo", "state", b"state", "summary", b"summary", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_name", b"alert_name", "context", b"context", "fire_time", b"fire_time", "long_burn_rate", b"long_burn_rate", "name", b"name", "resolve_time", b"resolve_time", "service", b"service", "severity", b"severity", "short_burn_rate", b"short_burn_rate", "slo", b"slo", "state", b"state", "summary", b"summary", "trace_id", b"trace_id", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Alert: _TypeAlias = Alert  # noqa: Y015
+
+@_typing.final
+class ContextCitation(_message.Message):
+    """A runbook or incident note from memory-hub, quoted as context."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_ID_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    SNIPPET_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    document_id: _builtins.str
+    """The memory-hub document's id."""
+    title: _builtins.str
+    """Its title."""
+    source: _builtins.str
+    """Where it came from, e.g. a URL or path."""
+    snippet: _builtins.str
+    """The quoted text."""
+    score: _builtins.float
+    """The search score."""
+    def __init__(
+        self,
+        *,
+        document_id: _builtins.str = ...,
+        title: _builtins.str = ...,
+        source: _builtins.str = ...,
+        snippet: _builtins.str = ...,
+        score: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document_id", b"document_id", "score", b"score", "snippet", b"snippet", "source", b"source", "title", b"title"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContextCitation: _TypeAlias = ContextCitation  # noqa: Y015
 
 @_typing.final
 class SloAlertTrigger(_message.Message):
@@ -608,14 +927,14 @@ class SloAlertTrigger(_message.Message):
     SLO_FIELD_NUMBER: _builtins.int
     MIN_SEVERITY_FIELD_NUMBER: _builtins.int
     slo: _builtins.str
-    """The SLO; empty matches every SLO."""
-    min_severity: Global___AlertSeverity.ValueType
+    """The SLO's resource name; empty matches every SLO."""
+    min_severity: _types_pb2.Severity.ValueType
     """The least severity that triggers it; unset means any."""
     def __init__(
         self,
         *,
         slo: _builtins.str = ...,
-        min_severity: Global___AlertSeverity.ValueType = ...,
+        min_severity: _types_pb2.Severity.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -632,20 +951,72 @@ class EventTrigger(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    TOPIC_FIELD_NUMBER: _builtins.int
     event_type: _builtins.str
     """The CloudEvents type, e.g. "autoecoops.infra.drift.detected"."""
+    topic: _builtins.str
+    """The event-bus topic it is published on, e.g. "infra.drift"."""
     def __init__(
         self,
         *,
         event_type: _builtins.str = ...,
+        topic: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_type", b"event_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_type", b"event_type", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EventTrigger: _TypeAlias = EventTrigger  # noqa: Y015
+
+@_typing.final
+class LabelSelectorTrigger(_message.Message):
+    """Starts a runbook on an alert of any SLO whose labels match all of these."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MatchLabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MATCH_LABELS_FIELD_NUMBER: _builtins.int
+    MIN_SEVERITY_FIELD_NUMBER: _builtins.int
+    min_severity: _types_pb2.Severity.ValueType
+    """The least severity that triggers it; unset means any."""
+    @_builtins.property
+    def match_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The labels the SLO must carry."""
+
+    def __init__(
+        self,
+        *,
+        match_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        min_severity: _types_pb2.Severity.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["match_labels", b"match_labels", "min_severity", b"min_severity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LabelSelectorTrigger: _TypeAlias = LabelSelectorTrigger  # noqa: Y015
 
 @_typing.final
 class RunbookTrigger(_message.Message):
@@ -655,6 +1026,7 @@ class RunbookTrigger(_message.Message):
 
     SLO_ALERT_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
+    LABEL_SELECTOR_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def slo_alert(self) -> Global___SloAlertTrigger:
         """A burn-rate alert on an SLO."""
@@ -663,21 +1035,72 @@ class RunbookTrigger(_message.Message):
     def event(self) -> Global___EventTrigger:
         """An event on the event bus."""
 
+    @_builtins.property
+    def label_selector(self) -> Global___LabelSelectorTrigger:
+        """A burn-rate alert on an SLO with matching labels."""
+
     def __init__(
         self,
         *,
         slo_alert: Global___SloAlertTrigger | None = ...,
         event: Global___EventTrigger | None = ...,
+        label_selector: Global___LabelSelectorTrigger | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "kind", b"kind", "slo_alert", b"slo_alert"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "kind", b"kind", "label_selector", b"label_selector", "slo_alert", b"slo_alert"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "kind", b"kind", "slo_alert", b"slo_alert"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "kind", b"kind", "label_selector", b"label_selector", "slo_alert", b"slo_alert"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["slo_alert", "event"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["slo_alert", "event", "label_selector"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___RunbookTrigger: _TypeAlias = RunbookTrigger  # noqa: Y015
+
+@_typing.final
+class Verification(_message.Message):
+    """How a step checks that its action worked."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELAY_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    SLO_RECOVERED_FIELD_NUMBER: _builtins.int
+    PROMQL_FIELD_NUMBER: _builtins.int
+    APPLICATION_HEALTHY_FIELD_NUMBER: _builtins.int
+    slo_recovered: _builtins.str
+    """The SLO (resource name) has no firing page alert and its short
+    window burn rate is under 1.
+    """
+    promql: _builtins.str
+    """A PromQL expression that returns a non-empty result when healthy."""
+    application_healthy: _builtins.bool
+    """The infra-manager application (the step's target) is Synced and Healthy."""
+    @_builtins.property
+    def delay(self) -> _duration_pb2.Duration:
+        """Wait this long after the action before checking; default 0."""
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Keep re-checking until this long after the action; default 5m."""
+
+    def __init__(
+        self,
+        *,
+        delay: _duration_pb2.Duration | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        slo_recovered: _builtins.str = ...,
+        promql: _builtins.str = ...,
+        application_healthy: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["application_healthy", b"application_healthy", "delay", b"delay", "kind", b"kind", "promql", b"promql", "slo_recovered", b"slo_recovered", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application_healthy", b"application_healthy", "delay", b"delay", "kind", b"kind", "promql", b"promql", "slo_recovered", b"slo_recovered", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["slo_recovered", "promql", "application_healthy"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___Verification: _TypeAlias = Verification  # noqa: Y015
 
 @_typing.final
 class RunbookStep(_message.Message):
@@ -690,24 +1113,27 @@ class RunbookStep(_message.Message):
     TARGET_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
-    CONTINUE_ON_FAILURE_FIELD_NUMBER: _builtins.int
+    VERIFICATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The step's name, unique in the runbook, e.g. "restart-pods"."""
+    """The step's name, unique in the runbook, e.g. "rollback"."""
     action: Global___StepAction.ValueType
     """What it does."""
     target: _builtins.str
-    """What it acts on: "<namespace>/<kind>/<name>" for RESTART and SCALE,
-    an application name for ROLLBACK and SYNC, a channel for NOTIFY.
+    """What it acts on: an infra-manager application for RESTART, ROLLBACK
+    and SYNC; "<application>/<kind>/<name>" for SCALE; a topic for
+    PUBLISH; a URL for WEBHOOK. Empty means the remediation's target.
     """
-    continue_on_failure: _builtins.bool
-    """Go on to the next step even when this one fails."""
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
         """Action-specific parameters."""
 
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
-        """How long the step may take before it fails; default 5m."""
+        """How long the action may take before it fails; default 5m."""
+
+    @_builtins.property
+    def verification(self) -> Global___Verification:
+        """How the step's success is checked; absent means the action's own result."""
 
     def __init__(
         self,
@@ -717,15 +1143,83 @@ class RunbookStep(_message.Message):
         target: _builtins.str = ...,
         parameters: _struct_pb2.Struct | None = ...,
         timeout: _duration_pb2.Duration | None = ...,
-        continue_on_failure: _builtins.bool = ...,
+        verification: Global___Verification | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "timeout", b"timeout", "verification", b"verification"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "continue_on_failure", b"continue_on_failure", "name", b"name", "parameters", b"parameters", "target", b"target", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "name", b"name", "parameters", b"parameters", "target", b"target", "timeout", b"timeout", "verification", b"verification"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunbookStep: _TypeAlias = RunbookStep  # noqa: Y015
+
+@_typing.final
+class Escalation(_message.Message):
+    """Where to escalate when every step failed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_URL_FIELD_NUMBER: _builtins.int
+    PUBLISH_EVENT_FIELD_NUMBER: _builtins.int
+    webhook_url: _builtins.str
+    """A webhook called with the remediation as JSON."""
+    publish_event: _builtins.bool
+    """Publish RemediationEscalated on the bus (always true in effect; kept for clarity)."""
+    def __init__(
+        self,
+        *,
+        webhook_url: _builtins.str = ...,
+        publish_event: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["publish_event", b"publish_event", "webhook_url", b"webhook_url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Escalation: _TypeAlias = Escalation  # noqa: Y015
+
+@_typing.final
+class Safeguards(_message.Message):
+    """Limits on what a runbook may do at once."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COOLDOWN_FIELD_NUMBER: _builtins.int
+    MAX_RUNS_PER_HOUR_FIELD_NUMBER: _builtins.int
+    MAX_BLAST_RADIUS_PERCENT_FIELD_NUMBER: _builtins.int
+    REQUIRES_APPROVAL_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    max_runs_per_hour: _builtins.int
+    """At most this many remediations of one target per hour; 0 means unlimited."""
+    max_blast_radius_percent: _builtins.int
+    """At most this percentage (1-100) of an application's targets in
+    remediation at once; 0 means 100.
+    """
+    requires_approval: _builtins.bool
+    """Wait for ApproveRemediation before running, whatever the policy says."""
+    dry_run: _builtins.bool
+    """Record what each step would do without doing it."""
+    @_builtins.property
+    def cooldown(self) -> _duration_pb2.Duration:
+        """The least time between two remediations of one target; runs within it are SKIPPED."""
+
+    def __init__(
+        self,
+        *,
+        cooldown: _duration_pb2.Duration | None = ...,
+        max_runs_per_hour: _builtins.int = ...,
+        max_blast_radius_percent: _builtins.int = ...,
+        requires_approval: _builtins.bool = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cooldown", b"cooldown"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cooldown", b"cooldown", "dry_run", b"dry_run", "max_blast_radius_percent", b"max_blast_radius_percent", "max_runs_per_hour", b"max_runs_per_hour", "requires_approval", b"requires_approval"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Safeguards: _TypeAlias = Safeguards  # noqa: Y015
 
 @_typing.final
 class Runbook(_message.Message):
@@ -737,27 +1231,38 @@ class Runbook(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     TRIGGER_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
-    REQUIRES_APPROVAL_FIELD_NUMBER: _builtins.int
-    COOLDOWN_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    SAFEGUARDS_FIELD_NUMBER: _builtins.int
+    ESCALATION_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    CONTEXT_NAMESPACE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The runbook's name, e.g. "restart-on-latency-burn"."""
+    """The runbook's resource name, "runbooks/{runbook}"."""
     description: _builtins.str
     """A human description."""
-    requires_approval: _builtins.bool
-    """Wait for ApproveRemediation before running."""
+    target: _builtins.str
+    """The default target of its steps, e.g. an infra-manager application."""
+    etag: _builtins.str
+    """Changes with every update (AIP-154)."""
+    context_namespace: _builtins.str
+    """A memory-hub namespace whose documents are cited as context."""
     @_builtins.property
     def trigger(self) -> Global___RunbookTrigger:
         """What starts it automatically; absent means it only runs by hand."""
 
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunbookStep]:
-        """The steps, run in order."""
+        """The steps, tried in order until one's verification passes."""
 
     @_builtins.property
-    def cooldown(self) -> _duration_pb2.Duration:
-        """The least time between two automatic runs; triggers within it are SKIPPED."""
+    def safeguards(self) -> Global___Safeguards:
+        """Limits on what it may do."""
+
+    @_builtins.property
+    def escalation(self) -> Global___Escalation:
+        """Where to escalate when the steps are exhausted."""
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -774,14 +1279,17 @@ class Runbook(_message.Message):
         description: _builtins.str = ...,
         trigger: Global___RunbookTrigger | None = ...,
         steps: _abc.Iterable[Global___RunbookStep] | None = ...,
-        requires_approval: _builtins.bool = ...,
-        cooldown: _duration_pb2.Duration | None = ...,
+        target: _builtins.str = ...,
+        safeguards: Global___Safeguards | None = ...,
+        escalation: Global___Escalation | None = ...,
+        etag: _builtins.str = ...,
+        context_namespace: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cooldown", b"cooldown", "create_time", b"create_time", "trigger", b"trigger", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "escalation", b"escalation", "safeguards", b"safeguards", "trigger", b"trigger", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cooldown", b"cooldown", "create_time", b"create_time", "description", b"description", "name", b"name", "requires_approval", b"requires_approval", "steps", b"steps", "trigger", b"trigger", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_namespace", b"context_namespace", "create_time", b"create_time", "description", b"description", "escalation", b"escalation", "etag", b"etag", "name", b"name", "safeguards", b"safeguards", "steps", b"steps", "target", b"target", "trigger", b"trigger", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -800,6 +1308,8 @@ class StepResult(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
     step: _builtins.str
     """The step's name."""
     action: Global___StepAction.ValueType
@@ -808,6 +1318,10 @@ class StepResult(_message.Message):
     """Its state."""
     message: _builtins.str
     """A human summary or the error."""
+    target: _builtins.str
+    """The target it acted on."""
+    dry_run: _builtins.bool
+    """True when it only recorded what it would have done."""
     @_builtins.property
     def output(self) -> _struct_pb2.Struct:
         """Action-specific output, e.g. the started sync operation's id."""
@@ -830,10 +1344,12 @@ class StepResult(_message.Message):
         output: _struct_pb2.Struct | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        target: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "output", b"output", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "end_time", b"end_time", "message", b"message", "output", b"output", "start_time", b"start_time", "state", b"state", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "dry_run", b"dry_run", "end_time", b"end_time", "message", b"message", "output", b"output", "start_time", b"start_time", "state", b"state", "step", b"step", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -845,10 +1361,10 @@ class Remediation(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     RUNBOOK_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
-    ALERT_ID_FIELD_NUMBER: _builtins.int
+    ALERT_FIELD_NUMBER: _builtins.int
     EVENT_ID_FIELD_NUMBER: _builtins.int
     INITIATED_BY_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
@@ -857,22 +1373,38 @@ class Remediation(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
-    id: _builtins.str
-    """The remediation's id."""
+    TARGET_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    APPROVED_BY_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The remediation's resource name, "remediations/{remediation}"."""
     runbook: _builtins.str
     """The runbook run."""
     reason: _builtins.str
-    """Why it started, e.g. "checkout-availability burning 14.6x over 1h"."""
-    alert_id: _builtins.str
+    """Why it started, e.g. "slos/checkout burning 14.6x over 1h"."""
+    alert: _builtins.str
     """The alert that triggered it, if any."""
     event_id: _builtins.str
     """The id of the event that triggered it, if any."""
     initiated_by: _builtins.str
-    """Who started it: a subject for a manual run or approval, else "automated"."""
+    """Who started it: a subject for a manual run, else "automated"."""
     state: Global___RemediationState.ValueType
     """Its state."""
     trace_id: _builtins.str
     """The trace that covers it, for finding its spans and audit entries."""
+    target: _builtins.str
+    """What it acts on."""
+    dry_run: _builtins.bool
+    """True when its steps only record what they would do."""
+    decision_id: _builtins.str
+    """The policy decision that gated it (policy-audit's decision id)."""
+    approved_by: _builtins.str
+    """Who approved it, if approval was needed."""
+    message: _builtins.str
+    """Why it ended the way it did (e.g. the safeguard that skipped it)."""
     @_builtins.property
     def step_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepResult]:
         """What each step did, in runbook order."""
@@ -889,13 +1421,17 @@ class Remediation(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """When it ended; unset until it does."""
 
+    @_builtins.property
+    def context(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContextCitation]:
+        """Runbooks and incident notes from memory-hub relevant to it, with citations."""
+
     def __init__(
         self,
         *,
-        id: _builtins.str = ...,
+        name: _builtins.str = ...,
         runbook: _builtins.str = ...,
         reason: _builtins.str = ...,
-        alert_id: _builtins.str = ...,
+        alert: _builtins.str = ...,
         event_id: _builtins.str = ...,
         initiated_by: _builtins.str = ...,
         state: Global___RemediationState.ValueType = ...,
@@ -904,10 +1440,16 @@ class Remediation(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         trace_id: _builtins.str = ...,
+        target: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+        decision_id: _builtins.str = ...,
+        approved_by: _builtins.str = ...,
+        context: _abc.Iterable[Global___ContextCitation] | None = ...,
+        message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_id", b"alert_id", "create_time", b"create_time", "end_time", b"end_time", "event_id", b"event_id", "id", b"id", "initiated_by", b"initiated_by", "reason", b"reason", "runbook", b"runbook", "start_time", b"start_time", "state", b"state", "step_results", b"step_results", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "approved_by", b"approved_by", "context", b"context", "create_time", b"create_time", "decision_id", b"decision_id", "dry_run", b"dry_run", "end_time", b"end_time", "event_id", b"event_id", "initiated_by", b"initiated_by", "message", b"message", "name", b"name", "reason", b"reason", "runbook", b"runbook", "start_time", b"start_time", "state", b"state", "step_results", b"step_results", "target", b"target", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -919,19 +1461,29 @@ class CreateSloRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    SLO_ID_FIELD_NUMBER: _builtins.int
     SLO_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    slo_id: _builtins.str
+    """The SLO's id, the last part of its name: 1-63 of [a-z0-9-], starting
+    with a letter.
+    """
+    request_id: _builtins.str
+    """Makes the call idempotent: a retry with the same id returns the first result."""
     @_builtins.property
     def slo(self) -> Global___Slo:
-        """The SLO to create."""
+        """The SLO to create; its name is ignored."""
 
     def __init__(
         self,
         *,
+        slo_id: _builtins.str = ...,
         slo: Global___Slo | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["slo", b"slo"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["slo", b"slo"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "slo", b"slo", "slo_id", b"slo_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -969,7 +1521,7 @@ class GetSloRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The SLO's name."""
+    """The SLO's resource name."""
     def __init__(
         self,
         *,
@@ -1013,25 +1565,51 @@ class ListSlosRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     SERVICE_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """The maximum number of SLOs to return."""
     page_token: _builtins.str
     """A page token from a previous response."""
     service: _builtins.str
     """Only SLOs of this service; empty lists all."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only SLOs carrying all these labels."""
+
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         service: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "service", b"service"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "service", b"service"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1075,7 +1653,7 @@ class UpdateSloRequest(_message.Message):
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def slo(self) -> Global___Slo:
-        """The SLO, with its name set."""
+        """The SLO, with its name set; its etag, when set, must be the current one."""
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
@@ -1126,16 +1704,20 @@ class DeleteSloRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The SLO's name."""
+    """The SLO's resource name."""
+    etag: _builtins.str
+    """When set, must be the SLO's current etag."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1166,21 +1748,25 @@ class RecordSliRequest(_message.Message):
 
     SLO_FIELD_NUMBER: _builtins.int
     SAMPLES_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     slo: _builtins.str
-    """The SLO's name."""
+    """The SLO's resource name."""
+    request_id: _builtins.str
+    """Makes the call idempotent: a retry with the same id is not counted twice."""
     @_builtins.property
     def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___SliSample]:
-        """The samples, one or many."""
+        """The samples, one or many (at most 10,000)."""
 
     def __init__(
         self,
         *,
         slo: _builtins.str = ...,
         samples: _abc.Iterable[Global___SliSample] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["samples", b"samples", "slo", b"slo"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "samples", b"samples", "slo", b"slo"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1194,7 +1780,7 @@ class RecordSliResponse(_message.Message):
 
     ACCEPTED_COUNT_FIELD_NUMBER: _builtins.int
     accepted_count: _builtins.int
-    """The number of samples recorded; samples older than the window are dropped."""
+    """The number of samples recorded; samples older than the retention are dropped."""
     def __init__(
         self,
         *,
@@ -1216,7 +1802,7 @@ class GetErrorBudgetRequest(_message.Message):
 
     SLO_FIELD_NUMBER: _builtins.int
     slo: _builtins.str
-    """The SLO's name."""
+    """The SLO's resource name."""
     def __init__(
         self,
         *,
@@ -1253,6 +1839,250 @@ class GetErrorBudgetResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetErrorBudgetResponse: _TypeAlias = GetErrorBudgetResponse  # noqa: Y015
+
+@_typing.final
+class EvaluateSlosRequest(_message.Message):
+    """EvaluateSlosRequest evaluates SLOs now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLOS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def slos(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The SLOs' resource names; empty evaluates all."""
+
+    def __init__(
+        self,
+        *,
+        slos: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["slos", b"slos"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluateSlosRequest: _TypeAlias = EvaluateSlosRequest  # noqa: Y015
+
+@_typing.final
+class EvaluateSlosResponse(_message.Message):
+    """EvaluateSlosResponse lists what changed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGED_ALERTS_FIELD_NUMBER: _builtins.int
+    EVALUATED_COUNT_FIELD_NUMBER: _builtins.int
+    evaluated_count: _builtins.int
+    """The number of SLOs evaluated."""
+    @_builtins.property
+    def changed_alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alert]:
+        """The alerts that started firing or resolved."""
+
+    def __init__(
+        self,
+        *,
+        changed_alerts: _abc.Iterable[Global___Alert] | None = ...,
+        evaluated_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_alerts", b"changed_alerts", "evaluated_count", b"evaluated_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluateSlosResponse: _TypeAlias = EvaluateSlosResponse  # noqa: Y015
+
+@_typing.final
+class GetPrometheusRulesRequest(_message.Message):
+    """GetPrometheusRulesRequest names SLOs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLOS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def slos(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The SLOs' resource names; empty renders every PROMETHEUS SLO."""
+
+    def __init__(
+        self,
+        *,
+        slos: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["slos", b"slos"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPrometheusRulesRequest: _TypeAlias = GetPrometheusRulesRequest  # noqa: Y015
+
+@_typing.final
+class GetPrometheusRulesResponse(_message.Message):
+    """GetPrometheusRulesResponse is a Prometheus rule file."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULES_YAML_FIELD_NUMBER: _builtins.int
+    rules_yaml: _builtins.str
+    """The rule file, YAML."""
+    def __init__(
+        self,
+        *,
+        rules_yaml: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rules_yaml", b"rules_yaml"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPrometheusRulesResponse: _TypeAlias = GetPrometheusRulesResponse  # noqa: Y015
+
+@_typing.final
+class ImportOpenSloRequest(_message.Message):
+    """ImportOpenSloRequest imports OpenSLO documents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    YAML_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    yaml: _builtins.str
+    """One or more OpenSLO v1 YAML documents (separated by ---)."""
+    validate_only: _builtins.bool
+    """Check and convert only; store nothing."""
+    request_id: _builtins.str
+    """Makes the call idempotent: a retry with the same id returns the first result."""
+    def __init__(
+        self,
+        *,
+        yaml: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "validate_only", b"validate_only", "yaml", b"yaml"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportOpenSloRequest: _TypeAlias = ImportOpenSloRequest  # noqa: Y015
+
+@_typing.final
+class ImportOpenSloResponse(_message.Message):
+    """ImportOpenSloResponse lists the SLOs imported."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLOS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def slos(self) -> _containers.RepeatedCompositeFieldContainer[Global___Slo]:
+        """The SLOs as stored (or as they would be, with validate_only)."""
+
+    def __init__(
+        self,
+        *,
+        slos: _abc.Iterable[Global___Slo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["slos", b"slos"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportOpenSloResponse: _TypeAlias = ImportOpenSloResponse  # noqa: Y015
+
+@_typing.final
+class ExportOpenSloRequest(_message.Message):
+    """ExportOpenSloRequest names SLOs to export."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLOS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def slos(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The SLOs' resource names; empty exports all."""
+
+    def __init__(
+        self,
+        *,
+        slos: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["slos", b"slos"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportOpenSloRequest: _TypeAlias = ExportOpenSloRequest  # noqa: Y015
+
+@_typing.final
+class ExportOpenSloResponse(_message.Message):
+    """ExportOpenSloResponse is OpenSLO YAML."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    YAML_FIELD_NUMBER: _builtins.int
+    yaml: _builtins.str
+    """OpenSLO v1 documents, separated by ---."""
+    def __init__(
+        self,
+        *,
+        yaml: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["yaml", b"yaml"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportOpenSloResponse: _TypeAlias = ExportOpenSloResponse  # noqa: Y015
+
+@_typing.final
+class GetAlertRequest(_message.Message):
+    """GetAlertRequest names an alert."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The alert's resource name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAlertRequest: _TypeAlias = GetAlertRequest  # noqa: Y015
+
+@_typing.final
+class GetAlertResponse(_message.Message):
+    """GetAlertResponse returns an alert."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def alert(self) -> Global___Alert:
+        """The alert."""
+
+    def __init__(
+        self,
+        *,
+        alert: Global___Alert | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAlertResponse: _TypeAlias = GetAlertResponse  # noqa: Y015
 
 @_typing.final
 class ListAlertsRequest(_message.Message):
@@ -1322,19 +2152,27 @@ class CreateRunbookRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    RUNBOOK_ID_FIELD_NUMBER: _builtins.int
     RUNBOOK_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    runbook_id: _builtins.str
+    """The runbook's id, the last part of its name."""
+    request_id: _builtins.str
+    """Makes the call idempotent: a retry with the same id returns the first result."""
     @_builtins.property
     def runbook(self) -> Global___Runbook:
-        """The runbook to create."""
+        """The runbook to create; its name is ignored."""
 
     def __init__(
         self,
         *,
+        runbook_id: _builtins.str = ...,
         runbook: Global___Runbook | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["runbook", b"runbook"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["runbook", b"runbook"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "runbook", b"runbook", "runbook_id", b"runbook_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1372,7 +2210,7 @@ class GetRunbookRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The runbook's name."""
+    """The runbook's resource name."""
     def __init__(
         self,
         *,
@@ -1474,7 +2312,7 @@ class UpdateRunbookRequest(_message.Message):
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def runbook(self) -> Global___Runbook:
-        """The runbook, with its name set."""
+        """The runbook, with its name set; its etag, when set, must be the current one."""
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
@@ -1525,16 +2363,20 @@ class DeleteRunbookRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The runbook's name."""
+    """The runbook's resource name."""
+    etag: _builtins.str
+    """When set, must be the runbook's current etag."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1565,19 +2407,31 @@ class RunRunbookRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The runbook's name."""
+    """The runbook's resource name."""
     reason: _builtins.str
     """Why it is being run; recorded on the remediation."""
+    target: _builtins.str
+    """What it acts on; empty means the runbook's target."""
+    dry_run: _builtins.bool
+    """Record what each step would do without doing it."""
+    request_id: _builtins.str
+    """Makes the call idempotent: a retry with the same id returns the first remediation."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         reason: _builtins.str = ...,
+        target: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "name", b"name", "reason", b"reason", "request_id", b"request_id", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1592,7 +2446,7 @@ class RunRunbookResponse(_message.Message):
     REMEDIATION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def remediation(self) -> Global___Remediation:
-        """The remediation, PENDING or AWAITING_APPROVAL."""
+        """The remediation: PENDING, RUNNING, AWAITING_APPROVAL or SKIPPED."""
 
     def __init__(
         self,
@@ -1622,7 +2476,7 @@ class ListRemediationsRequest(_message.Message):
     page_token: _builtins.str
     """A page token from a previous response."""
     runbook: _builtins.str
-    """Only runs of this runbook; empty lists all."""
+    """Only runs of this runbook (resource name); empty lists all."""
     state: Global___RemediationState.ValueType
     """Only remediations in this state; unset lists all."""
     def __init__(
@@ -1675,17 +2529,17 @@ class GetRemediationRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    ID_FIELD_NUMBER: _builtins.int
-    id: _builtins.str
-    """The remediation's id."""
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The remediation's resource name."""
     def __init__(
         self,
         *,
-        id: _builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1721,21 +2575,21 @@ class ApproveRemediationRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     COMMENT_FIELD_NUMBER: _builtins.int
-    id: _builtins.str
-    """The remediation's id."""
+    name: _builtins.str
+    """The remediation's resource name."""
     comment: _builtins.str
     """A note recorded with the approval."""
     def __init__(
         self,
         *,
-        id: _builtins.str = ...,
+        name: _builtins.str = ...,
         comment: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["comment", b"comment", "id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comment", b"comment", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1771,21 +2625,21 @@ class CancelRemediationRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
-    id: _builtins.str
-    """The remediation's id."""
+    name: _builtins.str
+    """The remediation's resource name."""
     reason: _builtins.str
     """Why it is cancelled."""
     def __init__(
         self,
         *,
-        id: _builtins.str = ...,
+        name: _builtins.str = ...,
         reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -28,6 +28,12 @@ if _version_not_supported:
 class AutoOpsServiceStub:
     """Platform-01 IndestructibleAutoOps: service level objectives, error
     budgets, multiwindow burn-rate alerts and self-healing runbooks.
+
+    Resources are named "slos/{slo}", "runbooks/{runbook}",
+    "remediations/{remediation}" and "alerts/{alert}" (AIP-122). Creates take
+    the resource's id (AIP-133); every non-idempotent call takes a request_id
+    and a retry with the same one returns the first result (AIP-155); updates
+    take the resource's etag and answer ABORTED on a stale one (AIP-154).
     """
 
     def __init__(self, channel):
@@ -70,6 +76,31 @@ class AutoOpsServiceStub:
                 '/autoecoops.autoops.v1.AutoOpsService/GetErrorBudget',
                 request_serializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.GetErrorBudgetRequest.SerializeToString,
                 response_deserializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.GetErrorBudgetResponse.FromString,
+                _registered_method=True)
+        self.EvaluateSlos = channel.unary_unary(
+                '/autoecoops.autoops.v1.AutoOpsService/EvaluateSlos',
+                request_serializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.EvaluateSlosRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.EvaluateSlosResponse.FromString,
+                _registered_method=True)
+        self.GetPrometheusRules = channel.unary_unary(
+                '/autoecoops.autoops.v1.AutoOpsService/GetPrometheusRules',
+                request_serializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.GetPrometheusRulesRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.GetPrometheusRulesResponse.FromString,
+                _registered_method=True)
+        self.ImportOpenSlo = channel.unary_unary(
+                '/autoecoops.autoops.v1.AutoOpsService/ImportOpenSlo',
+                request_serializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.ImportOpenSloRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.ImportOpenSloResponse.FromString,
+                _registered_method=True)
+        self.ExportOpenSlo = channel.unary_unary(
+                '/autoecoops.autoops.v1.AutoOpsService/ExportOpenSlo',
+                request_serializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.ExportOpenSloRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.ExportOpenSloResponse.FromString,
+                _registered_method=True)
+        self.GetAlert = channel.unary_unary(
+                '/autoecoops.autoops.v1.AutoOpsService/GetAlert',
+                request_serializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.GetAlertRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.GetAlertResponse.FromString,
                 _registered_method=True)
         self.ListAlerts = channel.unary_unary(
                 '/autoecoops.autoops.v1.AutoOpsService/ListAlerts',
@@ -131,6 +162,12 @@ class AutoOpsServiceStub:
 class AutoOpsServiceServicer:
     """Platform-01 IndestructibleAutoOps: service level objectives, error
     budgets, multiwindow burn-rate alerts and self-healing runbooks.
+
+    Resources are named "slos/{slo}", "runbooks/{runbook}",
+    "remediations/{remediation}" and "alerts/{alert}" (AIP-122). Creates take
+    the resource's id (AIP-133); every non-idempotent call takes a request_id
+    and a retry with the same one returns the first result (AIP-155); updates
+    take the resource's etag and answer ABORTED on a stale one (AIP-154).
     """
 
     def CreateSlo(self, request, context):
@@ -148,36 +185,81 @@ class AutoOpsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSlos(self, request, context):
-        """Lists SLOs, optionally those of one service.
+        """Lists SLOs, optionally those of one service or with some labels.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateSlo(self, request, context):
-        """Updates the fields of an SLO named by the update mask.
+        """Updates the fields of an SLO named by the update mask; ABORTED when
+        the etag given is not the SLO's current one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSlo(self, request, context):
-        """Deletes an SLO and its recorded SLI data.
+        """Deletes an SLO, its recorded SLI data and its alert state.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RecordSli(self, request, context):
-        """Records SLI samples (good and total event counts) for an SLO. This is
-        telemetry ingestion: high volume, so it is not written to the audit trail.
+        """Records pushed SLI samples (good and total event counts) for an SLO
+        whose source is PUSHED. Telemetry ingestion: high volume, so it is not
+        written to the audit trail; a retry with the same request_id is not
+        counted twice.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetErrorBudget(self, request, context):
-        """Computes an SLO's error budget over its window, with current burn rates.
+        """Computes an SLO's error budget over its period, with the burn rate
+        over each alerting window and the projected exhaustion.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvaluateSlos(self, request, context):
+        """Evaluates SLOs now (normally a background tick does): refreshes their
+        alert states, publishes breach and resolution events and starts the
+        runbooks they trigger. Returns the alerts that changed state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPrometheusRules(self, request, context):
+        """Renders the Prometheus recording and alerting rules of SLOs
+        (Sloth-compatible names), for `promtool check rules` and a Prometheus.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportOpenSlo(self, request, context):
+        """Imports OpenSLO v1 documents (SLO, SLI, AlertPolicy kinds): creates or
+        replaces the SLOs they describe. One call may touch many SLOs, so the
+        platform writes one audit entry per SLO, naming it
+        (autoops.slo.import), rather than one entry for the call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportOpenSlo(self, request, context):
+        """Exports SLOs as OpenSLO v1 YAML.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAlert(self, request, context):
+        """Gets an alert by name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -212,7 +294,8 @@ class AutoOpsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateRunbook(self, request, context):
-        """Updates the fields of a runbook named by the update mask.
+        """Updates the fields of a runbook named by the update mask; ABORTED when
+        the etag given is not the runbook's current one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -226,7 +309,8 @@ class AutoOpsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RunRunbook(self, request, context):
-        """Starts a remediation from a runbook by hand, outside its trigger.
+        """Starts a remediation from a runbook by hand, outside its trigger. The
+        safeguards apply as to an automatic run.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -240,7 +324,7 @@ class AutoOpsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetRemediation(self, request, context):
-        """Gets a remediation by id, with the result of each step.
+        """Gets a remediation by name, with the result of each step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -298,6 +382,31 @@ def add_AutoOpsServiceServicer_to_server(servicer, server):
                     servicer.GetErrorBudget,
                     request_deserializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.GetErrorBudgetRequest.FromString,
                     response_serializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.GetErrorBudgetResponse.SerializeToString,
+            ),
+            'EvaluateSlos': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvaluateSlos,
+                    request_deserializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.EvaluateSlosRequest.FromString,
+                    response_serializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.EvaluateSlosResponse.SerializeToString,
+            ),
+            'GetPrometheusRules': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPrometheusRules,
+                    request_deserializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.GetPrometheusRulesRequest.FromString,
+                    response_serializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.GetPrometheusRulesResponse.SerializeToString,
+            ),
+            'ImportOpenSlo': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportOpenSlo,
+                    request_deserializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.ImportOpenSloRequest.FromString,
+                    response_serializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.ImportOpenSloResponse.SerializeToString,
+            ),
+            'ExportOpenSlo': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportOpenSlo,
+                    request_deserializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.ExportOpenSloRequest.FromString,
+                    response_serializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.ExportOpenSloResponse.SerializeToString,
+            ),
+            'GetAlert': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAlert,
+                    request_deserializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.GetAlertRequest.FromString,
+                    response_serializer=autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.GetAlertResponse.SerializeToString,
             ),
             'ListAlerts': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAlerts,
@@ -365,6 +474,12 @@ def add_AutoOpsServiceServicer_to_server(servicer, server):
 class AutoOpsService:
     """Platform-01 IndestructibleAutoOps: service level objectives, error
     budgets, multiwindow burn-rate alerts and self-healing runbooks.
+
+    Resources are named "slos/{slo}", "runbooks/{runbook}",
+    "remediations/{remediation}" and "alerts/{alert}" (AIP-122). Creates take
+    the resource's id (AIP-133); every non-idempotent call takes a request_id
+    and a retry with the same one returns the first result (AIP-155); updates
+    take the resource's etag and answer ABORTED on a stale one (AIP-154).
     """
 
     @staticmethod
@@ -546,6 +661,141 @@ class AutoOpsService:
             '/autoecoops.autoops.v1.AutoOpsService/GetErrorBudget',
             autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.GetErrorBudgetRequest.SerializeToString,
             autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.GetErrorBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateSlos(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.autoops.v1.AutoOpsService/EvaluateSlos',
+            autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.EvaluateSlosRequest.SerializeToString,
+            autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.EvaluateSlosResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPrometheusRules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.autoops.v1.AutoOpsService/GetPrometheusRules',
+            autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.GetPrometheusRulesRequest.SerializeToString,
+            autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.GetPrometheusRulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportOpenSlo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.autoops.v1.AutoOpsService/ImportOpenSlo',
+            autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.ImportOpenSloRequest.SerializeToString,
+            autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.ImportOpenSloResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportOpenSlo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.autoops.v1.AutoOpsService/ExportOpenSlo',
+            autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.ExportOpenSloRequest.SerializeToString,
+            autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.ExportOpenSloResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAlert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.autoops.v1.AutoOpsService/GetAlert',
+            autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.GetAlertRequest.SerializeToString,
+            autoecoops_dot_autoops_dot_v1_dot_autoops__pb2.GetAlertResponse.FromString,
             options,
             channel_credentials,
             insecure,

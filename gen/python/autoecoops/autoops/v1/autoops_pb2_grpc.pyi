@@ -29,6 +29,12 @@ GRPC_VERSION: str
 class AutoOpsServiceStub:
     """Platform-01 IndestructibleAutoOps: service level objectives, error
     budgets, multiwindow burn-rate alerts and self-healing runbooks.
+
+    Resources are named "slos/{slo}", "runbooks/{runbook}",
+    "remediations/{remediation}" and "alerts/{alert}" (AIP-122). Creates take
+    the resource's id (AIP-133); every non-idempotent call takes a request_id
+    and a retry with the same one returns the first result (AIP-155); updates
+    take the resource's etag and answer ABORTED on a stale one (AIP-154).
     """
 
     @_typing.overload
@@ -40,17 +46,42 @@ class AutoOpsServiceStub:
     GetSlo: _grpc.UnaryUnaryMultiCallable[_autoops_pb2.GetSloRequest, _autoops_pb2.GetSloResponse]
     """Gets an SLO by name."""
     ListSlos: _grpc.UnaryUnaryMultiCallable[_autoops_pb2.ListSlosRequest, _autoops_pb2.ListSlosResponse]
-    """Lists SLOs, optionally those of one service."""
+    """Lists SLOs, optionally those of one service or with some labels."""
     UpdateSlo: _grpc.UnaryUnaryMultiCallable[_autoops_pb2.UpdateSloRequest, _autoops_pb2.UpdateSloResponse]
-    """Updates the fields of an SLO named by the update mask."""
+    """Updates the fields of an SLO named by the update mask; ABORTED when
+    the etag given is not the SLO's current one.
+    """
     DeleteSlo: _grpc.UnaryUnaryMultiCallable[_autoops_pb2.DeleteSloRequest, _autoops_pb2.DeleteSloResponse]
-    """Deletes an SLO and its recorded SLI data."""
+    """Deletes an SLO, its recorded SLI data and its alert state."""
     RecordSli: _grpc.UnaryUnaryMultiCallable[_autoops_pb2.RecordSliRequest, _autoops_pb2.RecordSliResponse]
-    """Records SLI samples (good and total event counts) for an SLO. This is
-    telemetry ingestion: high volume, so it is not written to the audit trail.
+    """Records pushed SLI samples (good and total event counts) for an SLO
+    whose source is PUSHED. Telemetry ingestion: high volume, so it is not
+    written to the audit trail; a retry with the same request_id is not
+    counted twice.
     """
     GetErrorBudget: _grpc.UnaryUnaryMultiCallable[_autoops_pb2.GetErrorBudgetRequest, _autoops_pb2.GetErrorBudgetResponse]
-    """Computes an SLO's error budget over its window, with current burn rates."""
+    """Computes an SLO's error budget over its period, with the burn rate
+    over each alerting window and the projected exhaustion.
+    """
+    EvaluateSlos: _grpc.UnaryUnaryMultiCallable[_autoops_pb2.EvaluateSlosRequest, _autoops_pb2.EvaluateSlosResponse]
+    """Evaluates SLOs now (normally a background tick does): refreshes their
+    alert states, publishes breach and resolution events and starts the
+    runbooks they trigger. Returns the alerts that changed state.
+    """
+    GetPrometheusRules: _grpc.UnaryUnaryMultiCallable[_autoops_pb2.GetPrometheusRulesRequest, _autoops_pb2.GetPrometheusRulesResponse]
+    """Renders the Prometheus recording and alerting rules of SLOs
+    (Sloth-compatible names), for `promtool check rules` and a Prometheus.
+    """
+    ImportOpenSlo: _grpc.UnaryUnaryMultiCallable[_autoops_pb2.ImportOpenSloRequest, _autoops_pb2.ImportOpenSloResponse]
+    """Imports OpenSLO v1 documents (SLO, SLI, AlertPolicy kinds): creates or
+    replaces the SLOs they describe. One call may touch many SLOs, so the
+    platform writes one audit entry per SLO, naming it
+    (autoops.slo.import), rather than one entry for the call.
+    """
+    ExportOpenSlo: _grpc.UnaryUnaryMultiCallable[_autoops_pb2.ExportOpenSloRequest, _autoops_pb2.ExportOpenSloResponse]
+    """Exports SLOs as OpenSLO v1 YAML."""
+    GetAlert: _grpc.UnaryUnaryMultiCallable[_autoops_pb2.GetAlertRequest, _autoops_pb2.GetAlertResponse]
+    """Gets an alert by name."""
     ListAlerts: _grpc.UnaryUnaryMultiCallable[_autoops_pb2.ListAlertsRequest, _autoops_pb2.ListAlertsResponse]
     """Lists burn-rate alerts, firing and resolved, newest first."""
     CreateRunbook: _grpc.UnaryUnaryMultiCallable[_autoops_pb2.CreateRunbookRequest, _autoops_pb2.CreateRunbookResponse]
@@ -60,15 +91,19 @@ class AutoOpsServiceStub:
     ListRunbooks: _grpc.UnaryUnaryMultiCallable[_autoops_pb2.ListRunbooksRequest, _autoops_pb2.ListRunbooksResponse]
     """Lists runbooks."""
     UpdateRunbook: _grpc.UnaryUnaryMultiCallable[_autoops_pb2.UpdateRunbookRequest, _autoops_pb2.UpdateRunbookResponse]
-    """Updates the fields of a runbook named by the update mask."""
+    """Updates the fields of a runbook named by the update mask; ABORTED when
+    the etag given is not the runbook's current one.
+    """
     DeleteRunbook: _grpc.UnaryUnaryMultiCallable[_autoops_pb2.DeleteRunbookRequest, _autoops_pb2.DeleteRunbookResponse]
     """Deletes a runbook. Remediations already started run to completion."""
     RunRunbook: _grpc.UnaryUnaryMultiCallable[_autoops_pb2.RunRunbookRequest, _autoops_pb2.RunRunbookResponse]
-    """Starts a remediation from a runbook by hand, outside its trigger."""
+    """Starts a remediation from a runbook by hand, outside its trigger. The
+    safeguards apply as to an automatic run.
+    """
     ListRemediations: _grpc.UnaryUnaryMultiCallable[_autoops_pb2.ListRemediationsRequest, _autoops_pb2.ListRemediationsResponse]
     """Lists remediations, newest first."""
     GetRemediation: _grpc.UnaryUnaryMultiCallable[_autoops_pb2.GetRemediationRequest, _autoops_pb2.GetRemediationResponse]
-    """Gets a remediation by id, with the result of each step."""
+    """Gets a remediation by name, with the result of each step."""
     ApproveRemediation: _grpc.UnaryUnaryMultiCallable[_autoops_pb2.ApproveRemediationRequest, _autoops_pb2.ApproveRemediationResponse]
     """Approves a remediation awaiting approval, so it starts running."""
     CancelRemediation: _grpc.UnaryUnaryMultiCallable[_autoops_pb2.CancelRemediationRequest, _autoops_pb2.CancelRemediationResponse]
@@ -80,6 +115,12 @@ class AutoOpsServiceStub:
 class AutoOpsServiceAsyncStub(AutoOpsServiceStub):
     """Platform-01 IndestructibleAutoOps: service level objectives, error
     budgets, multiwindow burn-rate alerts and self-healing runbooks.
+
+    Resources are named "slos/{slo}", "runbooks/{runbook}",
+    "remediations/{remediation}" and "alerts/{alert}" (AIP-122). Creates take
+    the resource's id (AIP-133); every non-idempotent call takes a request_id
+    and a retry with the same one returns the first result (AIP-155); updates
+    take the resource's etag and answer ABORTED on a stale one (AIP-154).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -88,17 +129,42 @@ class AutoOpsServiceAsyncStub(AutoOpsServiceStub):
     GetSlo: _aio.UnaryUnaryMultiCallable[_autoops_pb2.GetSloRequest, _autoops_pb2.GetSloResponse]  # type: ignore[assignment]
     """Gets an SLO by name."""
     ListSlos: _aio.UnaryUnaryMultiCallable[_autoops_pb2.ListSlosRequest, _autoops_pb2.ListSlosResponse]  # type: ignore[assignment]
-    """Lists SLOs, optionally those of one service."""
+    """Lists SLOs, optionally those of one service or with some labels."""
     UpdateSlo: _aio.UnaryUnaryMultiCallable[_autoops_pb2.UpdateSloRequest, _autoops_pb2.UpdateSloResponse]  # type: ignore[assignment]
-    """Updates the fields of an SLO named by the update mask."""
+    """Updates the fields of an SLO named by the update mask; ABORTED when
+    the etag given is not the SLO's current one.
+    """
     DeleteSlo: _aio.UnaryUnaryMultiCallable[_autoops_pb2.DeleteSloRequest, _autoops_pb2.DeleteSloResponse]  # type: ignore[assignment]
-    """Deletes an SLO and its recorded SLI data."""
+    """Deletes an SLO, its recorded SLI data and its alert state."""
     RecordSli: _aio.UnaryUnaryMultiCallable[_autoops_pb2.RecordSliRequest, _autoops_pb2.RecordSliResponse]  # type: ignore[assignment]
-    """Records SLI samples (good and total event counts) for an SLO. This is
-    telemetry ingestion: high volume, so it is not written to the audit trail.
+    """Records pushed SLI samples (good and total event counts) for an SLO
+    whose source is PUSHED. Telemetry ingestion: high volume, so it is not
+    written to the audit trail; a retry with the same request_id is not
+    counted twice.
     """
     GetErrorBudget: _aio.UnaryUnaryMultiCallable[_autoops_pb2.GetErrorBudgetRequest, _autoops_pb2.GetErrorBudgetResponse]  # type: ignore[assignment]
-    """Computes an SLO's error budget over its window, with current burn rates."""
+    """Computes an SLO's error budget over its period, with the burn rate
+    over each alerting window and the projected exhaustion.
+    """
+    EvaluateSlos: _aio.UnaryUnaryMultiCallable[_autoops_pb2.EvaluateSlosRequest, _autoops_pb2.EvaluateSlosResponse]  # type: ignore[assignment]
+    """Evaluates SLOs now (normally a background tick does): refreshes their
+    alert states, publishes breach and resolution events and starts the
+    runbooks they trigger. Returns the alerts that changed state.
+    """
+    GetPrometheusRules: _aio.UnaryUnaryMultiCallable[_autoops_pb2.GetPrometheusRulesRequest, _autoops_pb2.GetPrometheusRulesResponse]  # type: ignore[assignment]
+    """Renders the Prometheus recording and alerting rules of SLOs
+    (Sloth-compatible names), for `promtool check rules` and a Prometheus.
+    """
+    ImportOpenSlo: _aio.UnaryUnaryMultiCallable[_autoops_pb2.ImportOpenSloRequest, _autoops_pb2.ImportOpenSloResponse]  # type: ignore[assignment]
+    """Imports OpenSLO v1 documents (SLO, SLI, AlertPolicy kinds): creates or
+    replaces the SLOs they describe. One call may touch many SLOs, so the
+    platform writes one audit entry per SLO, naming it
+    (autoops.slo.import), rather than one entry for the call.
+    """
+    ExportOpenSlo: _aio.UnaryUnaryMultiCallable[_autoops_pb2.ExportOpenSloRequest, _autoops_pb2.ExportOpenSloResponse]  # type: ignore[assignment]
+    """Exports SLOs as OpenSLO v1 YAML."""
+    GetAlert: _aio.UnaryUnaryMultiCallable[_autoops_pb2.GetAlertRequest, _autoops_pb2.GetAlertResponse]  # type: ignore[assignment]
+    """Gets an alert by name."""
     ListAlerts: _aio.UnaryUnaryMultiCallable[_autoops_pb2.ListAlertsRequest, _autoops_pb2.ListAlertsResponse]  # type: ignore[assignment]
     """Lists burn-rate alerts, firing and resolved, newest first."""
     CreateRunbook: _aio.UnaryUnaryMultiCallable[_autoops_pb2.CreateRunbookRequest, _autoops_pb2.CreateRunbookResponse]  # type: ignore[assignment]
@@ -108,15 +174,19 @@ class AutoOpsServiceAsyncStub(AutoOpsServiceStub):
     ListRunbooks: _aio.UnaryUnaryMultiCallable[_autoops_pb2.ListRunbooksRequest, _autoops_pb2.ListRunbooksResponse]  # type: ignore[assignment]
     """Lists runbooks."""
     UpdateRunbook: _aio.UnaryUnaryMultiCallable[_autoops_pb2.UpdateRunbookRequest, _autoops_pb2.UpdateRunbookResponse]  # type: ignore[assignment]
-    """Updates the fields of a runbook named by the update mask."""
+    """Updates the fields of a runbook named by the update mask; ABORTED when
+    the etag given is not the runbook's current one.
+    """
     DeleteRunbook: _aio.UnaryUnaryMultiCallable[_autoops_pb2.DeleteRunbookRequest, _autoops_pb2.DeleteRunbookResponse]  # type: ignore[assignment]
     """Deletes a runbook. Remediations already started run to completion."""
     RunRunbook: _aio.UnaryUnaryMultiCallable[_autoops_pb2.RunRunbookRequest, _autoops_pb2.RunRunbookResponse]  # type: ignore[assignment]
-    """Starts a remediation from a runbook by hand, outside its trigger."""
+    """Starts a remediation from a runbook by hand, outside its trigger. The
+    safeguards apply as to an automatic run.
+    """
     ListRemediations: _aio.UnaryUnaryMultiCallable[_autoops_pb2.ListRemediationsRequest, _autoops_pb2.ListRemediationsResponse]  # type: ignore[assignment]
     """Lists remediations, newest first."""
     GetRemediation: _aio.UnaryUnaryMultiCallable[_autoops_pb2.GetRemediationRequest, _autoops_pb2.GetRemediationResponse]  # type: ignore[assignment]
-    """Gets a remediation by id, with the result of each step."""
+    """Gets a remediation by name, with the result of each step."""
     ApproveRemediation: _aio.UnaryUnaryMultiCallable[_autoops_pb2.ApproveRemediationRequest, _autoops_pb2.ApproveRemediationResponse]  # type: ignore[assignment]
     """Approves a remediation awaiting approval, so it starts running."""
     CancelRemediation: _aio.UnaryUnaryMultiCallable[_autoops_pb2.CancelRemediationRequest, _autoops_pb2.CancelRemediationResponse]  # type: ignore[assignment]
@@ -127,6 +197,12 @@ class AutoOpsServiceAsyncStub(AutoOpsServiceStub):
 class AutoOpsServiceServicer(metaclass=_abc_1.ABCMeta):
     """Platform-01 IndestructibleAutoOps: service level objectives, error
     budgets, multiwindow burn-rate alerts and self-healing runbooks.
+
+    Resources are named "slos/{slo}", "runbooks/{runbook}",
+    "remediations/{remediation}" and "alerts/{alert}" (AIP-122). Creates take
+    the resource's id (AIP-133); every non-idempotent call takes a request_id
+    and a retry with the same one returns the first result (AIP-155); updates
+    take the resource's etag and answer ABORTED on a stale one (AIP-154).
     """
 
     @_abc_1.abstractmethod
@@ -151,7 +227,7 @@ class AutoOpsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _autoops_pb2.ListSlosRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_autoops_pb2.ListSlosResponse, _abc.Awaitable[_autoops_pb2.ListSlosResponse]]:
-        """Lists SLOs, optionally those of one service."""
+        """Lists SLOs, optionally those of one service or with some labels."""
 
     @_abc_1.abstractmethod
     def UpdateSlo(
@@ -159,7 +235,9 @@ class AutoOpsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _autoops_pb2.UpdateSloRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_autoops_pb2.UpdateSloResponse, _abc.Awaitable[_autoops_pb2.UpdateSloResponse]]:
-        """Updates the fields of an SLO named by the update mask."""
+        """Updates the fields of an SLO named by the update mask; ABORTED when
+        the etag given is not the SLO's current one.
+        """
 
     @_abc_1.abstractmethod
     def DeleteSlo(
@@ -167,7 +245,7 @@ class AutoOpsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _autoops_pb2.DeleteSloRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_autoops_pb2.DeleteSloResponse, _abc.Awaitable[_autoops_pb2.DeleteSloResponse]]:
-        """Deletes an SLO and its recorded SLI data."""
+        """Deletes an SLO, its recorded SLI data and its alert state."""
 
     @_abc_1.abstractmethod
     def RecordSli(
@@ -175,8 +253,10 @@ class AutoOpsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _autoops_pb2.RecordSliRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_autoops_pb2.RecordSliResponse, _abc.Awaitable[_autoops_pb2.RecordSliResponse]]:
-        """Records SLI samples (good and total event counts) for an SLO. This is
-        telemetry ingestion: high volume, so it is not written to the audit trail.
+        """Records pushed SLI samples (good and total event counts) for an SLO
+        whose source is PUSHED. Telemetry ingestion: high volume, so it is not
+        written to the audit trail; a retry with the same request_id is not
+        counted twice.
         """
 
     @_abc_1.abstractmethod
@@ -185,7 +265,58 @@ class AutoOpsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _autoops_pb2.GetErrorBudgetRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_autoops_pb2.GetErrorBudgetResponse, _abc.Awaitable[_autoops_pb2.GetErrorBudgetResponse]]:
-        """Computes an SLO's error budget over its window, with current burn rates."""
+        """Computes an SLO's error budget over its period, with the burn rate
+        over each alerting window and the projected exhaustion.
+        """
+
+    @_abc_1.abstractmethod
+    def EvaluateSlos(
+        self,
+        request: _autoops_pb2.EvaluateSlosRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_autoops_pb2.EvaluateSlosResponse, _abc.Awaitable[_autoops_pb2.EvaluateSlosResponse]]:
+        """Evaluates SLOs now (normally a background tick does): refreshes their
+        alert states, publishes breach and resolution events and starts the
+        runbooks they trigger. Returns the alerts that changed state.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPrometheusRules(
+        self,
+        request: _autoops_pb2.GetPrometheusRulesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_autoops_pb2.GetPrometheusRulesResponse, _abc.Awaitable[_autoops_pb2.GetPrometheusRulesResponse]]:
+        """Renders the Prometheus recording and alerting rules of SLOs
+        (Sloth-compatible names), for `promtool check rules` and a Prometheus.
+        """
+
+    @_abc_1.abstractmethod
+    def ImportOpenSlo(
+        self,
+        request: _autoops_pb2.ImportOpenSloRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_autoops_pb2.ImportOpenSloResponse, _abc.Awaitable[_autoops_pb2.ImportOpenSloResponse]]:
+        """Imports OpenSLO v1 documents (SLO, SLI, AlertPolicy kinds): creates or
+        replaces the SLOs they describe. One call may touch many SLOs, so the
+        platform writes one audit entry per SLO, naming it
+        (autoops.slo.import), rather than one entry for the call.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportOpenSlo(
+        self,
+        request: _autoops_pb2.ExportOpenSloRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_autoops_pb2.ExportOpenSloResponse, _abc.Awaitable[_autoops_pb2.ExportOpenSloResponse]]:
+        """Exports SLOs as OpenSLO v1 YAML."""
+
+    @_abc_1.abstractmethod
+    def GetAlert(
+        self,
+        request: _autoops_pb2.GetAlertRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_autoops_pb2.GetAlertResponse, _abc.Awaitable[_autoops_pb2.GetAlertResponse]]:
+        """Gets an alert by name."""
 
     @_abc_1.abstractmethod
     def ListAlerts(
@@ -225,7 +356,9 @@ class AutoOpsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _autoops_pb2.UpdateRunbookRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_autoops_pb2.UpdateRunbookResponse, _abc.Awaitable[_autoops_pb2.UpdateRunbookResponse]]:
-        """Updates the fields of a runbook named by the update mask."""
+        """Updates the fields of a runbook named by the update mask; ABORTED when
+        the etag given is not the runbook's current one.
+        """
 
     @_abc_1.abstractmethod
     def DeleteRunbook(
@@ -241,7 +374,9 @@ class AutoOpsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _autoops_pb2.RunRunbookRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_autoops_pb2.RunRunbookResponse, _abc.Awaitable[_autoops_pb2.RunRunbookResponse]]:
-        """Starts a remediation from a runbook by hand, outside its trigger."""
+        """Starts a remediation from a runbook by hand, outside its trigger. The
+        safeguards apply as to an automatic run.
+        """
 
     @_abc_1.abstractmethod
     def ListRemediations(
@@ -257,7 +392,7 @@ class AutoOpsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _autoops_pb2.GetRemediationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_autoops_pb2.GetRemediationResponse, _abc.Awaitable[_autoops_pb2.GetRemediationResponse]]:
-        """Gets a remediation by id, with the result of each step."""
+        """Gets a remediation by name, with the result of each step."""
 
     @_abc_1.abstractmethod
     def ApproveRemediation(

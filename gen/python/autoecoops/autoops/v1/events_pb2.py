@@ -24,10 +24,11 @@ _sym_db = _symbol_database.Default()
 
 from autoecoops.autoops.v1 import autoops_pb2 as autoecoops_dot_autoops_dot_v1_dot_autoops__pb2
 from autoecoops.common.v1 import options_pb2 as autoecoops_dot_common_dot_v1_dot_options__pb2
+from autoecoops.common.v1 import types_pb2 as autoecoops_dot_common_dot_v1_dot_types__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"autoecoops/autoops/v1/events.proto\x12\x15\x61utoecoops.autoops.v1\x1a#autoecoops/autoops/v1/autoops.proto\x1a\"autoecoops/common/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf8\x02\n\x0bSloBreached\x12\x0b\n\x03slo\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x10\n\x08\x61lert_id\x18\x03 \x01(\t\x12\x36\n\x08severity\x18\x04 \x01(\x0e\x32$.autoecoops.autoops.v1.AlertSeverity\x12;\n\tthreshold\x18\x05 \x01(\x0b\x32(.autoecoops.autoops.v1.BurnRateThreshold\x12\x11\n\tburn_rate\x18\x06 \x01(\x01\x12!\n\x19remaining_budget_fraction\x18\x07 \x01(\x01\x12-\n\tfire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp:_\x92\xb5\x18[\n\x1f\x61utoecoops.autoops.slo.breached\x12\x0b\x61utoops.slo\x1a+A burn-rate alert started firing on an SLO.\"\x8d\x02\n\x12RemediationStarted\x12\x16\n\x0eremediation_id\x18\x01 \x01(\t\x12\x0f\n\x07runbook\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08\x61lert_id\x18\x04 \x01(\t\x12\x14\n\x0cinitiated_by\x18\x05 \x01(\t\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp:f\x92\xb5\x18\x62\n&autoecoops.autoops.remediation.started\x12\x13\x61utoops.remediation\x1a#A self-healing remediation started.\"\xd7\x02\n\x14RemediationCompleted\x12\x16\n\x0eremediation_id\x18\x01 \x01(\t\x12\x0f\n\x07runbook\x18\x02 \x01(\t\x12\x36\n\x05state\x18\x03 \x01(\x0e\x32\'.autoecoops.autoops.v1.RemediationState\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x37\n\x0cstep_results\x18\x05 \x03(\x0b\x32!.autoecoops.autoops.v1.StepResult\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp:f\x92\xb5\x18\x62\n(autoecoops.autoops.remediation.completed\x12\x13\x61utoops.remediation\x1a!A self-healing remediation ended.b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"autoecoops/autoops/v1/events.proto\x12\x15\x61utoecoops.autoops.v1\x1a#autoecoops/autoops/v1/autoops.proto\x1a\"autoecoops/common/v1/options.proto\x1a autoecoops/common/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9b\x03\n\x0bSloBreached\x12\x0b\n\x03slo\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\r\n\x05\x61lert\x18\x03 \x01(\t\x12\x30\n\x08severity\x18\x04 \x01(\x0e\x32\x1e.autoecoops.common.v1.Severity\x12\x35\n\x06window\x18\x05 \x01(\x0b\x32%.autoecoops.autoops.v1.BurnRateWindow\x12\x16\n\x0elong_burn_rate\x18\x06 \x01(\x01\x12\x17\n\x0fshort_burn_rate\x18\x07 \x01(\x01\x12!\n\x19remaining_budget_fraction\x18\x08 \x01(\x01\x12-\n\tfire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nalert_name\x18\n \x01(\t:_\x92\xb5\x18[\n\x1f\x61utoecoops.autoops.slo.breached\x12\x0b\x61utoops.slo\x1a+A burn-rate alert started firing on an SLO.\"\xd9\x02\n\x0bSloResolved\x12\x0b\n\x03slo\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\r\n\x05\x61lert\x18\x03 \x01(\t\x12\x30\n\x08severity\x18\x04 \x01(\x0e\x32\x1e.autoecoops.common.v1.Severity\x12\x16\n\x0elong_burn_rate\x18\x05 \x01(\x01\x12\x17\n\x0fshort_burn_rate\x18\x06 \x01(\x01\x12-\n\tfire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cresolve_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp:Y\x92\xb5\x18U\n\x1f\x61utoecoops.autoops.slo.resolved\x12\x0b\x61utoops.slo\x1a%A burn-rate alert on an SLO resolved.\"\xa8\x02\n\x12RemediationStarted\x12\x13\n\x0bremediation\x18\x01 \x01(\t\x12\x0f\n\x07runbook\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05\x61lert\x18\x04 \x01(\t\x12\x14\n\x0cinitiated_by\x18\x05 \x01(\t\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06target\x18\x07 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x08 \x01(\x08:f\x92\xb5\x18\x62\n&autoecoops.autoops.remediation.started\x12\x13\x61utoops.remediation\x1a#A self-healing remediation started.\"\xe4\x02\n\x14RemediationCompleted\x12\x13\n\x0bremediation\x18\x01 \x01(\t\x12\x0f\n\x07runbook\x18\x02 \x01(\t\x12\x36\n\x05state\x18\x03 \x01(\x0e\x32\'.autoecoops.autoops.v1.RemediationState\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x37\n\x0cstep_results\x18\x05 \x03(\x0b\x32!.autoecoops.autoops.v1.StepResult\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06target\x18\x07 \x01(\t:f\x92\xb5\x18\x62\n(autoecoops.autoops.remediation.completed\x12\x13\x61utoops.remediation\x1a!A self-healing remediation ended.\"\xbf\x02\n\x14RemediationEscalated\x12\x13\n\x0bremediation\x18\x01 \x01(\t\x12\x0f\n\x07runbook\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\r\n\x05\x61lert\x18\x05 \x01(\t\x12\x19\n\x11webhook_delivered\x18\x06 \x01(\x08\x12\x31\n\rescalate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp:\x82\x01\x92\xb5\x18~\n(autoecoops.autoops.remediation.escalated\x12\x13\x61utoops.remediation\x1a=A self-healing remediation exhausted its steps and escalated.b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,14 +37,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SLOBREACHED']._loaded_options = None
   _globals['_SLOBREACHED']._serialized_options = b'\222\265\030[\n\037autoecoops.autoops.slo.breached\022\013autoops.slo\032+A burn-rate alert started firing on an SLO.'
+  _globals['_SLORESOLVED']._loaded_options = None
+  _globals['_SLORESOLVED']._serialized_options = b'\222\265\030U\n\037autoecoops.autoops.slo.resolved\022\013autoops.slo\032%A burn-rate alert on an SLO resolved.'
   _globals['_REMEDIATIONSTARTED']._loaded_options = None
   _globals['_REMEDIATIONSTARTED']._serialized_options = b'\222\265\030b\n&autoecoops.autoops.remediation.started\022\023autoops.remediation\032#A self-healing remediation started.'
   _globals['_REMEDIATIONCOMPLETED']._loaded_options = None
   _globals['_REMEDIATIONCOMPLETED']._serialized_options = b'\222\265\030b\n(autoecoops.autoops.remediation.completed\022\023autoops.remediation\032!A self-healing remediation ended.'
-  _globals['_SLOBREACHED']._serialized_start=168
-  _globals['_SLOBREACHED']._serialized_end=544
-  _globals['_REMEDIATIONSTARTED']._serialized_start=547
-  _globals['_REMEDIATIONSTARTED']._serialized_end=816
-  _globals['_REMEDIATIONCOMPLETED']._serialized_start=819
-  _globals['_REMEDIATIONCOMPLETED']._serialized_end=1162
+  _globals['_REMEDIATIONESCALATED']._loaded_options = None
+  _globals['_REMEDIATIONESCALATED']._serialized_options = b'\222\265\030~\n(autoecoops.autoops.remediation.escalated\022\023autoops.remediation\032=A self-healing remediation exhausted its steps and escalated.'
+  _globals['_SLOBREACHED']._serialized_start=202
+  _globals['_SLOBREACHED']._serialized_end=613
+  _globals['_SLORESOLVED']._serialized_start=616
+  _globals['_SLORESOLVED']._serialized_end=961
+  _globals['_REMEDIATIONSTARTED']._serialized_start=964
+  _globals['_REMEDIATIONSTARTED']._serialized_end=1260
+  _globals['_REMEDIATIONCOMPLETED']._serialized_start=1263
+  _globals['_REMEDIATIONCOMPLETED']._serialized_end=1619
+  _globals['_REMEDIATIONESCALATED']._serialized_start=1622
+  _globals['_REMEDIATIONESCALATED']._serialized_end=1941
 # @@protoc_insertion_point(module_scope)

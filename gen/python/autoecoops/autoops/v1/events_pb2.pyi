@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from autoecoops.autoops.v1 import autoops_pb2 as _autoops_pb2
+from autoecoops.common.v1 import types_pb2 as _types_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -22,33 +23,39 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class SloBreached(_message.Message):
-    """An SLO's error budget is burning faster than one of its alerting rules allows."""
+    """An SLO's error budget is burning faster than one of its alerting rows allows."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SLO_FIELD_NUMBER: _builtins.int
     SERVICE_FIELD_NUMBER: _builtins.int
-    ALERT_ID_FIELD_NUMBER: _builtins.int
+    ALERT_FIELD_NUMBER: _builtins.int
     SEVERITY_FIELD_NUMBER: _builtins.int
-    THRESHOLD_FIELD_NUMBER: _builtins.int
-    BURN_RATE_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    LONG_BURN_RATE_FIELD_NUMBER: _builtins.int
+    SHORT_BURN_RATE_FIELD_NUMBER: _builtins.int
     REMAINING_BUDGET_FRACTION_FIELD_NUMBER: _builtins.int
     FIRE_TIME_FIELD_NUMBER: _builtins.int
+    ALERT_NAME_FIELD_NUMBER: _builtins.int
     slo: _builtins.str
-    """The SLO."""
+    """The SLO's resource name."""
     service: _builtins.str
     """The service the SLO measures."""
-    alert_id: _builtins.str
-    """The alert that started firing."""
-    severity: _autoops_pb2.AlertSeverity.ValueType
+    alert: _builtins.str
+    """The alert that started firing (resource name)."""
+    severity: _types_pb2.Severity.ValueType
     """The alert's severity."""
-    burn_rate: _builtins.float
+    long_burn_rate: _builtins.float
     """The burn rate over the long window."""
+    short_burn_rate: _builtins.float
+    """The burn rate over the short window."""
     remaining_budget_fraction: _builtins.float
     """The fraction of the error budget left; negative when overspent."""
+    alert_name: _builtins.str
+    """The alert's Sloth-style name, e.g. "CheckoutAvailabilityPageAlert"."""
     @_builtins.property
-    def threshold(self) -> _autoops_pb2.BurnRateThreshold:
-        """The rule that fired."""
+    def window(self) -> _autoops_pb2.BurnRateWindow:
+        """The row that fired."""
 
     @_builtins.property
     def fire_time(self) -> _timestamp_pb2.Timestamp:
@@ -59,20 +66,76 @@ class SloBreached(_message.Message):
         *,
         slo: _builtins.str = ...,
         service: _builtins.str = ...,
-        alert_id: _builtins.str = ...,
-        severity: _autoops_pb2.AlertSeverity.ValueType = ...,
-        threshold: _autoops_pb2.BurnRateThreshold | None = ...,
-        burn_rate: _builtins.float = ...,
+        alert: _builtins.str = ...,
+        severity: _types_pb2.Severity.ValueType = ...,
+        window: _autoops_pb2.BurnRateWindow | None = ...,
+        long_burn_rate: _builtins.float = ...,
+        short_burn_rate: _builtins.float = ...,
         remaining_budget_fraction: _builtins.float = ...,
         fire_time: _timestamp_pb2.Timestamp | None = ...,
+        alert_name: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["fire_time", b"fire_time", "threshold", b"threshold"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fire_time", b"fire_time", "window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_id", b"alert_id", "burn_rate", b"burn_rate", "fire_time", b"fire_time", "remaining_budget_fraction", b"remaining_budget_fraction", "service", b"service", "severity", b"severity", "slo", b"slo", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "alert_name", b"alert_name", "fire_time", b"fire_time", "long_burn_rate", b"long_burn_rate", "remaining_budget_fraction", b"remaining_budget_fraction", "service", b"service", "severity", b"severity", "short_burn_rate", b"short_burn_rate", "slo", b"slo", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SloBreached: _TypeAlias = SloBreached  # noqa: Y015
+
+@_typing.final
+class SloResolved(_message.Message):
+    """A burn-rate alert on an SLO stopped firing."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLO_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    ALERT_FIELD_NUMBER: _builtins.int
+    SEVERITY_FIELD_NUMBER: _builtins.int
+    LONG_BURN_RATE_FIELD_NUMBER: _builtins.int
+    SHORT_BURN_RATE_FIELD_NUMBER: _builtins.int
+    FIRE_TIME_FIELD_NUMBER: _builtins.int
+    RESOLVE_TIME_FIELD_NUMBER: _builtins.int
+    slo: _builtins.str
+    """The SLO's resource name."""
+    service: _builtins.str
+    """The service the SLO measures."""
+    alert: _builtins.str
+    """The alert that resolved (resource name)."""
+    severity: _types_pb2.Severity.ValueType
+    """The alert's severity."""
+    long_burn_rate: _builtins.float
+    """The burn rate over the long window when it resolved."""
+    short_burn_rate: _builtins.float
+    """The burn rate over the short window when it resolved."""
+    @_builtins.property
+    def fire_time(self) -> _timestamp_pb2.Timestamp:
+        """When it started firing."""
+
+    @_builtins.property
+    def resolve_time(self) -> _timestamp_pb2.Timestamp:
+        """When it resolved."""
+
+    def __init__(
+        self,
+        *,
+        slo: _builtins.str = ...,
+        service: _builtins.str = ...,
+        alert: _builtins.str = ...,
+        severity: _types_pb2.Severity.ValueType = ...,
+        long_burn_rate: _builtins.float = ...,
+        short_burn_rate: _builtins.float = ...,
+        fire_time: _timestamp_pb2.Timestamp | None = ...,
+        resolve_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fire_time", b"fire_time", "resolve_time", b"resolve_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "fire_time", b"fire_time", "long_burn_rate", b"long_burn_rate", "resolve_time", b"resolve_time", "service", b"service", "severity", b"severity", "short_burn_rate", b"short_burn_rate", "slo", b"slo"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SloResolved: _TypeAlias = SloResolved  # noqa: Y015
 
 @_typing.final
 class RemediationStarted(_message.Message):
@@ -80,22 +143,28 @@ class RemediationStarted(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    REMEDIATION_ID_FIELD_NUMBER: _builtins.int
+    REMEDIATION_FIELD_NUMBER: _builtins.int
     RUNBOOK_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
-    ALERT_ID_FIELD_NUMBER: _builtins.int
+    ALERT_FIELD_NUMBER: _builtins.int
     INITIATED_BY_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
-    remediation_id: _builtins.str
-    """The remediation's id."""
+    TARGET_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    remediation: _builtins.str
+    """The remediation's resource name."""
     runbook: _builtins.str
     """The runbook being run."""
     reason: _builtins.str
     """Why it started."""
-    alert_id: _builtins.str
+    alert: _builtins.str
     """The alert that triggered it, if any."""
     initiated_by: _builtins.str
     """Who started it: a subject, or "automated"."""
+    target: _builtins.str
+    """What it acts on."""
+    dry_run: _builtins.bool
+    """True when it only records what it would do."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """When it started."""
@@ -103,16 +172,18 @@ class RemediationStarted(_message.Message):
     def __init__(
         self,
         *,
-        remediation_id: _builtins.str = ...,
+        remediation: _builtins.str = ...,
         runbook: _builtins.str = ...,
         reason: _builtins.str = ...,
-        alert_id: _builtins.str = ...,
+        alert: _builtins.str = ...,
         initiated_by: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
+        target: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_id", b"alert_id", "initiated_by", b"initiated_by", "reason", b"reason", "remediation_id", b"remediation_id", "runbook", b"runbook", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "dry_run", b"dry_run", "initiated_by", b"initiated_by", "reason", b"reason", "remediation", b"remediation", "runbook", b"runbook", "start_time", b"start_time", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -124,20 +195,23 @@ class RemediationCompleted(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    REMEDIATION_ID_FIELD_NUMBER: _builtins.int
+    REMEDIATION_FIELD_NUMBER: _builtins.int
     RUNBOOK_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     STEP_RESULTS_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
-    remediation_id: _builtins.str
-    """The remediation's id."""
+    TARGET_FIELD_NUMBER: _builtins.int
+    remediation: _builtins.str
+    """The remediation's resource name."""
     runbook: _builtins.str
     """The runbook that was run."""
     state: _autoops_pb2.RemediationState.ValueType
     """How it ended."""
     message: _builtins.str
     """A human summary, e.g. the failed step's error."""
+    target: _builtins.str
+    """What it acted on."""
     @_builtins.property
     def step_results(self) -> _containers.RepeatedCompositeFieldContainer[_autoops_pb2.StepResult]:
         """What each step did."""
@@ -149,17 +223,66 @@ class RemediationCompleted(_message.Message):
     def __init__(
         self,
         *,
-        remediation_id: _builtins.str = ...,
+        remediation: _builtins.str = ...,
         runbook: _builtins.str = ...,
         state: _autoops_pb2.RemediationState.ValueType = ...,
         message: _builtins.str = ...,
         step_results: _abc.Iterable[_autoops_pb2.StepResult] | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        target: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "message", b"message", "remediation_id", b"remediation_id", "runbook", b"runbook", "state", b"state", "step_results", b"step_results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "message", b"message", "remediation", b"remediation", "runbook", b"runbook", "state", b"state", "step_results", b"step_results", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RemediationCompleted: _TypeAlias = RemediationCompleted  # noqa: Y015
+
+@_typing.final
+class RemediationEscalated(_message.Message):
+    """A remediation ran out of steps without fixing its target: a human is needed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMEDIATION_FIELD_NUMBER: _builtins.int
+    RUNBOOK_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    ALERT_FIELD_NUMBER: _builtins.int
+    WEBHOOK_DELIVERED_FIELD_NUMBER: _builtins.int
+    ESCALATE_TIME_FIELD_NUMBER: _builtins.int
+    remediation: _builtins.str
+    """The remediation's resource name."""
+    runbook: _builtins.str
+    """The runbook that was run."""
+    target: _builtins.str
+    """What it acted on."""
+    message: _builtins.str
+    """Why it escalated."""
+    alert: _builtins.str
+    """The alert that triggered it, if any."""
+    webhook_delivered: _builtins.bool
+    """Whether the escalation webhook accepted the call."""
+    @_builtins.property
+    def escalate_time(self) -> _timestamp_pb2.Timestamp:
+        """When it escalated."""
+
+    def __init__(
+        self,
+        *,
+        remediation: _builtins.str = ...,
+        runbook: _builtins.str = ...,
+        target: _builtins.str = ...,
+        message: _builtins.str = ...,
+        alert: _builtins.str = ...,
+        webhook_delivered: _builtins.bool = ...,
+        escalate_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["escalate_time", b"escalate_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "escalate_time", b"escalate_time", "message", b"message", "remediation", b"remediation", "runbook", b"runbook", "target", b"target", "webhook_delivered", b"webhook_delivered"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemediationEscalated: _TypeAlias = RemediationEscalated  # noqa: Y015
