@@ -27,7 +27,7 @@ from autoecoops.iaops.v1 import iaops_pb2 as autoecoops_dot_iaops_dot_v1_dot_iao
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n autoecoops/iaops/v1/events.proto\x12\x13\x61utoecoops.iaops.v1\x1a\"autoecoops/common/v1/options.proto\x1a\x1f\x61utoecoops/iaops/v1/iaops.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb3\x02\n\x13\x44\x65ploymentRequested\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61pplication\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x18\n\x10target_namespace\x18\x04 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\x12\x14\n\x0crequested_by\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp:l\x92\xb5\x18h\n%autoecoops.iaops.deployment.requested\x12\x10iaops.deployment\x1a-A deployment of an application was requested.\"\xdf\x02\n\x13\x44\x65ploymentCompleted\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61pplication\x18\x02 \x01(\t\x12\x19\n\x11resolved_revision\x18\x03 \x01(\t\x12\x33\n\x05state\x18\x04 \x01(\x0e\x32$.autoecoops.iaops.v1.DeploymentState\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\x12\x13\n\x0b\x65rror_count\x18\x06 \x01(\x05\x12\x0f\n\x07message\x18\x07 \x01(\t\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp:g\x92\xb5\x18\x63\n%autoecoops.iaops.deployment.completed\x12\x10iaops.deployment\x1a(A deployment ended, successfully or not.\"\xab\x02\n\x10\x41rtifactVerified\x12\x14\n\x0c\x61rtifact_ref\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x10\n\x08verified\x18\x03 \x01(\x08\x12+\n\x06signer\x18\x04 \x01(\x0b\x32\x1b.autoecoops.iaops.v1.Signer\x12\x15\n\rfailed_checks\x18\x05 \x03(\t\x12/\n\x0bverify_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp:j\x92\xb5\x18\x66\n\"autoecoops.iaops.artifact.verified\x12\x0eiaops.artifact\x1a\x30\x41n artifact\'s signature and signer were checked.b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n autoecoops/iaops/v1/events.proto\x12\x13\x61utoecoops.iaops.v1\x1a\"autoecoops/common/v1/options.proto\x1a\x1f\x61utoecoops/iaops/v1/iaops.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb9\x02\n\x13\x44\x65ploymentRequested\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x13\n\x0b\x61pplication\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x04 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\x12\x14\n\x0crequested_by\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp:z\x92\xb5\x18v\n%autoecoops.iaops.deployment.requested\x12\x10iaops.deployment\x1a;A deployment of an infra-manager Application was requested.\"\xde\x02\n\x13\x44\x65ploymentCompleted\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x13\n\x0b\x61pplication\x18\x02 \x01(\t\x12\x19\n\x11resolved_revision\x18\x03 \x01(\t\x12\x33\n\x05state\x18\x04 \x01(\x0e\x32$.autoecoops.iaops.v1.DeploymentState\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\x12\x15\n\rfailure_count\x18\x06 \x01(\x05\x12\x0f\n\x07message\x18\x07 \x01(\t\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp:g\x92\xb5\x18\x63\n%autoecoops.iaops.deployment.completed\x12\x10iaops.deployment\x1a(A deployment ended, successfully or not.\"\x83\x03\n\x10\x41rtifactVerified\x12\x14\n\x0c\x61rtifact_ref\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x10\n\x08verified\x18\x03 \x01(\x08\x12+\n\x06signer\x18\x04 \x01(\x0b\x32\x1b.autoecoops.iaops.v1.Signer\x12\x15\n\rfailed_checks\x18\x05 \x03(\t\x12/\n\x0bverify_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61llowed\x18\x07 \x01(\x08\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x08 \x01(\t\x12\x1b\n\x13vulnerability_count\x18\t \x01(\x05:\x7f\x92\xb5\x18{\n\"autoecoops.iaops.artifact.verified\x12\x0eiaops.artifact\x1a\x45\x41n artifact\'s signatures, provenance and SBOM were checked and gated.b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'autoecoops.iaops.v1.events_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DEPLOYMENTREQUESTED']._loaded_options = None
-  _globals['_DEPLOYMENTREQUESTED']._serialized_options = b'\222\265\030h\n%autoecoops.iaops.deployment.requested\022\020iaops.deployment\032-A deployment of an application was requested.'
+  _globals['_DEPLOYMENTREQUESTED']._serialized_options = b'\222\265\030v\n%autoecoops.iaops.deployment.requested\022\020iaops.deployment\032;A deployment of an infra-manager Application was requested.'
   _globals['_DEPLOYMENTCOMPLETED']._loaded_options = None
   _globals['_DEPLOYMENTCOMPLETED']._serialized_options = b'\222\265\030c\n%autoecoops.iaops.deployment.completed\022\020iaops.deployment\032(A deployment ended, successfully or not.'
   _globals['_ARTIFACTVERIFIED']._loaded_options = None
-  _globals['_ARTIFACTVERIFIED']._serialized_options = b'\222\265\030f\n\"autoecoops.iaops.artifact.verified\022\016iaops.artifact\0320An artifact\'s signature and signer were checked.'
+  _globals['_ARTIFACTVERIFIED']._serialized_options = b'\222\265\030{\n\"autoecoops.iaops.artifact.verified\022\016iaops.artifact\032EAn artifact\'s signatures, provenance and SBOM were checked and gated.'
   _globals['_DEPLOYMENTREQUESTED']._serialized_start=160
-  _globals['_DEPLOYMENTREQUESTED']._serialized_end=467
-  _globals['_DEPLOYMENTCOMPLETED']._serialized_start=470
-  _globals['_DEPLOYMENTCOMPLETED']._serialized_end=821
-  _globals['_ARTIFACTVERIFIED']._serialized_start=824
-  _globals['_ARTIFACTVERIFIED']._serialized_end=1123
+  _globals['_DEPLOYMENTREQUESTED']._serialized_end=473
+  _globals['_DEPLOYMENTCOMPLETED']._serialized_start=476
+  _globals['_DEPLOYMENTCOMPLETED']._serialized_end=826
+  _globals['_ARTIFACTVERIFIED']._serialized_start=829
+  _globals['_ARTIFACTVERIFIED']._serialized_end=1216
 # @@protoc_insertion_point(module_scope)

@@ -22,27 +22,27 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class DeploymentRequested(_message.Message):
-    """A deployment was requested and accepted."""
+    """A deployment was requested and its flow started."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
     APPLICATION_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
-    TARGET_NAMESPACE_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     REQUESTED_BY_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
-    deployment_id: _builtins.str
-    """The deployment's id."""
+    deployment: _builtins.str
+    """The deployment's name, "deployments/{deployment}"."""
     application: _builtins.str
-    """The application to deploy."""
+    """The infra-manager Application to deploy."""
     revision: _builtins.str
-    """The Git revision requested."""
-    target_namespace: _builtins.str
-    """The namespace to deploy to."""
+    """The Git revision requested; empty means the application's target revision."""
+    environment: _builtins.str
+    """The environment deployed to."""
     dry_run: _builtins.bool
-    """True when only validating and diffing."""
+    """True when only validating and deciding."""
     requested_by: _builtins.str
     """Who requested it."""
     @_builtins.property
@@ -52,17 +52,17 @@ class DeploymentRequested(_message.Message):
     def __init__(
         self,
         *,
-        deployment_id: _builtins.str = ...,
+        deployment: _builtins.str = ...,
         application: _builtins.str = ...,
         revision: _builtins.str = ...,
-        target_namespace: _builtins.str = ...,
+        environment: _builtins.str = ...,
         dry_run: _builtins.bool = ...,
         requested_by: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["application", b"application", "create_time", b"create_time", "deployment_id", b"deployment_id", "dry_run", b"dry_run", "requested_by", b"requested_by", "revision", b"revision", "target_namespace", b"target_namespace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application", b"application", "create_time", b"create_time", "deployment", b"deployment", "dry_run", b"dry_run", "environment", b"environment", "requested_by", b"requested_by", "revision", b"revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -70,30 +70,30 @@ Global___DeploymentRequested: _TypeAlias = DeploymentRequested  # noqa: Y015
 
 @_typing.final
 class DeploymentCompleted(_message.Message):
-    """A deployment ended: succeeded, rejected by validation, or failed."""
+    """A deployment ended: succeeded, rejected, failed or rolled back."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
     APPLICATION_FIELD_NUMBER: _builtins.int
     RESOLVED_REVISION_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
-    ERROR_COUNT_FIELD_NUMBER: _builtins.int
+    FAILURE_COUNT_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
-    deployment_id: _builtins.str
-    """The deployment's id."""
+    deployment: _builtins.str
+    """The deployment's name, "deployments/{deployment}"."""
     application: _builtins.str
-    """The application deployed."""
+    """The Application deployed."""
     resolved_revision: _builtins.str
     """The Git commit deployed."""
     state: _iaops_pb2.DeploymentState.ValueType
-    """How it ended: SUCCEEDED, REJECTED or FAILED."""
+    """How it ended."""
     dry_run: _builtins.bool
-    """True when only validating and diffing."""
-    error_count: _builtins.int
-    """The number of ERROR violations found."""
+    """True when only validating and deciding."""
+    failure_count: _builtins.int
+    """The number of validation findings that fail."""
     message: _builtins.str
     """A human summary of the outcome."""
     @_builtins.property
@@ -103,18 +103,18 @@ class DeploymentCompleted(_message.Message):
     def __init__(
         self,
         *,
-        deployment_id: _builtins.str = ...,
+        deployment: _builtins.str = ...,
         application: _builtins.str = ...,
         resolved_revision: _builtins.str = ...,
         state: _iaops_pb2.DeploymentState.ValueType = ...,
         dry_run: _builtins.bool = ...,
-        error_count: _builtins.int = ...,
+        failure_count: _builtins.int = ...,
         message: _builtins.str = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["application", b"application", "deployment_id", b"deployment_id", "dry_run", b"dry_run", "end_time", b"end_time", "error_count", b"error_count", "message", b"message", "resolved_revision", b"resolved_revision", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application", b"application", "deployment", b"deployment", "dry_run", b"dry_run", "end_time", b"end_time", "failure_count", b"failure_count", "message", b"message", "resolved_revision", b"resolved_revision", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -122,7 +122,7 @@ Global___DeploymentCompleted: _TypeAlias = DeploymentCompleted  # noqa: Y015
 
 @_typing.final
 class ArtifactVerified(_message.Message):
-    """An artifact's signature was checked (verified or not)."""
+    """An artifact was verified and gated (allowed or not)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -132,12 +132,21 @@ class ArtifactVerified(_message.Message):
     SIGNER_FIELD_NUMBER: _builtins.int
     FAILED_CHECKS_FIELD_NUMBER: _builtins.int
     VERIFY_TIME_FIELD_NUMBER: _builtins.int
+    ALLOWED_FIELD_NUMBER: _builtins.int
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    VULNERABILITY_COUNT_FIELD_NUMBER: _builtins.int
     artifact_ref: _builtins.str
     """The artifact reference."""
     digest: _builtins.str
     """The digest checked."""
     verified: _builtins.bool
-    """True when every check passed."""
+    """True when every signature and attestation check passed."""
+    allowed: _builtins.bool
+    """Whether the gate allowed the artifact."""
+    decision_id: _builtins.str
+    """The gate's policy decision id."""
+    vulnerability_count: _builtins.int
+    """The number of vulnerabilities its SBOM scan found."""
     @_builtins.property
     def signer(self) -> _iaops_pb2.Signer:
         """Who signed it, if a valid signature was found."""
@@ -159,10 +168,13 @@ class ArtifactVerified(_message.Message):
         signer: _iaops_pb2.Signer | None = ...,
         failed_checks: _abc.Iterable[_builtins.str] | None = ...,
         verify_time: _timestamp_pb2.Timestamp | None = ...,
+        allowed: _builtins.bool = ...,
+        decision_id: _builtins.str = ...,
+        vulnerability_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["signer", b"signer", "verify_time", b"verify_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_ref", b"artifact_ref", "digest", b"digest", "failed_checks", b"failed_checks", "signer", b"signer", "verified", b"verified", "verify_time", b"verify_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "artifact_ref", b"artifact_ref", "decision_id", b"decision_id", "digest", b"digest", "failed_checks", b"failed_checks", "signer", b"signer", "verified", b"verified", "verify_time", b"verify_time", "vulnerability_count", b"vulnerability_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -3,8 +3,10 @@
 isort:skip_file
 """
 
+from autoecoops.common.v1 import types_pb2 as _types_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -20,33 +22,33 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class _Severity:
+class _ReportFormat:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
 
-class _SeverityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Severity.ValueType], _builtins.type):
+class _ReportFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReportFormat.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    SEVERITY_UNSPECIFIED: _Severity.ValueType  # 0
-    """Not set."""
-    SEVERITY_INFO: _Severity.ValueType  # 1
-    """Worth knowing; never blocks."""
-    SEVERITY_WARNING: _Severity.ValueType  # 2
-    """Should be fixed; does not block."""
-    SEVERITY_ERROR: _Severity.ValueType  # 3
-    """Must be fixed; blocks validation and deployment."""
+    REPORT_FORMAT_UNSPECIFIED: _ReportFormat.ValueType  # 0
+    """Not set: no rendered report, the findings only."""
+    REPORT_FORMAT_JSON: _ReportFormat.ValueType  # 1
+    """The report as JSON."""
+    REPORT_FORMAT_SARIF: _ReportFormat.ValueType  # 2
+    """SARIF 2.1.0, for code scanning UIs and editors."""
+    REPORT_FORMAT_JUNIT: _ReportFormat.ValueType  # 3
+    """JUnit XML, for CI test reports."""
 
-class Severity(_Severity, metaclass=_SeverityEnumTypeWrapper):
-    """How serious a finding is."""
+class ReportFormat(_ReportFormat, metaclass=_ReportFormatEnumTypeWrapper):
+    """The output formats of a validation report."""
 
-SEVERITY_UNSPECIFIED: Severity.ValueType  # 0
-"""Not set."""
-SEVERITY_INFO: Severity.ValueType  # 1
-"""Worth knowing; never blocks."""
-SEVERITY_WARNING: Severity.ValueType  # 2
-"""Should be fixed; does not block."""
-SEVERITY_ERROR: Severity.ValueType  # 3
-"""Must be fixed; blocks validation and deployment."""
-Global___Severity: _TypeAlias = Severity  # noqa: Y015
+REPORT_FORMAT_UNSPECIFIED: ReportFormat.ValueType  # 0
+"""Not set: no rendered report, the findings only."""
+REPORT_FORMAT_JSON: ReportFormat.ValueType  # 1
+"""The report as JSON."""
+REPORT_FORMAT_SARIF: ReportFormat.ValueType  # 2
+"""SARIF 2.1.0, for code scanning UIs and editors."""
+REPORT_FORMAT_JUNIT: ReportFormat.ValueType  # 3
+"""JUnit XML, for CI test reports."""
+Global___ReportFormat: _TypeAlias = ReportFormat  # noqa: Y015
 
 class _DeploymentState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -56,36 +58,36 @@ class _DeploymentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Deplo
     DESCRIPTOR: _descriptor.EnumDescriptor
     DEPLOYMENT_STATE_UNSPECIFIED: _DeploymentState.ValueType  # 0
     """Not set."""
-    DEPLOYMENT_STATE_PENDING: _DeploymentState.ValueType  # 1
-    """Accepted; not started yet."""
-    DEPLOYMENT_STATE_VALIDATING: _DeploymentState.ValueType  # 2
-    """Rendering and validating the manifests."""
-    DEPLOYMENT_STATE_REJECTED: _DeploymentState.ValueType  # 3
-    """Validation failed; nothing was applied."""
-    DEPLOYMENT_STATE_DEPLOYING: _DeploymentState.ValueType  # 4
-    """Syncing through infra-manager."""
-    DEPLOYMENT_STATE_SUCCEEDED: _DeploymentState.ValueType  # 5
-    """Applied and healthy (or, for a dry run, validated and diffed)."""
-    DEPLOYMENT_STATE_FAILED: _DeploymentState.ValueType  # 6
-    """The sync failed."""
+    DEPLOYMENT_STATE_VALIDATING: _DeploymentState.ValueType  # 1
+    """Validating the rendered manifests."""
+    DEPLOYMENT_STATE_REJECTED: _DeploymentState.ValueType  # 2
+    """Refused: validation failed or the policy decision denied it. Nothing was applied."""
+    DEPLOYMENT_STATE_DEPLOYING: _DeploymentState.ValueType  # 3
+    """Syncing through infra-manager and waiting for health."""
+    DEPLOYMENT_STATE_SUCCEEDED: _DeploymentState.ValueType  # 4
+    """Applied and healthy (or, for a dry run, validated and allowed)."""
+    DEPLOYMENT_STATE_FAILED: _DeploymentState.ValueType  # 5
+    """The sync or the health check failed and nothing needed rolling back."""
+    DEPLOYMENT_STATE_ROLLED_BACK: _DeploymentState.ValueType  # 6
+    """The health check failed and the application was rolled back."""
 
 class DeploymentState(_DeploymentState, metaclass=_DeploymentStateEnumTypeWrapper):
     """The state of a deployment."""
 
 DEPLOYMENT_STATE_UNSPECIFIED: DeploymentState.ValueType  # 0
 """Not set."""
-DEPLOYMENT_STATE_PENDING: DeploymentState.ValueType  # 1
-"""Accepted; not started yet."""
-DEPLOYMENT_STATE_VALIDATING: DeploymentState.ValueType  # 2
-"""Rendering and validating the manifests."""
-DEPLOYMENT_STATE_REJECTED: DeploymentState.ValueType  # 3
-"""Validation failed; nothing was applied."""
-DEPLOYMENT_STATE_DEPLOYING: DeploymentState.ValueType  # 4
-"""Syncing through infra-manager."""
-DEPLOYMENT_STATE_SUCCEEDED: DeploymentState.ValueType  # 5
-"""Applied and healthy (or, for a dry run, validated and diffed)."""
-DEPLOYMENT_STATE_FAILED: DeploymentState.ValueType  # 6
-"""The sync failed."""
+DEPLOYMENT_STATE_VALIDATING: DeploymentState.ValueType  # 1
+"""Validating the rendered manifests."""
+DEPLOYMENT_STATE_REJECTED: DeploymentState.ValueType  # 2
+"""Refused: validation failed or the policy decision denied it. Nothing was applied."""
+DEPLOYMENT_STATE_DEPLOYING: DeploymentState.ValueType  # 3
+"""Syncing through infra-manager and waiting for health."""
+DEPLOYMENT_STATE_SUCCEEDED: DeploymentState.ValueType  # 4
+"""Applied and healthy (or, for a dry run, validated and allowed)."""
+DEPLOYMENT_STATE_FAILED: DeploymentState.ValueType  # 5
+"""The sync or the health check failed and nothing needed rolling back."""
+DEPLOYMENT_STATE_ROLLED_BACK: DeploymentState.ValueType  # 6
+"""The health check failed and the application was rolled back."""
 Global___DeploymentState: _TypeAlias = DeploymentState  # noqa: Y015
 
 class _SbomFormat:
@@ -95,9 +97,9 @@ class _SbomFormat:
 class _SbomFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SbomFormat.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     SBOM_FORMAT_UNSPECIFIED: _SbomFormat.ValueType  # 0
-    """Not set."""
+    """Not set: detect it from the document."""
     SBOM_FORMAT_SPDX_JSON: _SbomFormat.ValueType  # 1
-    """SPDX 2.x, JSON encoding."""
+    """SPDX 2.3, JSON encoding."""
     SBOM_FORMAT_CYCLONEDX_JSON: _SbomFormat.ValueType  # 2
     """CycloneDX 1.x, JSON encoding."""
 
@@ -105,9 +107,9 @@ class SbomFormat(_SbomFormat, metaclass=_SbomFormatEnumTypeWrapper):
     """The format of an SBOM document."""
 
 SBOM_FORMAT_UNSPECIFIED: SbomFormat.ValueType  # 0
-"""Not set."""
+"""Not set: detect it from the document."""
 SBOM_FORMAT_SPDX_JSON: SbomFormat.ValueType  # 1
-"""SPDX 2.x, JSON encoding."""
+"""SPDX 2.3, JSON encoding."""
 SBOM_FORMAT_CYCLONEDX_JSON: SbomFormat.ValueType  # 2
 """CycloneDX 1.x, JSON encoding."""
 Global___SbomFormat: _TypeAlias = SbomFormat  # noqa: Y015
@@ -121,9 +123,11 @@ class ManifestFile(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
     path: _builtins.str
-    """The file's path, e.g. "k8s/deployment.yaml"; used in violations."""
+    """The file's path, e.g. "k8s/deployment.yaml"; findings name it."""
     content: _builtins.str
-    """The file's content: YAML or JSON, possibly several "---"-separated documents."""
+    """The content: Kubernetes YAML or JSON (several "---"-separated documents
+    allowed) or a Terraform plan as `terraform show -json` prints it.
+    """
     def __init__(
         self,
         *,
@@ -140,7 +144,7 @@ Global___ManifestFile: _TypeAlias = ManifestFile  # noqa: Y015
 
 @_typing.final
 class ResourceRef(_message.Message):
-    """Identifies one Kubernetes resource in a manifest."""
+    """Identifies the object a finding is about."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -149,13 +153,13 @@ class ResourceRef(_message.Message):
     NAMESPACE_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     api_version: _builtins.str
-    """The apiVersion, e.g. "apps/v1"."""
+    """The apiVersion, e.g. "apps/v1"; for Terraform, the provider."""
     kind: _builtins.str
-    """The kind, e.g. "Deployment"."""
+    """The kind, e.g. "Deployment"; for Terraform, the resource type, e.g. "aws_s3_bucket"."""
     namespace: _builtins.str
     """The namespace; empty when unset or cluster-scoped."""
     name: _builtins.str
-    """The name."""
+    """The name; for Terraform, the resource address, e.g. "aws_s3_bucket.logs"."""
     def __init__(
         self,
         *,
@@ -173,398 +177,178 @@ class ResourceRef(_message.Message):
 Global___ResourceRef: _TypeAlias = ResourceRef  # noqa: Y015
 
 @_typing.final
-class Violation(_message.Message):
-    """A policy rule a manifest breaks."""
+class Finding(_message.Message):
+    """One rule an object breaks."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    FILE_FIELD_NUMBER: _builtins.int
-    RESOURCE_FIELD_NUMBER: _builtins.int
-    RULE_FIELD_NUMBER: _builtins.int
+    RULE_ID_FIELD_NUMBER: _builtins.int
+    RULE_NAME_FIELD_NUMBER: _builtins.int
     SEVERITY_FIELD_NUMBER: _builtins.int
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
+    LINE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    REMEDIATION_FIELD_NUMBER: _builtins.int
     JSON_POINTER_FIELD_NUMBER: _builtins.int
-    file: _builtins.str
-    """The file it is in; empty for inline manifests."""
-    rule: _builtins.str
-    """The rule's id, e.g. "require-resource-limits"."""
-    severity: Global___Severity.ValueType
+    SOURCE_FIELD_NUMBER: _builtins.int
+    HELP_URI_FIELD_NUMBER: _builtins.int
+    rule_id: _builtins.str
+    """The rule's id, e.g. "AEO-K8S-010" or, for Rego rules, "rego:<package>.<rule>"."""
+    rule_name: _builtins.str
+    """The rule's short name, e.g. "privileged-container"."""
+    severity: _types_pb2.Severity.ValueType
     """How serious it is."""
+    file: _builtins.str
+    """The file it is in."""
+    line: _builtins.int
+    """The 1-based line of the offending field (or of the object, when the
+    field is missing); 0 when unknown.
+    """
     message: _builtins.str
-    """What is wrong and how to fix it."""
+    """What is wrong."""
+    remediation: _builtins.str
+    """How to fix it."""
     json_pointer: _builtins.str
-    """RFC 6901 pointer to the offending field, e.g. "/spec/template/spec/containers/0/resources"."""
+    """RFC 6901 pointer to the offending field, e.g. "/spec/template/spec/containers/0/securityContext"."""
+    source: _builtins.str
+    """Where the rule comes from: "builtin" or "rego"."""
+    help_uri: _builtins.str
+    """Documentation of the rule, e.g. the Pod Security Standards page."""
     @_builtins.property
     def resource(self) -> Global___ResourceRef:
-        """The resource it is on; unset for file-level errors such as bad YAML."""
+        """The object it is on; unset for file-level errors such as bad YAML."""
 
     def __init__(
         self,
         *,
-        file: _builtins.str = ...,
+        rule_id: _builtins.str = ...,
+        rule_name: _builtins.str = ...,
+        severity: _types_pb2.Severity.ValueType = ...,
         resource: Global___ResourceRef | None = ...,
-        rule: _builtins.str = ...,
-        severity: Global___Severity.ValueType = ...,
+        file: _builtins.str = ...,
+        line: _builtins.int = ...,
         message: _builtins.str = ...,
+        remediation: _builtins.str = ...,
         json_pointer: _builtins.str = ...,
+        source: _builtins.str = ...,
+        help_uri: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resource", b"resource"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "json_pointer", b"json_pointer", "message", b"message", "resource", b"resource", "rule", b"rule", "severity", b"severity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "help_uri", b"help_uri", "json_pointer", b"json_pointer", "line", b"line", "message", b"message", "remediation", b"remediation", "resource", b"resource", "rule_id", b"rule_id", "rule_name", b"rule_name", "severity", b"severity", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Violation: _TypeAlias = Violation  # noqa: Y015
+Global___Finding: _TypeAlias = Finding  # noqa: Y015
 
 @_typing.final
-class ValidationSummary(_message.Message):
-    """A summary of a validation."""
+class ValidationReport(_message.Message):
+    """The outcome of a validation."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    VALID_FIELD_NUMBER: _builtins.int
-    POLICY_SET_FIELD_NUMBER: _builtins.int
-    RESOURCE_COUNT_FIELD_NUMBER: _builtins.int
-    ERROR_COUNT_FIELD_NUMBER: _builtins.int
-    WARNING_COUNT_FIELD_NUMBER: _builtins.int
-    VIOLATIONS_FIELD_NUMBER: _builtins.int
-    valid: _builtins.bool
-    """True when there is no ERROR violation."""
-    policy_set: _builtins.str
-    """The policy set used."""
-    resource_count: _builtins.int
-    """The number of resources checked."""
-    error_count: _builtins.int
-    """The number of ERROR violations."""
-    warning_count: _builtins.int
-    """The number of WARNING violations."""
-    @_builtins.property
-    def violations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Violation]:
-        """The violations, ERROR first."""
-
-    def __init__(
-        self,
-        *,
-        valid: _builtins.bool = ...,
-        policy_set: _builtins.str = ...,
-        resource_count: _builtins.int = ...,
-        error_count: _builtins.int = ...,
-        warning_count: _builtins.int = ...,
-        violations: _abc.Iterable[Global___Violation] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_count", b"error_count", "policy_set", b"policy_set", "resource_count", b"resource_count", "valid", b"valid", "violations", b"violations", "warning_count", b"warning_count"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ValidationSummary: _TypeAlias = ValidationSummary  # noqa: Y015
-
-@_typing.final
-class Deployment(_message.Message):
-    """A deployment of an application at a revision."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    ID_FIELD_NUMBER: _builtins.int
-    APPLICATION_FIELD_NUMBER: _builtins.int
-    REPO_URL_FIELD_NUMBER: _builtins.int
-    REVISION_FIELD_NUMBER: _builtins.int
-    TARGET_NAMESPACE_FIELD_NUMBER: _builtins.int
-    POLICY_SET_FIELD_NUMBER: _builtins.int
-    DRY_RUN_FIELD_NUMBER: _builtins.int
-    STATE_FIELD_NUMBER: _builtins.int
-    RESOLVED_REVISION_FIELD_NUMBER: _builtins.int
-    VALIDATION_FIELD_NUMBER: _builtins.int
-    SYNC_OPERATION_ID_FIELD_NUMBER: _builtins.int
-    MESSAGE_FIELD_NUMBER: _builtins.int
-    REQUESTED_BY_FIELD_NUMBER: _builtins.int
-    CREATE_TIME_FIELD_NUMBER: _builtins.int
-    END_TIME_FIELD_NUMBER: _builtins.int
-    id: _builtins.str
-    """The deployment's id, assigned by the server."""
-    application: _builtins.str
-    """The infra-manager application to deploy."""
-    repo_url: _builtins.str
-    """The Git repository; empty means the application's own source."""
-    revision: _builtins.str
-    """The Git revision to deploy; empty means the application's target revision."""
-    target_namespace: _builtins.str
-    """The namespace to deploy to; empty means the application's destination."""
-    policy_set: _builtins.str
-    """The policy set to validate against; empty means "default"."""
-    dry_run: _builtins.bool
-    """Validate and diff only; apply nothing."""
-    state: Global___DeploymentState.ValueType
-    """Its state."""
-    resolved_revision: _builtins.str
-    """The Git commit the revision resolved to."""
-    sync_operation_id: _builtins.str
-    """The infra-manager sync operation it started, if any."""
-    message: _builtins.str
-    """A human summary of the outcome, e.g. the sync error."""
-    requested_by: _builtins.str
-    """Who requested it."""
-    @_builtins.property
-    def validation(self) -> Global___ValidationSummary:
-        """The validation of the rendered manifests."""
-
-    @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When it was requested."""
-
-    @_builtins.property
-    def end_time(self) -> _timestamp_pb2.Timestamp:
-        """When it ended; unset until it does."""
-
-    def __init__(
-        self,
-        *,
-        id: _builtins.str = ...,
-        application: _builtins.str = ...,
-        repo_url: _builtins.str = ...,
-        revision: _builtins.str = ...,
-        target_namespace: _builtins.str = ...,
-        policy_set: _builtins.str = ...,
-        dry_run: _builtins.bool = ...,
-        state: Global___DeploymentState.ValueType = ...,
-        resolved_revision: _builtins.str = ...,
-        validation: Global___ValidationSummary | None = ...,
-        sync_operation_id: _builtins.str = ...,
-        message: _builtins.str = ...,
-        requested_by: _builtins.str = ...,
-        create_time: _timestamp_pb2.Timestamp | None = ...,
-        end_time: _timestamp_pb2.Timestamp | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "validation", b"validation"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["application", b"application", "create_time", b"create_time", "dry_run", b"dry_run", "end_time", b"end_time", "id", b"id", "message", b"message", "policy_set", b"policy_set", "repo_url", b"repo_url", "requested_by", b"requested_by", "resolved_revision", b"resolved_revision", "revision", b"revision", "state", b"state", "sync_operation_id", b"sync_operation_id", "target_namespace", b"target_namespace", "validation", b"validation"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Deployment: _TypeAlias = Deployment  # noqa: Y015
-
-@_typing.final
-class ExpectedIdentity(_message.Message):
-    """A signer identity an artifact's signature must match (keyless signing)."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    ISSUER_FIELD_NUMBER: _builtins.int
-    SUBJECT_FIELD_NUMBER: _builtins.int
-    SUBJECT_REGEXP_FIELD_NUMBER: _builtins.int
-    issuer: _builtins.str
-    """The OIDC issuer of the signing certificate, e.g. "https://token.actions.githubusercontent.com"."""
-    subject: _builtins.str
-    """The exact certificate subject (SAN), e.g. a workflow URL or an email."""
-    subject_regexp: _builtins.str
-    """A regular expression the subject must match, when subject is empty."""
-    def __init__(
-        self,
-        *,
-        issuer: _builtins.str = ...,
-        subject: _builtins.str = ...,
-        subject_regexp: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["issuer", b"issuer", "subject", b"subject", "subject_regexp", b"subject_regexp"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ExpectedIdentity: _TypeAlias = ExpectedIdentity  # noqa: Y015
-
-@_typing.final
-class Signer(_message.Message):
-    """The identity that signed an artifact."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    SUBJECT_FIELD_NUMBER: _builtins.int
-    ISSUER_FIELD_NUMBER: _builtins.int
-    FINGERPRINT_FIELD_NUMBER: _builtins.int
-    subject: _builtins.str
-    """The certificate subject (SAN), or the key id for key-based signatures."""
-    issuer: _builtins.str
-    """The OIDC issuer of the certificate; empty for key-based signatures."""
-    fingerprint: _builtins.str
-    """The SHA-256 fingerprint of the signing certificate or key."""
-    def __init__(
-        self,
-        *,
-        subject: _builtins.str = ...,
-        issuer: _builtins.str = ...,
-        fingerprint: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "issuer", b"issuer", "subject", b"subject"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Signer: _TypeAlias = Signer  # noqa: Y015
-
-@_typing.final
-class VerificationCheck(_message.Message):
-    """The outcome of one verification check."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    NAME_FIELD_NUMBER: _builtins.int
     PASSED_FIELD_NUMBER: _builtins.int
-    MESSAGE_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    """The check, e.g. "digest", "signature", "certificate-chain", "identity", "transparency-log"."""
+    RESOURCE_COUNT_FIELD_NUMBER: _builtins.int
+    FILE_COUNT_FIELD_NUMBER: _builtins.int
+    FINDINGS_FIELD_NUMBER: _builtins.int
+    FAILURE_COUNT_FIELD_NUMBER: _builtins.int
+    WARNING_COUNT_FIELD_NUMBER: _builtins.int
+    POLICY_BUNDLE_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     passed: _builtins.bool
-    """Whether it passed."""
-    message: _builtins.str
-    """Detail, e.g. why it failed."""
+    """True when no finding is a failure (HIGH or CRITICAL, or a Rego deny/violation)."""
+    resource_count: _builtins.int
+    """The number of objects checked."""
+    file_count: _builtins.int
+    """The number of files read."""
+    failure_count: _builtins.int
+    """The number of findings that fail validation."""
+    warning_count: _builtins.int
+    """The number of findings that only warn."""
+    policy_bundle: _builtins.str
+    """The policy-audit bundle whose Rego rules ran; empty when none."""
+    revision: _builtins.str
+    """The Git commit the manifests were rendered at, for an application."""
+    @_builtins.property
+    def findings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Finding]:
+        """Findings, most severe first, then by file and line."""
+
     def __init__(
         self,
         *,
-        name: _builtins.str = ...,
         passed: _builtins.bool = ...,
-        message: _builtins.str = ...,
+        resource_count: _builtins.int = ...,
+        file_count: _builtins.int = ...,
+        findings: _abc.Iterable[Global___Finding] | None = ...,
+        failure_count: _builtins.int = ...,
+        warning_count: _builtins.int = ...,
+        policy_bundle: _builtins.str = ...,
+        revision: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "name", b"name", "passed", b"passed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failure_count", b"failure_count", "file_count", b"file_count", "findings", b"findings", "passed", b"passed", "policy_bundle", b"policy_bundle", "resource_count", b"resource_count", "revision", b"revision", "warning_count", b"warning_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___VerificationCheck: _TypeAlias = VerificationCheck  # noqa: Y015
-
-@_typing.final
-class LicenseFinding(_message.Message):
-    """A licensing concern about one component."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    PURL_FIELD_NUMBER: _builtins.int
-    LICENSE_FIELD_NUMBER: _builtins.int
-    SEVERITY_FIELD_NUMBER: _builtins.int
-    MESSAGE_FIELD_NUMBER: _builtins.int
-    purl: _builtins.str
-    """The component's package URL, e.g. "pkg:pypi/requests@2.32.0"."""
-    license: _builtins.str
-    """The SPDX license expression found, or "NOASSERTION"."""
-    severity: Global___Severity.ValueType
-    """How serious it is."""
-    message: _builtins.str
-    """What is wrong, e.g. "GPL-3.0-only is not allowed in distributed images"."""
-    def __init__(
-        self,
-        *,
-        purl: _builtins.str = ...,
-        license: _builtins.str = ...,
-        severity: Global___Severity.ValueType = ...,
-        message: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["license", b"license", "message", b"message", "purl", b"purl", "severity", b"severity"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___LicenseFinding: _TypeAlias = LicenseFinding  # noqa: Y015
-
-@_typing.final
-class SbomViolation(_message.Message):
-    """A supply chain policy rule an SBOM breaks."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    RULE_FIELD_NUMBER: _builtins.int
-    PURL_FIELD_NUMBER: _builtins.int
-    SEVERITY_FIELD_NUMBER: _builtins.int
-    MESSAGE_FIELD_NUMBER: _builtins.int
-    rule: _builtins.str
-    """The rule's id, e.g. "require-supplier"."""
-    purl: _builtins.str
-    """The component it is about; empty for document-level rules."""
-    severity: Global___Severity.ValueType
-    """How serious it is."""
-    message: _builtins.str
-    """What is wrong."""
-    def __init__(
-        self,
-        *,
-        rule: _builtins.str = ...,
-        purl: _builtins.str = ...,
-        severity: Global___Severity.ValueType = ...,
-        message: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "purl", b"purl", "rule", b"rule", "severity", b"severity"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___SbomViolation: _TypeAlias = SbomViolation  # noqa: Y015
-
-@_typing.final
-class DeniedPackage(_message.Message):
-    """A component on the deny list."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    PURL_FIELD_NUMBER: _builtins.int
-    NAME_FIELD_NUMBER: _builtins.int
-    VERSION_FIELD_NUMBER: _builtins.int
-    REASON_FIELD_NUMBER: _builtins.int
-    purl: _builtins.str
-    """The component's package URL."""
-    name: _builtins.str
-    """The package name."""
-    version: _builtins.str
-    """The package version."""
-    reason: _builtins.str
-    """Why it is denied, e.g. the deny-list entry or advisory it matched."""
-    def __init__(
-        self,
-        *,
-        purl: _builtins.str = ...,
-        name: _builtins.str = ...,
-        version: _builtins.str = ...,
-        reason: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "purl", b"purl", "reason", b"reason", "version", b"version"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___DeniedPackage: _TypeAlias = DeniedPackage  # noqa: Y015
+Global___ValidationReport: _TypeAlias = ValidationReport  # noqa: Y015
 
 @_typing.final
 class ValidateManifestsRequest(_message.Message):
-    """ValidateManifestsRequest carries the manifests to validate."""
+    """ValidateManifestsRequest names what to validate and against which rules."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    MANIFESTS_FIELD_NUMBER: _builtins.int
     FILES_FIELD_NUMBER: _builtins.int
-    POLICY_SET_FIELD_NUMBER: _builtins.int
-    manifests: _builtins.str
-    """Inline manifests: YAML or JSON, possibly several "---"-separated
-    documents. Set this or files.
+    APPLICATION_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    POLICY_BUNDLE_FIELD_NUMBER: _builtins.int
+    POLICY_PACKAGES_FIELD_NUMBER: _builtins.int
+    SKIP_RULES_FIELD_NUMBER: _builtins.int
+    REPORT_FORMAT_FIELD_NUMBER: _builtins.int
+    application: _builtins.str
+    """An infra-manager Application whose rendered manifests are validated. Set
+    this or files.
     """
-    policy_set: _builtins.str
-    """The policy set to validate against; empty means "default"."""
+    revision: _builtins.str
+    """The Git revision to render the application at; empty means its target revision."""
+    policy_bundle: _builtins.str
+    """The policy-audit bundle holding Conftest-style Rego rules; empty means
+    built-in rules only.
+    """
+    report_format: Global___ReportFormat.ValueType
+    """Also render the report in this format (in rendered_report)."""
     @_builtins.property
     def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___ManifestFile]:
-        """Manifest files. Set this or manifests."""
+        """Files to validate: Kubernetes YAML/JSON or Terraform plan JSON. Set
+        this or application.
+        """
+
+    @_builtins.property
+    def policy_packages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The Rego packages whose deny/warn/violation rules run (Conftest's
+        --namespace); empty means "main".
+        """
+
+    @_builtins.property
+    def skip_rules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Built-in rule ids (or names) to skip."""
 
     def __init__(
         self,
         *,
-        manifests: _builtins.str = ...,
         files: _abc.Iterable[Global___ManifestFile] | None = ...,
-        policy_set: _builtins.str = ...,
+        application: _builtins.str = ...,
+        revision: _builtins.str = ...,
+        policy_bundle: _builtins.str = ...,
+        policy_packages: _abc.Iterable[_builtins.str] | None = ...,
+        skip_rules: _abc.Iterable[_builtins.str] | None = ...,
+        report_format: Global___ReportFormat.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "manifests", b"manifests", "policy_set", b"policy_set"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application", b"application", "files", b"files", "policy_bundle", b"policy_bundle", "policy_packages", b"policy_packages", "report_format", b"report_format", "revision", b"revision", "skip_rules", b"skip_rules"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -572,35 +356,191 @@ Global___ValidateManifestsRequest: _TypeAlias = ValidateManifestsRequest  # noqa
 
 @_typing.final
 class ValidateManifestsResponse(_message.Message):
-    """ValidateManifestsResponse is the verdict and the violations."""
+    """ValidateManifestsResponse is the report."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    VALID_FIELD_NUMBER: _builtins.int
-    VIOLATIONS_FIELD_NUMBER: _builtins.int
-    RESOURCE_COUNT_FIELD_NUMBER: _builtins.int
-    valid: _builtins.bool
-    """True when there is no ERROR violation."""
-    resource_count: _builtins.int
-    """The number of resources checked."""
+    REPORT_FIELD_NUMBER: _builtins.int
+    RENDERED_REPORT_FIELD_NUMBER: _builtins.int
+    rendered_report: _builtins.str
+    """The report rendered in the requested format; empty when none was asked."""
     @_builtins.property
-    def violations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Violation]:
-        """The violations, ERROR first."""
+    def report(self) -> Global___ValidationReport:
+        """The report."""
 
     def __init__(
         self,
         *,
-        valid: _builtins.bool = ...,
-        violations: _abc.Iterable[Global___Violation] | None = ...,
-        resource_count: _builtins.int = ...,
+        report: Global___ValidationReport | None = ...,
+        rendered_report: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["resource_count", b"resource_count", "valid", b"valid", "violations", b"violations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rendered_report", b"rendered_report", "report", b"report"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ValidateManifestsResponse: _TypeAlias = ValidateManifestsResponse  # noqa: Y015
+
+@_typing.final
+class Deployment(_message.Message):
+    """A deployment of an infra-manager Application at a revision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    APPLICATION_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    APPROVERS_FIELD_NUMBER: _builtins.int
+    RISK_FIELD_NUMBER: _builtins.int
+    POLICY_BUNDLE_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    TARGET_NAMESPACE_FIELD_NUMBER: _builtins.int
+    RESOLVED_REVISION_FIELD_NUMBER: _builtins.int
+    VALIDATION_FIELD_NUMBER: _builtins.int
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    DENIAL_REASONS_FIELD_NUMBER: _builtins.int
+    SYNC_OPERATION_ID_FIELD_NUMBER: _builtins.int
+    ROLLBACK_OPERATION_ID_FIELD_NUMBER: _builtins.int
+    CONDITIONS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The resource name, "deployments/{deployment}"."""
+    application: _builtins.str
+    """The infra-manager Application to deploy, by name."""
+    revision: _builtins.str
+    """The Git revision to deploy; empty means the application's target revision."""
+    environment: _builtins.str
+    """The environment, e.g. "staging" or "production"; the policy decides who may deploy there."""
+    risk: _builtins.str
+    """The change's risk, "low", "medium" or "high" (high needs two approvals)."""
+    policy_bundle: _builtins.str
+    """The policy-audit bundle with Conftest-style rules to validate with; empty means built-in rules only."""
+    dry_run: _builtins.bool
+    """Validate and decide only; apply nothing."""
+    description: _builtins.str
+    """A free-text description."""
+    state: Global___DeploymentState.ValueType
+    """Its state."""
+    target_namespace: _builtins.str
+    """The application's destination namespace."""
+    resolved_revision: _builtins.str
+    """The Git commit the revision resolved to."""
+    decision_id: _builtins.str
+    """The policy decision's id in policy-audit's decision log."""
+    sync_operation_id: _builtins.str
+    """The infra-manager sync operation it started, if any."""
+    rollback_operation_id: _builtins.str
+    """The infra-manager rollback operation, if the health check failed."""
+    message: _builtins.str
+    """A human summary of the outcome."""
+    requested_by: _builtins.str
+    """Who requested it."""
+    trace_id: _builtins.str
+    """The trace id every step was audited under."""
+    etag: _builtins.str
+    """Changes whenever the record does; send it back on update."""
+    @_builtins.property
+    def approvers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Who approved the change (production needs an approval that is not the author's)."""
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels for filtering and grouping."""
+
+    @_builtins.property
+    def validation(self) -> Global___ValidationReport:
+        """The validation of the rendered manifests."""
+
+    @_builtins.property
+    def denial_reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why the policy denied it, when it did."""
+
+    @_builtins.property
+    def conditions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Condition]:
+        """What happened at each step, as Kubernetes conditions ("Validated",
+        "Allowed", "Synced", "Healthy", "RolledBack").
+        """
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was requested."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When it ended."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the record was last changed."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        application: _builtins.str = ...,
+        revision: _builtins.str = ...,
+        environment: _builtins.str = ...,
+        approvers: _abc.Iterable[_builtins.str] | None = ...,
+        risk: _builtins.str = ...,
+        policy_bundle: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+        description: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        state: Global___DeploymentState.ValueType = ...,
+        target_namespace: _builtins.str = ...,
+        resolved_revision: _builtins.str = ...,
+        validation: Global___ValidationReport | None = ...,
+        decision_id: _builtins.str = ...,
+        denial_reasons: _abc.Iterable[_builtins.str] | None = ...,
+        sync_operation_id: _builtins.str = ...,
+        rollback_operation_id: _builtins.str = ...,
+        conditions: _abc.Iterable[_types_pb2.Condition] | None = ...,
+        message: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+        trace_id: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "update_time", b"update_time", "validation", b"validation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application", b"application", "approvers", b"approvers", "conditions", b"conditions", "create_time", b"create_time", "decision_id", b"decision_id", "denial_reasons", b"denial_reasons", "description", b"description", "dry_run", b"dry_run", "end_time", b"end_time", "environment", b"environment", "etag", b"etag", "labels", b"labels", "message", b"message", "name", b"name", "policy_bundle", b"policy_bundle", "requested_by", b"requested_by", "resolved_revision", b"resolved_revision", "revision", b"revision", "risk", b"risk", "rollback_operation_id", b"rollback_operation_id", "state", b"state", "sync_operation_id", b"sync_operation_id", "target_namespace", b"target_namespace", "trace_id", b"trace_id", "update_time", b"update_time", "validation", b"validation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Deployment: _TypeAlias = Deployment  # noqa: Y015
 
 @_typing.final
 class CreateDeploymentRequest(_message.Message):
@@ -609,6 +549,14 @@ class CreateDeploymentRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    deployment_id: _builtins.str
+    """The id to give it (the last segment of its name): lowercase letters,
+    digits and '-', 1-63; empty means the server picks one.
+    """
+    request_id: _builtins.str
+    """Makes retries safe: a repeated request_id returns the first result."""
     @_builtins.property
     def deployment(self) -> Global___Deployment:
         """The deployment to make."""
@@ -617,10 +565,12 @@ class CreateDeploymentRequest(_message.Message):
         self,
         *,
         deployment: Global___Deployment | None = ...,
+        deployment_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "deployment_id", b"deployment_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -628,14 +578,14 @@ Global___CreateDeploymentRequest: _TypeAlias = CreateDeploymentRequest  # noqa: 
 
 @_typing.final
 class CreateDeploymentResponse(_message.Message):
-    """CreateDeploymentResponse returns the accepted deployment."""
+    """CreateDeploymentResponse is the deployment's record."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def deployment(self) -> Global___Deployment:
-        """The deployment, usually PENDING or VALIDATING."""
+        """The deployment, in its final state (the flow is synchronous)."""
 
     def __init__(
         self,
@@ -656,17 +606,17 @@ class GetDeploymentRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    ID_FIELD_NUMBER: _builtins.int
-    id: _builtins.str
-    """The deployment's id."""
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The deployment's name, "deployments/{deployment}"."""
     def __init__(
         self,
         *,
-        id: _builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -674,7 +624,7 @@ Global___GetDeploymentRequest: _TypeAlias = GetDeploymentRequest  # noqa: Y015
 
 @_typing.final
 class GetDeploymentResponse(_message.Message):
-    """GetDeploymentResponse returns a deployment."""
+    """GetDeploymentResponse is the deployment's record."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -742,7 +692,7 @@ class ListDeploymentsResponse(_message.Message):
     """The token of the next page; empty on the last page."""
     @_builtins.property
     def deployments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Deployment]:
-        """The deployments."""
+        """The deployments, newest first."""
 
     def __init__(
         self,
@@ -759,46 +709,272 @@ class ListDeploymentsResponse(_message.Message):
 Global___ListDeploymentsResponse: _TypeAlias = ListDeploymentsResponse  # noqa: Y015
 
 @_typing.final
+class UpdateDeploymentRequest(_message.Message):
+    """UpdateDeploymentRequest changes a deployment's description or labels."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deployment(self) -> Global___Deployment:
+        """The deployment with its name, the new values and the etag it was read with."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to change: "description", "labels"; unset means both."""
+
+    def __init__(
+        self,
+        *,
+        deployment: Global___Deployment | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateDeploymentRequest: _TypeAlias = UpdateDeploymentRequest  # noqa: Y015
+
+@_typing.final
+class UpdateDeploymentResponse(_message.Message):
+    """UpdateDeploymentResponse is the updated record."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deployment(self) -> Global___Deployment:
+        """The deployment, with its new etag."""
+
+    def __init__(
+        self,
+        *,
+        deployment: Global___Deployment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateDeploymentResponse: _TypeAlias = UpdateDeploymentResponse  # noqa: Y015
+
+@_typing.final
+class VerificationCheck(_message.Message):
+    """The verdict of a cosign signature or an attestation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The check, e.g. "signature", "digest", "provenance.builder", "provenance.source"."""
+    passed: _builtins.bool
+    """Whether it passed."""
+    message: _builtins.str
+    """Detail, e.g. why it failed."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        passed: _builtins.bool = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "name", b"name", "passed", b"passed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerificationCheck: _TypeAlias = VerificationCheck  # noqa: Y015
+
+@_typing.final
+class Signer(_message.Message):
+    """The identity behind a verified signature."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The key's id: "sha256:" and the hex digest of its DER SubjectPublicKeyInfo."""
+    algorithm: _builtins.str
+    """The key's algorithm: "ecdsa-p256" or "ed25519"."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        algorithm: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "key_id", b"key_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Signer: _TypeAlias = Signer  # noqa: Y015
+
+@_typing.final
+class SimpleSignature(_message.Message):
+    """A cosign signature over an image's simple-signing payload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    payload: _builtins.bytes
+    """The payload as cosign writes it: the JSON with critical.image.docker-manifest-digest."""
+    signature: _builtins.str
+    """The signature, base64 as in cosign's dev.cosignproject.cosign/signature annotation."""
+    def __init__(
+        self,
+        *,
+        payload: _builtins.bytes = ...,
+        signature: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimpleSignature: _TypeAlias = SimpleSignature  # noqa: Y015
+
+@_typing.final
+class ProvenancePolicy(_message.Message):
+    """The provenance policy an attestation must satisfy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALLOWED_BUILDER_IDS_FIELD_NUMBER: _builtins.int
+    SOURCE_REPOSITORY_FIELD_NUMBER: _builtins.int
+    ALLOWED_REFS_FIELD_NUMBER: _builtins.int
+    source_repository: _builtins.str
+    """The source repository (e.g. "git+https://github.com/org/repo"), matched
+    against the provenance's resolved dependencies or workflow repository.
+    """
+    @_builtins.property
+    def allowed_builder_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """SLSA builder ids of which runDetails.builder.id must be one; empty accepts any."""
+
+    @_builtins.property
+    def allowed_refs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Git refs the build may come from (e.g. "refs/heads/main"); empty accepts any."""
+
+    def __init__(
+        self,
+        *,
+        allowed_builder_ids: _abc.Iterable[_builtins.str] | None = ...,
+        source_repository: _builtins.str = ...,
+        allowed_refs: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_builder_ids", b"allowed_builder_ids", "allowed_refs", b"allowed_refs", "source_repository", b"source_repository"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProvenancePolicy: _TypeAlias = ProvenancePolicy  # noqa: Y015
+
+@_typing.final
 class VerifyArtifactRequest(_message.Message):
-    """VerifyArtifactRequest names an artifact and what its signature must show."""
+    """VerifyArtifactRequest names an artifact and its evidence."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ARTIFACT_REF_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
-    SIGNATURE_BUNDLE_FIELD_NUMBER: _builtins.int
-    EXPECTED_IDENTITIES_FIELD_NUMBER: _builtins.int
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SIGNATURES_FIELD_NUMBER: _builtins.int
+    ATTESTATIONS_FIELD_NUMBER: _builtins.int
+    PROVENANCE_POLICY_FIELD_NUMBER: _builtins.int
+    KEYLESS_FIELD_NUMBER: _builtins.int
+    SBOM_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     artifact_ref: _builtins.str
-    """The artifact reference, e.g. "ghcr.io/org/memory-hub:1.4.0"."""
-    digest: _builtins.str
-    """The expected digest, e.g. "sha256:..."; required unless artifact_ref pins one."""
-    signature_bundle: _builtins.bytes
-    """The Sigstore bundle (JSON) holding the signature, certificate and
-    transparency log entry; empty means look it up in the registry.
+    """The artifact reference, e.g. "ghcr.io/org/memory-hub:1.4.0" or
+    "ghcr.io/org/memory-hub@sha256:...".
     """
+    digest: _builtins.str
+    """The artifact's digest, "sha256:<hex>"; required unless artifact_ref pins one."""
     public_key: _builtins.str
-    """A PEM public key to verify against instead of a certificate identity."""
+    """The PEM public key (ECDSA P-256 or Ed25519) signatures must verify with."""
+    keyless: _builtins.bool
+    """Asks for keyless (Fulcio certificate + Rekor) verification: needs the
+    network, so it is refused with FAILED_PRECONDITION.
+    """
+    sbom: _builtins.bytes
+    """The artifact's SBOM (CycloneDX or SPDX JSON), scanned as part of the gate."""
+    request_id: _builtins.str
+    """Makes retries safe: a repeated request_id returns the first result."""
     @_builtins.property
-    def expected_identities(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExpectedIdentity]:
-        """Identities of which the signer must match one (keyless signing)."""
+    def signatures(self) -> _containers.RepeatedCompositeFieldContainer[Global___SimpleSignature]:
+        """cosign simple-signing signatures of the image."""
+
+    @_builtins.property
+    def attestations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """DSSE envelopes (JSON) holding in-toto Statements, e.g. SLSA provenance v1."""
+
+    @_builtins.property
+    def provenance_policy(self) -> Global___ProvenancePolicy:
+        """What the provenance must say."""
 
     def __init__(
         self,
         *,
         artifact_ref: _builtins.str = ...,
         digest: _builtins.str = ...,
-        signature_bundle: _builtins.bytes = ...,
-        expected_identities: _abc.Iterable[Global___ExpectedIdentity] | None = ...,
         public_key: _builtins.str = ...,
+        signatures: _abc.Iterable[Global___SimpleSignature] | None = ...,
+        attestations: _abc.Iterable[_builtins.bytes] | None = ...,
+        provenance_policy: Global___ProvenancePolicy | None = ...,
+        keyless: _builtins.bool = ...,
+        sbom: _builtins.bytes = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["provenance_policy", b"provenance_policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_ref", b"artifact_ref", "digest", b"digest", "expected_identities", b"expected_identities", "public_key", b"public_key", "signature_bundle", b"signature_bundle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_ref", b"artifact_ref", "attestations", b"attestations", "digest", b"digest", "keyless", b"keyless", "provenance_policy", b"provenance_policy", "public_key", b"public_key", "request_id", b"request_id", "sbom", b"sbom", "signatures", b"signatures"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerifyArtifactRequest: _TypeAlias = VerifyArtifactRequest  # noqa: Y015
+
+@_typing.final
+class GateDecision(_message.Message):
+    """The gate's policy decision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALLOWED_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    allowed: _builtins.bool
+    """Whether the artifact may be used."""
+    decision_id: _builtins.str
+    """The decision's id in policy-audit's decision log."""
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why not, when it may not."""
+
+    def __init__(
+        self,
+        *,
+        allowed: _builtins.bool = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        decision_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "decision_id", b"decision_id", "reasons", b"reasons"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GateDecision: _TypeAlias = GateDecision  # noqa: Y015
 
 @_typing.final
 class VerifyArtifactResponse(_message.Message):
@@ -810,10 +986,12 @@ class VerifyArtifactResponse(_message.Message):
     DIGEST_FIELD_NUMBER: _builtins.int
     SIGNER_FIELD_NUMBER: _builtins.int
     CHECKS_FIELD_NUMBER: _builtins.int
+    SBOM_SCAN_FIELD_NUMBER: _builtins.int
+    GATE_FIELD_NUMBER: _builtins.int
     verified: _builtins.bool
-    """True when every check passed."""
+    """True when every signature and attestation check passed."""
     digest: _builtins.str
-    """The artifact's digest that was verified."""
+    """The digest verified."""
     @_builtins.property
     def signer(self) -> Global___Signer:
         """Who signed it; unset when no valid signature was found."""
@@ -822,6 +1000,14 @@ class VerifyArtifactResponse(_message.Message):
     def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___VerificationCheck]:
         """Each check and its outcome."""
 
+    @_builtins.property
+    def sbom_scan(self) -> Global___ScanSbomResponse:
+        """The SBOM scan, when an SBOM was given."""
+
+    @_builtins.property
+    def gate(self) -> Global___GateDecision:
+        """The gate's decision over the verification and the scan."""
+
     def __init__(
         self,
         *,
@@ -829,14 +1015,74 @@ class VerifyArtifactResponse(_message.Message):
         digest: _builtins.str = ...,
         signer: Global___Signer | None = ...,
         checks: _abc.Iterable[Global___VerificationCheck] | None = ...,
+        sbom_scan: Global___ScanSbomResponse | None = ...,
+        gate: Global___GateDecision | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["signer", b"signer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gate", b"gate", "sbom_scan", b"sbom_scan", "signer", b"signer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "digest", b"digest", "signer", b"signer", "verified", b"verified"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "digest", b"digest", "gate", b"gate", "sbom_scan", b"sbom_scan", "signer", b"signer", "verified", b"verified"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerifyArtifactResponse: _TypeAlias = VerifyArtifactResponse  # noqa: Y015
+
+@_typing.final
+class Vulnerability(_message.Message):
+    """One known vulnerability of one component."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
+    PURL_FIELD_NUMBER: _builtins.int
+    ECOSYSTEM_FIELD_NUMBER: _builtins.int
+    PACKAGE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    SEVERITY_FIELD_NUMBER: _builtins.int
+    FIXED_VERSIONS_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The OSV id, e.g. "GHSA-xxxx-xxxx-xxxx" or "PYSEC-2024-1"."""
+    purl: _builtins.str
+    """The affected component's package URL."""
+    ecosystem: _builtins.str
+    """The OSV ecosystem, e.g. "PyPI", "npm", "Debian:12"."""
+    package: _builtins.str
+    """The package name."""
+    version: _builtins.str
+    """The installed version."""
+    severity: _types_pb2.Severity.ValueType
+    """How serious it is."""
+    summary: _builtins.str
+    """The advisory's one-line summary."""
+    @_builtins.property
+    def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Other ids of the same vulnerability, e.g. CVE ids."""
+
+    @_builtins.property
+    def fixed_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Versions that fix it; empty when none is known."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        aliases: _abc.Iterable[_builtins.str] | None = ...,
+        purl: _builtins.str = ...,
+        ecosystem: _builtins.str = ...,
+        package: _builtins.str = ...,
+        version: _builtins.str = ...,
+        severity: _types_pb2.Severity.ValueType = ...,
+        fixed_versions: _abc.Iterable[_builtins.str] | None = ...,
+        summary: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "ecosystem", b"ecosystem", "fixed_versions", b"fixed_versions", "id", b"id", "package", b"package", "purl", b"purl", "severity", b"severity", "summary", b"summary", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Vulnerability: _TypeAlias = Vulnerability  # noqa: Y015
 
 @_typing.final
 class ScanSbomRequest(_message.Message):
@@ -846,23 +1092,19 @@ class ScanSbomRequest(_message.Message):
 
     DOCUMENT_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
-    POLICY_SET_FIELD_NUMBER: _builtins.int
     document: _builtins.bytes
     """The SBOM document."""
     format: Global___SbomFormat.ValueType
-    """The document's format."""
-    policy_set: _builtins.str
-    """The policy set to scan against; empty means "default"."""
+    """The document's format; unset detects it."""
     def __init__(
         self,
         *,
         document: _builtins.bytes = ...,
         format: Global___SbomFormat.ValueType = ...,
-        policy_set: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "format", b"format", "policy_set", b"policy_set"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "format", b"format"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -870,43 +1112,39 @@ Global___ScanSbomRequest: _TypeAlias = ScanSbomRequest  # noqa: Y015
 
 @_typing.final
 class ScanSbomResponse(_message.Message):
-    """ScanSbomResponse is the verdict and the findings."""
+    """ScanSbomResponse lists the vulnerable components."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    COMPLIANT_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
     COMPONENT_COUNT_FIELD_NUMBER: _builtins.int
-    LICENSE_FINDINGS_FIELD_NUMBER: _builtins.int
-    POLICY_VIOLATIONS_FIELD_NUMBER: _builtins.int
-    DENIED_PACKAGES_FIELD_NUMBER: _builtins.int
-    compliant: _builtins.bool
-    """True when there is no ERROR finding and no denied package."""
+    MATCHED_COMPONENT_COUNT_FIELD_NUMBER: _builtins.int
+    VULNERABILITIES_FIELD_NUMBER: _builtins.int
+    OSV_RECORD_COUNT_FIELD_NUMBER: _builtins.int
+    format: Global___SbomFormat.ValueType
+    """The format read."""
     component_count: _builtins.int
     """The number of components in the document."""
+    matched_component_count: _builtins.int
+    """The number of components with a package URL the scanner could match."""
+    osv_record_count: _builtins.int
+    """The number of OSV records the database holds."""
     @_builtins.property
-    def license_findings(self) -> _containers.RepeatedCompositeFieldContainer[Global___LicenseFinding]:
-        """Licensing concerns."""
-
-    @_builtins.property
-    def policy_violations(self) -> _containers.RepeatedCompositeFieldContainer[Global___SbomViolation]:
-        """Policy rules broken."""
-
-    @_builtins.property
-    def denied_packages(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeniedPackage]:
-        """Components on the deny list."""
+    def vulnerabilities(self) -> _containers.RepeatedCompositeFieldContainer[Global___Vulnerability]:
+        """The vulnerabilities found, most severe first."""
 
     def __init__(
         self,
         *,
-        compliant: _builtins.bool = ...,
+        format: Global___SbomFormat.ValueType = ...,
         component_count: _builtins.int = ...,
-        license_findings: _abc.Iterable[Global___LicenseFinding] | None = ...,
-        policy_violations: _abc.Iterable[Global___SbomViolation] | None = ...,
-        denied_packages: _abc.Iterable[Global___DeniedPackage] | None = ...,
+        matched_component_count: _builtins.int = ...,
+        vulnerabilities: _abc.Iterable[Global___Vulnerability] | None = ...,
+        osv_record_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compliant", b"compliant", "component_count", b"component_count", "denied_packages", b"denied_packages", "license_findings", b"license_findings", "policy_violations", b"policy_violations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["component_count", b"component_count", "format", b"format", "matched_component_count", b"matched_component_count", "osv_record_count", b"osv_record_count", "vulnerabilities", b"vulnerabilities"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

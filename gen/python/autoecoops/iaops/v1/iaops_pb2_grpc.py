@@ -26,8 +26,10 @@ if _version_not_supported:
 
 
 class IaOpsServiceStub:
-    """Platform-02 IAOps: infrastructure-as-code validation, policy-gated GitOps
-    deployments and software supply chain checks (signatures, SBOMs).
+    """Platform-02 IAOps: infrastructure-as-code validation (Kubernetes YAML,
+    Helm/Kustomize rendered by infra-manager, Terraform plans), policy-gated
+    GitOps deployments through infra-manager, and offline supply-chain checks
+    (cosign signatures, in-toto/SLSA provenance, SBOMs against OSV).
     """
 
     def __init__(self, channel):
@@ -56,6 +58,11 @@ class IaOpsServiceStub:
                 request_serializer=autoecoops_dot_iaops_dot_v1_dot_iaops__pb2.ListDeploymentsRequest.SerializeToString,
                 response_deserializer=autoecoops_dot_iaops_dot_v1_dot_iaops__pb2.ListDeploymentsResponse.FromString,
                 _registered_method=True)
+        self.UpdateDeployment = channel.unary_unary(
+                '/autoecoops.iaops.v1.IaOpsService/UpdateDeployment',
+                request_serializer=autoecoops_dot_iaops_dot_v1_dot_iaops__pb2.UpdateDeploymentRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_iaops_dot_v1_dot_iaops__pb2.UpdateDeploymentResponse.FromString,
+                _registered_method=True)
         self.VerifyArtifact = channel.unary_unary(
                 '/autoecoops.iaops.v1.IaOpsService/VerifyArtifact',
                 request_serializer=autoecoops_dot_iaops_dot_v1_dot_iaops__pb2.VerifyArtifactRequest.SerializeToString,
@@ -69,28 +76,34 @@ class IaOpsServiceStub:
 
 
 class IaOpsServiceServicer:
-    """Platform-02 IAOps: infrastructure-as-code validation, policy-gated GitOps
-    deployments and software supply chain checks (signatures, SBOMs).
+    """Platform-02 IAOps: infrastructure-as-code validation (Kubernetes YAML,
+    Helm/Kustomize rendered by infra-manager, Terraform plans), policy-gated
+    GitOps deployments through infra-manager, and offline supply-chain checks
+    (cosign signatures, in-toto/SLSA provenance, SBOMs against OSV).
     """
 
     def ValidateManifests(self, request, context):
-        """Validates Kubernetes manifests against a policy set. Nothing is stored.
+        """Validates manifests (inline files, an infra-manager Application rendered
+        at a revision, or a Terraform plan) against the built-in rules and the
+        Conftest-style Rego rules of a policy-audit bundle. Nothing is stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateDeployment(self, request, context):
-        """Requests a deployment: validates the application's manifests at a
-        revision and, when they pass, syncs it through infra-manager. Returns
-        at once; progress is on the deployment and the "iaops.deployment" topic.
+        """Deploys an Application at a revision, synchronously: validate its
+        rendered manifests -> policy decision (who may deploy what where;
+        production needs an approval) -> infra-manager sync -> wait for health
+        -> record; a failed health check rolls back through infra-manager.
+        A retry with the same request_id returns the same deployment.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetDeployment(self, request, context):
-        """Gets a deployment by id.
+        """Gets a deployment by name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -103,18 +116,28 @@ class IaOpsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateDeployment(self, request, context):
+        """Updates the mutable fields of a finished deployment's record (its
+        description and labels). Needs the current etag; a stale one is ABORTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def VerifyArtifact(self, request, context):
-        """Verifies an artifact's signature (Sigstore/cosign bundle) and signer
-        identity. The result is compliance evidence, so it is audited and
-        published on the "iaops.artifact" topic.
+        """Verifies an artifact offline: cosign keyed signatures (simple signing or
+        DSSE), in-toto/SLSA provenance against a builder and source policy, and
+        optionally scans its SBOM; a policy-audit decision gates the result,
+        which is audited and published as ArtifactVerified. Keyless
+        (Fulcio/Rekor) verification needs the network: FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ScanSbom(self, request, context):
-        """Scans an SBOM for license findings, policy violations and denied
-        packages. Nothing is stored.
+        """Scans an SBOM (CycloneDX or SPDX 2.3 JSON) against the offline OSV
+        database with each ecosystem's version semantics. Nothing is stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,6 +166,11 @@ def add_IaOpsServiceServicer_to_server(servicer, server):
                     request_deserializer=autoecoops_dot_iaops_dot_v1_dot_iaops__pb2.ListDeploymentsRequest.FromString,
                     response_serializer=autoecoops_dot_iaops_dot_v1_dot_iaops__pb2.ListDeploymentsResponse.SerializeToString,
             ),
+            'UpdateDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateDeployment,
+                    request_deserializer=autoecoops_dot_iaops_dot_v1_dot_iaops__pb2.UpdateDeploymentRequest.FromString,
+                    response_serializer=autoecoops_dot_iaops_dot_v1_dot_iaops__pb2.UpdateDeploymentResponse.SerializeToString,
+            ),
             'VerifyArtifact': grpc.unary_unary_rpc_method_handler(
                     servicer.VerifyArtifact,
                     request_deserializer=autoecoops_dot_iaops_dot_v1_dot_iaops__pb2.VerifyArtifactRequest.FromString,
@@ -162,8 +190,10 @@ def add_IaOpsServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class IaOpsService:
-    """Platform-02 IAOps: infrastructure-as-code validation, policy-gated GitOps
-    deployments and software supply chain checks (signatures, SBOMs).
+    """Platform-02 IAOps: infrastructure-as-code validation (Kubernetes YAML,
+    Helm/Kustomize rendered by infra-manager, Terraform plans), policy-gated
+    GitOps deployments through infra-manager, and offline supply-chain checks
+    (cosign signatures, in-toto/SLSA provenance, SBOMs against OSV).
     """
 
     @staticmethod
@@ -264,6 +294,33 @@ class IaOpsService:
             '/autoecoops.iaops.v1.IaOpsService/ListDeployments',
             autoecoops_dot_iaops_dot_v1_dot_iaops__pb2.ListDeploymentsRequest.SerializeToString,
             autoecoops_dot_iaops_dot_v1_dot_iaops__pb2.ListDeploymentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.iaops.v1.IaOpsService/UpdateDeployment',
+            autoecoops_dot_iaops_dot_v1_dot_iaops__pb2.UpdateDeploymentRequest.SerializeToString,
+            autoecoops_dot_iaops_dot_v1_dot_iaops__pb2.UpdateDeploymentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,8 +27,10 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class IaOpsServiceStub:
-    """Platform-02 IAOps: infrastructure-as-code validation, policy-gated GitOps
-    deployments and software supply chain checks (signatures, SBOMs).
+    """Platform-02 IAOps: infrastructure-as-code validation (Kubernetes YAML,
+    Helm/Kustomize rendered by infra-manager, Terraform plans), policy-gated
+    GitOps deployments through infra-manager, and offline supply-chain checks
+    (cosign signatures, in-toto/SLSA provenance, SBOMs against OSV).
     """
 
     @_typing.overload
@@ -36,57 +38,83 @@ class IaOpsServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> IaOpsServiceAsyncStub: ...
     ValidateManifests: _grpc.UnaryUnaryMultiCallable[_iaops_pb2.ValidateManifestsRequest, _iaops_pb2.ValidateManifestsResponse]
-    """Validates Kubernetes manifests against a policy set. Nothing is stored."""
+    """Validates manifests (inline files, an infra-manager Application rendered
+    at a revision, or a Terraform plan) against the built-in rules and the
+    Conftest-style Rego rules of a policy-audit bundle. Nothing is stored.
+    """
     CreateDeployment: _grpc.UnaryUnaryMultiCallable[_iaops_pb2.CreateDeploymentRequest, _iaops_pb2.CreateDeploymentResponse]
-    """Requests a deployment: validates the application's manifests at a
-    revision and, when they pass, syncs it through infra-manager. Returns
-    at once; progress is on the deployment and the "iaops.deployment" topic.
+    """Deploys an Application at a revision, synchronously: validate its
+    rendered manifests -> policy decision (who may deploy what where;
+    production needs an approval) -> infra-manager sync -> wait for health
+    -> record; a failed health check rolls back through infra-manager.
+    A retry with the same request_id returns the same deployment.
     """
     GetDeployment: _grpc.UnaryUnaryMultiCallable[_iaops_pb2.GetDeploymentRequest, _iaops_pb2.GetDeploymentResponse]
-    """Gets a deployment by id."""
+    """Gets a deployment by name."""
     ListDeployments: _grpc.UnaryUnaryMultiCallable[_iaops_pb2.ListDeploymentsRequest, _iaops_pb2.ListDeploymentsResponse]
     """Lists deployments, newest first."""
+    UpdateDeployment: _grpc.UnaryUnaryMultiCallable[_iaops_pb2.UpdateDeploymentRequest, _iaops_pb2.UpdateDeploymentResponse]
+    """Updates the mutable fields of a finished deployment's record (its
+    description and labels). Needs the current etag; a stale one is ABORTED.
+    """
     VerifyArtifact: _grpc.UnaryUnaryMultiCallable[_iaops_pb2.VerifyArtifactRequest, _iaops_pb2.VerifyArtifactResponse]
-    """Verifies an artifact's signature (Sigstore/cosign bundle) and signer
-    identity. The result is compliance evidence, so it is audited and
-    published on the "iaops.artifact" topic.
+    """Verifies an artifact offline: cosign keyed signatures (simple signing or
+    DSSE), in-toto/SLSA provenance against a builder and source policy, and
+    optionally scans its SBOM; a policy-audit decision gates the result,
+    which is audited and published as ArtifactVerified. Keyless
+    (Fulcio/Rekor) verification needs the network: FAILED_PRECONDITION.
     """
     ScanSbom: _grpc.UnaryUnaryMultiCallable[_iaops_pb2.ScanSbomRequest, _iaops_pb2.ScanSbomResponse]
-    """Scans an SBOM for license findings, policy violations and denied
-    packages. Nothing is stored.
+    """Scans an SBOM (CycloneDX or SPDX 2.3 JSON) against the offline OSV
+    database with each ecosystem's version semantics. Nothing is stored.
     """
 
 @_typing.type_check_only
 class IaOpsServiceAsyncStub(IaOpsServiceStub):
-    """Platform-02 IAOps: infrastructure-as-code validation, policy-gated GitOps
-    deployments and software supply chain checks (signatures, SBOMs).
+    """Platform-02 IAOps: infrastructure-as-code validation (Kubernetes YAML,
+    Helm/Kustomize rendered by infra-manager, Terraform plans), policy-gated
+    GitOps deployments through infra-manager, and offline supply-chain checks
+    (cosign signatures, in-toto/SLSA provenance, SBOMs against OSV).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ValidateManifests: _aio.UnaryUnaryMultiCallable[_iaops_pb2.ValidateManifestsRequest, _iaops_pb2.ValidateManifestsResponse]  # type: ignore[assignment]
-    """Validates Kubernetes manifests against a policy set. Nothing is stored."""
+    """Validates manifests (inline files, an infra-manager Application rendered
+    at a revision, or a Terraform plan) against the built-in rules and the
+    Conftest-style Rego rules of a policy-audit bundle. Nothing is stored.
+    """
     CreateDeployment: _aio.UnaryUnaryMultiCallable[_iaops_pb2.CreateDeploymentRequest, _iaops_pb2.CreateDeploymentResponse]  # type: ignore[assignment]
-    """Requests a deployment: validates the application's manifests at a
-    revision and, when they pass, syncs it through infra-manager. Returns
-    at once; progress is on the deployment and the "iaops.deployment" topic.
+    """Deploys an Application at a revision, synchronously: validate its
+    rendered manifests -> policy decision (who may deploy what where;
+    production needs an approval) -> infra-manager sync -> wait for health
+    -> record; a failed health check rolls back through infra-manager.
+    A retry with the same request_id returns the same deployment.
     """
     GetDeployment: _aio.UnaryUnaryMultiCallable[_iaops_pb2.GetDeploymentRequest, _iaops_pb2.GetDeploymentResponse]  # type: ignore[assignment]
-    """Gets a deployment by id."""
+    """Gets a deployment by name."""
     ListDeployments: _aio.UnaryUnaryMultiCallable[_iaops_pb2.ListDeploymentsRequest, _iaops_pb2.ListDeploymentsResponse]  # type: ignore[assignment]
     """Lists deployments, newest first."""
+    UpdateDeployment: _aio.UnaryUnaryMultiCallable[_iaops_pb2.UpdateDeploymentRequest, _iaops_pb2.UpdateDeploymentResponse]  # type: ignore[assignment]
+    """Updates the mutable fields of a finished deployment's record (its
+    description and labels). Needs the current etag; a stale one is ABORTED.
+    """
     VerifyArtifact: _aio.UnaryUnaryMultiCallable[_iaops_pb2.VerifyArtifactRequest, _iaops_pb2.VerifyArtifactResponse]  # type: ignore[assignment]
-    """Verifies an artifact's signature (Sigstore/cosign bundle) and signer
-    identity. The result is compliance evidence, so it is audited and
-    published on the "iaops.artifact" topic.
+    """Verifies an artifact offline: cosign keyed signatures (simple signing or
+    DSSE), in-toto/SLSA provenance against a builder and source policy, and
+    optionally scans its SBOM; a policy-audit decision gates the result,
+    which is audited and published as ArtifactVerified. Keyless
+    (Fulcio/Rekor) verification needs the network: FAILED_PRECONDITION.
     """
     ScanSbom: _aio.UnaryUnaryMultiCallable[_iaops_pb2.ScanSbomRequest, _iaops_pb2.ScanSbomResponse]  # type: ignore[assignment]
-    """Scans an SBOM for license findings, policy violations and denied
-    packages. Nothing is stored.
+    """Scans an SBOM (CycloneDX or SPDX 2.3 JSON) against the offline OSV
+    database with each ecosystem's version semantics. Nothing is stored.
     """
 
 class IaOpsServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Platform-02 IAOps: infrastructure-as-code validation, policy-gated GitOps
-    deployments and software supply chain checks (signatures, SBOMs).
+    """Platform-02 IAOps: infrastructure-as-code validation (Kubernetes YAML,
+    Helm/Kustomize rendered by infra-manager, Terraform plans), policy-gated
+    GitOps deployments through infra-manager, and offline supply-chain checks
+    (cosign signatures, in-toto/SLSA provenance, SBOMs against OSV).
     """
 
     @_abc_1.abstractmethod
@@ -95,7 +123,10 @@ class IaOpsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _iaops_pb2.ValidateManifestsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_iaops_pb2.ValidateManifestsResponse, _abc.Awaitable[_iaops_pb2.ValidateManifestsResponse]]:
-        """Validates Kubernetes manifests against a policy set. Nothing is stored."""
+        """Validates manifests (inline files, an infra-manager Application rendered
+        at a revision, or a Terraform plan) against the built-in rules and the
+        Conftest-style Rego rules of a policy-audit bundle. Nothing is stored.
+        """
 
     @_abc_1.abstractmethod
     def CreateDeployment(
@@ -103,9 +134,11 @@ class IaOpsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _iaops_pb2.CreateDeploymentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_iaops_pb2.CreateDeploymentResponse, _abc.Awaitable[_iaops_pb2.CreateDeploymentResponse]]:
-        """Requests a deployment: validates the application's manifests at a
-        revision and, when they pass, syncs it through infra-manager. Returns
-        at once; progress is on the deployment and the "iaops.deployment" topic.
+        """Deploys an Application at a revision, synchronously: validate its
+        rendered manifests -> policy decision (who may deploy what where;
+        production needs an approval) -> infra-manager sync -> wait for health
+        -> record; a failed health check rolls back through infra-manager.
+        A retry with the same request_id returns the same deployment.
         """
 
     @_abc_1.abstractmethod
@@ -114,7 +147,7 @@ class IaOpsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _iaops_pb2.GetDeploymentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_iaops_pb2.GetDeploymentResponse, _abc.Awaitable[_iaops_pb2.GetDeploymentResponse]]:
-        """Gets a deployment by id."""
+        """Gets a deployment by name."""
 
     @_abc_1.abstractmethod
     def ListDeployments(
@@ -125,14 +158,26 @@ class IaOpsServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists deployments, newest first."""
 
     @_abc_1.abstractmethod
+    def UpdateDeployment(
+        self,
+        request: _iaops_pb2.UpdateDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_iaops_pb2.UpdateDeploymentResponse, _abc.Awaitable[_iaops_pb2.UpdateDeploymentResponse]]:
+        """Updates the mutable fields of a finished deployment's record (its
+        description and labels). Needs the current etag; a stale one is ABORTED.
+        """
+
+    @_abc_1.abstractmethod
     def VerifyArtifact(
         self,
         request: _iaops_pb2.VerifyArtifactRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_iaops_pb2.VerifyArtifactResponse, _abc.Awaitable[_iaops_pb2.VerifyArtifactResponse]]:
-        """Verifies an artifact's signature (Sigstore/cosign bundle) and signer
-        identity. The result is compliance evidence, so it is audited and
-        published on the "iaops.artifact" topic.
+        """Verifies an artifact offline: cosign keyed signatures (simple signing or
+        DSSE), in-toto/SLSA provenance against a builder and source policy, and
+        optionally scans its SBOM; a policy-audit decision gates the result,
+        which is audited and published as ArtifactVerified. Keyless
+        (Fulcio/Rekor) verification needs the network: FAILED_PRECONDITION.
         """
 
     @_abc_1.abstractmethod
@@ -141,8 +186,8 @@ class IaOpsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _iaops_pb2.ScanSbomRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_iaops_pb2.ScanSbomResponse, _abc.Awaitable[_iaops_pb2.ScanSbomResponse]]:
-        """Scans an SBOM for license findings, policy violations and denied
-        packages. Nothing is stored.
+        """Scans an SBOM (CycloneDX or SPDX 2.3 JSON) against the offline OSV
+        database with each ecosystem's version semantics. Nothing is stored.
         """
 
 def add_IaOpsServiceServicer_to_server(servicer: IaOpsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
