@@ -23,27 +23,28 @@ _sym_db = _symbol_database.Default()
 
 
 from autoecoops.common.v1 import options_pb2 as autoecoops_dot_common_dot_v1_dot_options__pb2
+from autoecoops.common.v1 import types_pb2 as autoecoops_dot_common_dot_v1_dot_types__pb2
 from autoecoops.machineops.v1 import machineops_pb2 as autoecoops_dot_machineops_dot_v1_dot_machineops__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%autoecoops/machineops/v1/events.proto\x12\x18\x61utoecoops.machineops.v1\x1a\"autoecoops/common/v1/options.proto\x1a)autoecoops/machineops/v1/machineops.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x93\x02\n\x0f\x41gentRegistered\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\x12\x19\n\x11replaced_agent_id\x18\x05 \x01(\t\x12\x31\n\rregister_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp:e\x92\xb5\x18\x61\n&autoecoops.machineops.agent.registered\x12\x11machineops.agents\x1a$An edge agent registered for a node.\"\xfa\x02\n\x11NodeDriftDetected\x12\x0c\n\x04node\x18\x01 \x01(\t\x12;\n\rdrifted_rules\x18\x02 \x03(\x0b\x32$.autoecoops.machineops.v1.RuleResult\x12\x41\n\x0eprevious_state\x18\x03 \x01(\x0e\x32).autoecoops.machineops.v1.ComplianceState\x12\x38\n\x05state\x18\x04 \x01(\x0e\x32).autoecoops.machineops.v1.ComplianceState\x12/\n\x0b\x64\x65tect_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp:l\x92\xb5\x18h\n\"autoecoops.machineops.node.drifted\x12\x15machineops.compliance\x1a+Rules that passed on a node no longer pass.\"\xc5\x02\n\x10\x42\x61selineViolated\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61seline\x18\x02 \x01(\t\x12:\n\x0c\x66\x61iled_rules\x18\x03 \x03(\x0b\x32$.autoecoops.machineops.v1.RuleResult\x12\x38\n\x0cmax_severity\x18\x04 \x01(\x0e\x32\".autoecoops.machineops.v1.Severity\x12\x31\n\revaluate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp:h\x92\xb5\x18\x64\n\'autoecoops.machineops.baseline.violated\x12\x15machineops.compliance\x1a\"A node failed rules of a baseline.b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%autoecoops/machineops/v1/events.proto\x12\x18\x61utoecoops.machineops.v1\x1a\"autoecoops/common/v1/options.proto\x1a autoecoops/common/v1/types.proto\x1a)autoecoops/machineops/v1/machineops.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x85\x02\n\rAgentEnrolled\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x18\n\x10\x65nrollment_token\x18\x03 \x01(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12/\n\x0b\x65nroll_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp:r\x92\xb5\x18n\n$autoecoops.machineops.agent.enrolled\x12\x11machineops.agents\x1a\x33\x41n agent enrolled a node and received its identity.\"\xc1\x02\n\x11NodeDriftDetected\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x12\n\nevaluation\x18\x02 \x01(\t\x12.\n\x05\x64rift\x18\x03 \x03(\x0b\x32\x1f.autoecoops.machineops.v1.Drift\x12\x16\n\x0eprevious_score\x18\x04 \x01(\x01\x12\r\n\x05score\x18\x05 \x01(\x01\x12/\n\x0b\x64\x65tect_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp:\x81\x01\x92\xb5\x18}\n\"autoecoops.machineops.node.drifted\x12\x15machineops.compliance\x1a@Controls on a node changed result since its previous evaluation.\"\xef\x02\n\x10\x42\x61selineViolated\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61seline\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61seline_version\x18\x03 \x01(\x03\x12\x12\n\nevaluation\x18\x04 \x01(\t\x12\x37\n\x06\x66\x61iled\x18\x05 \x03(\x0b\x32\'.autoecoops.machineops.v1.ControlResult\x12\x34\n\x0cmax_severity\x18\x06 \x01(\x0e\x32\x1e.autoecoops.common.v1.Severity\x12\x31\n\revaluate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp:k\x92\xb5\x18g\n\'autoecoops.machineops.baseline.violated\x12\x15machineops.compliance\x1a%A node failed controls of a baseline.b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'autoecoops.machineops.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AGENTREGISTERED']._loaded_options = None
-  _globals['_AGENTREGISTERED']._serialized_options = b'\222\265\030a\n&autoecoops.machineops.agent.registered\022\021machineops.agents\032$An edge agent registered for a node.'
+  _globals['_AGENTENROLLED']._loaded_options = None
+  _globals['_AGENTENROLLED']._serialized_options = b'\222\265\030n\n$autoecoops.machineops.agent.enrolled\022\021machineops.agents\0323An agent enrolled a node and received its identity.'
   _globals['_NODEDRIFTDETECTED']._loaded_options = None
-  _globals['_NODEDRIFTDETECTED']._serialized_options = b'\222\265\030h\n\"autoecoops.machineops.node.drifted\022\025machineops.compliance\032+Rules that passed on a node no longer pass.'
+  _globals['_NODEDRIFTDETECTED']._serialized_options = b'\222\265\030}\n\"autoecoops.machineops.node.drifted\022\025machineops.compliance\032@Controls on a node changed result since its previous evaluation.'
   _globals['_BASELINEVIOLATED']._loaded_options = None
-  _globals['_BASELINEVIOLATED']._serialized_options = b'\222\265\030d\n\'autoecoops.machineops.baseline.violated\022\025machineops.compliance\032\"A node failed rules of a baseline.'
-  _globals['_AGENTREGISTERED']._serialized_start=180
-  _globals['_AGENTREGISTERED']._serialized_end=455
-  _globals['_NODEDRIFTDETECTED']._serialized_start=458
-  _globals['_NODEDRIFTDETECTED']._serialized_end=836
-  _globals['_BASELINEVIOLATED']._serialized_start=839
-  _globals['_BASELINEVIOLATED']._serialized_end=1164
+  _globals['_BASELINEVIOLATED']._serialized_options = b'\222\265\030g\n\'autoecoops.machineops.baseline.violated\022\025machineops.compliance\032%A node failed controls of a baseline.'
+  _globals['_AGENTENROLLED']._serialized_start=214
+  _globals['_AGENTENROLLED']._serialized_end=475
+  _globals['_NODEDRIFTDETECTED']._serialized_start=478
+  _globals['_NODEDRIFTDETECTED']._serialized_end=799
+  _globals['_BASELINEVIOLATED']._serialized_start=802
+  _globals['_BASELINEVIOLATED']._serialized_end=1169
 # @@protoc_insertion_point(module_scope)

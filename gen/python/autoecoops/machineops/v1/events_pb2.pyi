@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from autoecoops.common.v1 import types_pb2 as _types_pb2
 from autoecoops.machineops.v1 import machineops_pb2 as _machineops_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
@@ -21,90 +22,86 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
-class AgentRegistered(_message.Message):
-    """An edge agent registered for a node."""
+class AgentEnrolled(_message.Message):
+    """An agent enrolled a node with a one-time enrollment secret."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    AGENT_ID_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    ENROLLMENT_TOKEN_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
-    CAPABILITIES_FIELD_NUMBER: _builtins.int
-    REPLACED_AGENT_ID_FIELD_NUMBER: _builtins.int
-    REGISTER_TIME_FIELD_NUMBER: _builtins.int
-    agent_id: _builtins.str
-    """The agent's id."""
+    ENROLL_TIME_FIELD_NUMBER: _builtins.int
     node: _builtins.str
-    """The node it runs on."""
+    """The node, "nodes/{node}"."""
+    identity: _builtins.str
+    """The node's identity in auth-service."""
+    enrollment_token: _builtins.str
+    """The enrollment token used."""
     agent_version: _builtins.str
     """The agent's version."""
-    replaced_agent_id: _builtins.str
-    """The id of the agent it replaced on the node, if any."""
     @_builtins.property
-    def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """What the agent can do."""
-
-    @_builtins.property
-    def register_time(self) -> _timestamp_pb2.Timestamp:
-        """When it registered."""
+    def enroll_time(self) -> _timestamp_pb2.Timestamp:
+        """When it enrolled."""
 
     def __init__(
         self,
         *,
-        agent_id: _builtins.str = ...,
         node: _builtins.str = ...,
+        identity: _builtins.str = ...,
+        enrollment_token: _builtins.str = ...,
         agent_version: _builtins.str = ...,
-        capabilities: _abc.Iterable[_builtins.str] | None = ...,
-        replaced_agent_id: _builtins.str = ...,
-        register_time: _timestamp_pb2.Timestamp | None = ...,
+        enroll_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["register_time", b"register_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enroll_time", b"enroll_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "agent_version", b"agent_version", "capabilities", b"capabilities", "node", b"node", "register_time", b"register_time", "replaced_agent_id", b"replaced_agent_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "enroll_time", b"enroll_time", "enrollment_token", b"enrollment_token", "identity", b"identity", "node", b"node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___AgentRegistered: _TypeAlias = AgentRegistered  # noqa: Y015
+Global___AgentEnrolled: _TypeAlias = AgentEnrolled  # noqa: Y015
 
 @_typing.final
 class NodeDriftDetected(_message.Message):
-    """A node's observed configuration changed since its previous evaluation so
-    that rules which passed no longer do.
-    """
+    """Controls whose result changed since the node's previous evaluation."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NODE_FIELD_NUMBER: _builtins.int
-    DRIFTED_RULES_FIELD_NUMBER: _builtins.int
-    PREVIOUS_STATE_FIELD_NUMBER: _builtins.int
-    STATE_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
+    DRIFT_FIELD_NUMBER: _builtins.int
+    PREVIOUS_SCORE_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
     DETECT_TIME_FIELD_NUMBER: _builtins.int
     node: _builtins.str
-    """The node."""
-    previous_state: _machineops_pb2.ComplianceState.ValueType
-    """The compliance state before."""
-    state: _machineops_pb2.ComplianceState.ValueType
-    """The compliance state now."""
+    """The node, "nodes/{node}"."""
+    evaluation: _builtins.str
+    """The evaluation that found it."""
+    previous_score: _builtins.float
+    """The score before."""
+    score: _builtins.float
+    """The score now."""
     @_builtins.property
-    def drifted_rules(self) -> _containers.RepeatedCompositeFieldContainer[_machineops_pb2.RuleResult]:
-        """The rules that changed from PASS, with their new observed values."""
+    def drift(self) -> _containers.RepeatedCompositeFieldContainer[_machineops_pb2.Drift]:
+        """What changed."""
 
     @_builtins.property
     def detect_time(self) -> _timestamp_pb2.Timestamp:
-        """When the drift was detected."""
+        """When it was detected."""
 
     def __init__(
         self,
         *,
         node: _builtins.str = ...,
-        drifted_rules: _abc.Iterable[_machineops_pb2.RuleResult] | None = ...,
-        previous_state: _machineops_pb2.ComplianceState.ValueType = ...,
-        state: _machineops_pb2.ComplianceState.ValueType = ...,
+        evaluation: _builtins.str = ...,
+        drift: _abc.Iterable[_machineops_pb2.Drift] | None = ...,
+        previous_score: _builtins.float = ...,
+        score: _builtins.float = ...,
         detect_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["detect_time", b"detect_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detect_time", b"detect_time", "drifted_rules", b"drifted_rules", "node", b"node", "previous_state", b"previous_state", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detect_time", b"detect_time", "drift", b"drift", "evaluation", b"evaluation", "node", b"node", "previous_score", b"previous_score", "score", b"score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -112,24 +109,30 @@ Global___NodeDriftDetected: _TypeAlias = NodeDriftDetected  # noqa: Y015
 
 @_typing.final
 class BaselineViolated(_message.Message):
-    """An evaluation found a node breaking rules of a baseline."""
+    """An evaluation found a node failing controls of a baseline."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NODE_FIELD_NUMBER: _builtins.int
     BASELINE_FIELD_NUMBER: _builtins.int
-    FAILED_RULES_FIELD_NUMBER: _builtins.int
+    BASELINE_VERSION_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
     MAX_SEVERITY_FIELD_NUMBER: _builtins.int
     EVALUATE_TIME_FIELD_NUMBER: _builtins.int
     node: _builtins.str
-    """The node."""
+    """The node, "nodes/{node}"."""
     baseline: _builtins.str
-    """The baseline."""
-    max_severity: _machineops_pb2.Severity.ValueType
+    """The baseline, "baselines/{baseline}"."""
+    baseline_version: _builtins.int
+    """The baseline's version."""
+    evaluation: _builtins.str
+    """The evaluation."""
+    max_severity: _types_pb2.Severity.ValueType
     """The highest severity among them."""
     @_builtins.property
-    def failed_rules(self) -> _containers.RepeatedCompositeFieldContainer[_machineops_pb2.RuleResult]:
-        """The rules that failed."""
+    def failed(self) -> _containers.RepeatedCompositeFieldContainer[_machineops_pb2.ControlResult]:
+        """The controls that failed."""
 
     @_builtins.property
     def evaluate_time(self) -> _timestamp_pb2.Timestamp:
@@ -140,13 +143,15 @@ class BaselineViolated(_message.Message):
         *,
         node: _builtins.str = ...,
         baseline: _builtins.str = ...,
-        failed_rules: _abc.Iterable[_machineops_pb2.RuleResult] | None = ...,
-        max_severity: _machineops_pb2.Severity.ValueType = ...,
+        baseline_version: _builtins.int = ...,
+        evaluation: _builtins.str = ...,
+        failed: _abc.Iterable[_machineops_pb2.ControlResult] | None = ...,
+        max_severity: _types_pb2.Severity.ValueType = ...,
         evaluate_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["evaluate_time", b"evaluate_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "evaluate_time", b"evaluate_time", "failed_rules", b"failed_rules", "max_severity", b"max_severity", "node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "baseline_version", b"baseline_version", "evaluate_time", b"evaluate_time", "evaluation", b"evaluation", "failed", b"failed", "max_severity", b"max_severity", "node", b"node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from autoecoops.common.v1 import types_pb2 as _types_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
@@ -31,121 +32,171 @@ class _CheckKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CheckKind.V
     DESCRIPTOR: _descriptor.EnumDescriptor
     CHECK_KIND_UNSPECIFIED: _CheckKind.ValueType  # 0
     """Not set."""
-    CHECK_KIND_KERNEL_PARAM: _CheckKind.ValueType  # 1
-    """A kernel boot parameter (/proc/cmdline); key is the parameter, e.g. "audit"."""
-    CHECK_KIND_PACKAGE_VERSION: _CheckKind.ValueType  # 2
-    """An installed package's version; key is the package, expected a version or constraint such as ">=3.0.7"."""
-    CHECK_KIND_FILE_HASH: _CheckKind.ValueType  # 3
-    """A file's SHA-256; key is the absolute path, expected "sha256:..."."""
-    CHECK_KIND_SERVICE_STATE: _CheckKind.ValueType  # 4
-    """A system service's state; key is the unit, expected e.g. "active", "inactive", "enabled"."""
-    CHECK_KIND_SYSCTL: _CheckKind.ValueType  # 5
-    """A runtime kernel setting; key is the sysctl, e.g. "net.ipv4.ip_forward"."""
+    CHECK_KIND_SYSCTL: _CheckKind.ValueType  # 1
+    """A runtime kernel setting; key is the sysctl, e.g. "net.ipv4.ip_forward"; expected its value."""
+    CHECK_KIND_FILE_EXISTS: _CheckKind.ValueType  # 2
+    """A file exists; key is the absolute path; expected "true" or "false"."""
+    CHECK_KIND_FILE_MODE: _CheckKind.ValueType  # 3
+    """A file's permission bits; key is the path; expected the most permissive mode allowed, e.g. "0644"."""
+    CHECK_KIND_FILE_OWNER: _CheckKind.ValueType  # 4
+    """A file's owner; key is the path; expected "user:group", e.g. "root:root"."""
+    CHECK_KIND_FILE_CONTENT: _CheckKind.ValueType  # 5
+    """A file's content; key is the path; expected a regular expression (see operator)."""
+    CHECK_KIND_PACKAGE_INSTALLED: _CheckKind.ValueType  # 6
+    """A package is installed (dpkg or rpm); key is the package name."""
+    CHECK_KIND_PACKAGE_ABSENT: _CheckKind.ValueType  # 7
+    """A package is not installed; key is the package name."""
+    CHECK_KIND_PACKAGE_VERSION: _CheckKind.ValueType  # 8
+    """An installed package's version; key is the package; expected a constraint, e.g. ">=3.0.13"."""
+    CHECK_KIND_SERVICE_ENABLED: _CheckKind.ValueType  # 9
+    """A systemd unit is enabled; key is the unit; expected "true" or "false"."""
+    CHECK_KIND_SERVICE_RUNNING: _CheckKind.ValueType  # 10
+    """A systemd unit is running; key is the unit; expected "true" or "false"."""
+    CHECK_KIND_KERNEL_MODULE_LOADED: _CheckKind.ValueType  # 11
+    """A kernel module is loaded; key is the module; expected "true" or "false"."""
+    CHECK_KIND_KERNEL_MODULE_DISABLED: _CheckKind.ValueType  # 12
+    """A kernel module cannot be loaded (modprobe says "install /bin/true" or it is blacklisted); key is the module."""
+    CHECK_KIND_MOUNT_OPTION: _CheckKind.ValueType  # 13
+    """A mount point has an option; key is the mount point; expected the option, e.g. "nodev"."""
+    CHECK_KIND_COMMAND_OUTPUT: _CheckKind.ValueType  # 14
+    """A named command of the agent's allow-list; key is its name; expected a regular expression on its output."""
 
 class CheckKind(_CheckKind, metaclass=_CheckKindEnumTypeWrapper):
-    """What a baseline rule checks."""
+    """What a control checks. `Check.key` and `Check.expected` mean what each
+    kind says.
+    """
 
 CHECK_KIND_UNSPECIFIED: CheckKind.ValueType  # 0
 """Not set."""
-CHECK_KIND_KERNEL_PARAM: CheckKind.ValueType  # 1
-"""A kernel boot parameter (/proc/cmdline); key is the parameter, e.g. "audit"."""
-CHECK_KIND_PACKAGE_VERSION: CheckKind.ValueType  # 2
-"""An installed package's version; key is the package, expected a version or constraint such as ">=3.0.7"."""
-CHECK_KIND_FILE_HASH: CheckKind.ValueType  # 3
-"""A file's SHA-256; key is the absolute path, expected "sha256:..."."""
-CHECK_KIND_SERVICE_STATE: CheckKind.ValueType  # 4
-"""A system service's state; key is the unit, expected e.g. "active", "inactive", "enabled"."""
-CHECK_KIND_SYSCTL: CheckKind.ValueType  # 5
-"""A runtime kernel setting; key is the sysctl, e.g. "net.ipv4.ip_forward"."""
+CHECK_KIND_SYSCTL: CheckKind.ValueType  # 1
+"""A runtime kernel setting; key is the sysctl, e.g. "net.ipv4.ip_forward"; expected its value."""
+CHECK_KIND_FILE_EXISTS: CheckKind.ValueType  # 2
+"""A file exists; key is the absolute path; expected "true" or "false"."""
+CHECK_KIND_FILE_MODE: CheckKind.ValueType  # 3
+"""A file's permission bits; key is the path; expected the most permissive mode allowed, e.g. "0644"."""
+CHECK_KIND_FILE_OWNER: CheckKind.ValueType  # 4
+"""A file's owner; key is the path; expected "user:group", e.g. "root:root"."""
+CHECK_KIND_FILE_CONTENT: CheckKind.ValueType  # 5
+"""A file's content; key is the path; expected a regular expression (see operator)."""
+CHECK_KIND_PACKAGE_INSTALLED: CheckKind.ValueType  # 6
+"""A package is installed (dpkg or rpm); key is the package name."""
+CHECK_KIND_PACKAGE_ABSENT: CheckKind.ValueType  # 7
+"""A package is not installed; key is the package name."""
+CHECK_KIND_PACKAGE_VERSION: CheckKind.ValueType  # 8
+"""An installed package's version; key is the package; expected a constraint, e.g. ">=3.0.13"."""
+CHECK_KIND_SERVICE_ENABLED: CheckKind.ValueType  # 9
+"""A systemd unit is enabled; key is the unit; expected "true" or "false"."""
+CHECK_KIND_SERVICE_RUNNING: CheckKind.ValueType  # 10
+"""A systemd unit is running; key is the unit; expected "true" or "false"."""
+CHECK_KIND_KERNEL_MODULE_LOADED: CheckKind.ValueType  # 11
+"""A kernel module is loaded; key is the module; expected "true" or "false"."""
+CHECK_KIND_KERNEL_MODULE_DISABLED: CheckKind.ValueType  # 12
+"""A kernel module cannot be loaded (modprobe says "install /bin/true" or it is blacklisted); key is the module."""
+CHECK_KIND_MOUNT_OPTION: CheckKind.ValueType  # 13
+"""A mount point has an option; key is the mount point; expected the option, e.g. "nodev"."""
+CHECK_KIND_COMMAND_OUTPUT: CheckKind.ValueType  # 14
+"""A named command of the agent's allow-list; key is its name; expected a regular expression on its output."""
 Global___CheckKind: _TypeAlias = CheckKind  # noqa: Y015
 
-class _Severity:
+class _Operator:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
 
-class _SeverityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Severity.ValueType], _builtins.type):
+class _OperatorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Operator.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    SEVERITY_UNSPECIFIED: _Severity.ValueType  # 0
-    """Not set."""
-    SEVERITY_LOW: _Severity.ValueType  # 1
-    """Hardening advice."""
-    SEVERITY_MEDIUM: _Severity.ValueType  # 2
-    """Should be fixed."""
-    SEVERITY_HIGH: _Severity.ValueType  # 3
-    """Must be fixed soon."""
-    SEVERITY_CRITICAL: _Severity.ValueType  # 4
-    """Must be fixed now."""
+    OPERATOR_UNSPECIFIED: _Operator.ValueType  # 0
+    """The kind's default: equality, or "at most" for modes, or "matches" for content."""
+    OPERATOR_EQUALS: _Operator.ValueType  # 1
+    """Equal."""
+    OPERATOR_NOT_EQUALS: _Operator.ValueType  # 2
+    """Not equal."""
+    OPERATOR_MATCHES: _Operator.ValueType  # 3
+    """A regular expression matches somewhere (multi-line)."""
+    OPERATOR_NOT_MATCHES: _Operator.ValueType  # 4
+    """A regular expression matches nowhere."""
 
-class Severity(_Severity, metaclass=_SeverityEnumTypeWrapper):
-    """How serious a failed rule is."""
+class Operator(_Operator, metaclass=_OperatorEnumTypeWrapper):
+    """How an observed value is compared with the expected one."""
 
-SEVERITY_UNSPECIFIED: Severity.ValueType  # 0
-"""Not set."""
-SEVERITY_LOW: Severity.ValueType  # 1
-"""Hardening advice."""
-SEVERITY_MEDIUM: Severity.ValueType  # 2
-"""Should be fixed."""
-SEVERITY_HIGH: Severity.ValueType  # 3
-"""Must be fixed soon."""
-SEVERITY_CRITICAL: Severity.ValueType  # 4
-"""Must be fixed now."""
-Global___Severity: _TypeAlias = Severity  # noqa: Y015
+OPERATOR_UNSPECIFIED: Operator.ValueType  # 0
+"""The kind's default: equality, or "at most" for modes, or "matches" for content."""
+OPERATOR_EQUALS: Operator.ValueType  # 1
+"""Equal."""
+OPERATOR_NOT_EQUALS: Operator.ValueType  # 2
+"""Not equal."""
+OPERATOR_MATCHES: Operator.ValueType  # 3
+"""A regular expression matches somewhere (multi-line)."""
+OPERATOR_NOT_MATCHES: Operator.ValueType  # 4
+"""A regular expression matches nowhere."""
+Global___Operator: _TypeAlias = Operator  # noqa: Y015
 
-class _RuleOutcome:
+class _ResultStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
 
-class _RuleOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RuleOutcome.ValueType], _builtins.type):
+class _ResultStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ResultStatus.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    RULE_OUTCOME_UNSPECIFIED: _RuleOutcome.ValueType  # 0
+    RESULT_STATUS_UNSPECIFIED: _ResultStatus.ValueType  # 0
     """Not set."""
-    RULE_OUTCOME_PASS: _RuleOutcome.ValueType  # 1
-    """The observed value matches."""
-    RULE_OUTCOME_FAIL: _RuleOutcome.ValueType  # 2
-    """The observed value does not match."""
-    RULE_OUTCOME_UNKNOWN: _RuleOutcome.ValueType  # 3
-    """The value could not be observed, e.g. the agent is offline or lacks the capability."""
+    RESULT_STATUS_PASS: _ResultStatus.ValueType  # 1
+    """The observed value satisfies the control."""
+    RESULT_STATUS_FAIL: _ResultStatus.ValueType  # 2
+    """The observed value does not."""
+    RESULT_STATUS_ERROR: _ResultStatus.ValueType  # 3
+    """The value could not be observed (an error reading it)."""
+    RESULT_STATUS_SKIP: _ResultStatus.ValueType  # 4
+    """Not evaluated, e.g. it needs root and the agent is not root, or the
+    node has no dpkg/rpm/systemd; the message says why.
+    """
 
-class RuleOutcome(_RuleOutcome, metaclass=_RuleOutcomeEnumTypeWrapper):
-    """The outcome of one rule on one node."""
+class ResultStatus(_ResultStatus, metaclass=_ResultStatusEnumTypeWrapper):
+    """The outcome of one control on one node."""
 
-RULE_OUTCOME_UNSPECIFIED: RuleOutcome.ValueType  # 0
+RESULT_STATUS_UNSPECIFIED: ResultStatus.ValueType  # 0
 """Not set."""
-RULE_OUTCOME_PASS: RuleOutcome.ValueType  # 1
-"""The observed value matches."""
-RULE_OUTCOME_FAIL: RuleOutcome.ValueType  # 2
-"""The observed value does not match."""
-RULE_OUTCOME_UNKNOWN: RuleOutcome.ValueType  # 3
-"""The value could not be observed, e.g. the agent is offline or lacks the capability."""
-Global___RuleOutcome: _TypeAlias = RuleOutcome  # noqa: Y015
+RESULT_STATUS_PASS: ResultStatus.ValueType  # 1
+"""The observed value satisfies the control."""
+RESULT_STATUS_FAIL: ResultStatus.ValueType  # 2
+"""The observed value does not."""
+RESULT_STATUS_ERROR: ResultStatus.ValueType  # 3
+"""The value could not be observed (an error reading it)."""
+RESULT_STATUS_SKIP: ResultStatus.ValueType  # 4
+"""Not evaluated, e.g. it needs root and the agent is not root, or the
+node has no dpkg/rpm/systemd; the message says why.
+"""
+Global___ResultStatus: _TypeAlias = ResultStatus  # noqa: Y015
 
-class _ComplianceState:
+class _EnrollmentTokenState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
 
-class _ComplianceStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ComplianceState.ValueType], _builtins.type):
+class _EnrollmentTokenStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EnrollmentTokenState.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    COMPLIANCE_STATE_UNSPECIFIED: _ComplianceState.ValueType  # 0
+    ENROLLMENT_TOKEN_STATE_UNSPECIFIED: _EnrollmentTokenState.ValueType  # 0
     """Not set."""
-    COMPLIANCE_STATE_COMPLIANT: _ComplianceState.ValueType  # 1
-    """Every rule passed at the last evaluation."""
-    COMPLIANCE_STATE_NON_COMPLIANT: _ComplianceState.ValueType  # 2
-    """A rule failed at the last evaluation."""
-    COMPLIANCE_STATE_UNKNOWN: _ComplianceState.ValueType  # 3
-    """Not evaluated yet, or some rules were unknown and none failed."""
+    ENROLLMENT_TOKEN_STATE_ACTIVE: _EnrollmentTokenState.ValueType  # 1
+    """Usable."""
+    ENROLLMENT_TOKEN_STATE_USED: _EnrollmentTokenState.ValueType  # 2
+    """Used to enroll a node; it cannot be used again."""
+    ENROLLMENT_TOKEN_STATE_REVOKED: _EnrollmentTokenState.ValueType  # 3
+    """Revoked before use."""
+    ENROLLMENT_TOKEN_STATE_EXPIRED: _EnrollmentTokenState.ValueType  # 4
+    """Expired before use."""
 
-class ComplianceState(_ComplianceState, metaclass=_ComplianceStateEnumTypeWrapper):
-    """Whether a node satisfies its baselines."""
+class EnrollmentTokenState(_EnrollmentTokenState, metaclass=_EnrollmentTokenStateEnumTypeWrapper):
+    """The state of an enrollment token."""
 
-COMPLIANCE_STATE_UNSPECIFIED: ComplianceState.ValueType  # 0
+ENROLLMENT_TOKEN_STATE_UNSPECIFIED: EnrollmentTokenState.ValueType  # 0
 """Not set."""
-COMPLIANCE_STATE_COMPLIANT: ComplianceState.ValueType  # 1
-"""Every rule passed at the last evaluation."""
-COMPLIANCE_STATE_NON_COMPLIANT: ComplianceState.ValueType  # 2
-"""A rule failed at the last evaluation."""
-COMPLIANCE_STATE_UNKNOWN: ComplianceState.ValueType  # 3
-"""Not evaluated yet, or some rules were unknown and none failed."""
-Global___ComplianceState: _TypeAlias = ComplianceState  # noqa: Y015
+ENROLLMENT_TOKEN_STATE_ACTIVE: EnrollmentTokenState.ValueType  # 1
+"""Usable."""
+ENROLLMENT_TOKEN_STATE_USED: EnrollmentTokenState.ValueType  # 2
+"""Used to enroll a node; it cannot be used again."""
+ENROLLMENT_TOKEN_STATE_REVOKED: EnrollmentTokenState.ValueType  # 3
+"""Revoked before use."""
+ENROLLMENT_TOKEN_STATE_EXPIRED: EnrollmentTokenState.ValueType  # 4
+"""Expired before use."""
+Global___EnrollmentTokenState: _TypeAlias = EnrollmentTokenState  # noqa: Y015
 
 class _CommandStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -160,7 +211,7 @@ class _CommandStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Command
     COMMAND_STATUS_FAILED: _CommandStatus.ValueType  # 2
     """Tried and failed."""
     COMMAND_STATUS_REJECTED: _CommandStatus.ValueType  # 3
-    """Not tried, e.g. the agent lacks the capability."""
+    """Not tried, e.g. the control does not allow remediation."""
 
 class CommandStatus(_CommandStatus, metaclass=_CommandStatusEnumTypeWrapper):
     """The outcome of a command."""
@@ -172,94 +223,151 @@ COMMAND_STATUS_SUCCEEDED: CommandStatus.ValueType  # 1
 COMMAND_STATUS_FAILED: CommandStatus.ValueType  # 2
 """Tried and failed."""
 COMMAND_STATUS_REJECTED: CommandStatus.ValueType  # 3
-"""Not tried, e.g. the agent lacks the capability."""
+"""Not tried, e.g. the control does not allow remediation."""
 Global___CommandStatus: _TypeAlias = CommandStatus  # noqa: Y015
 
 @_typing.final
-class BaselineRule(_message.Message):
-    """One check of a baseline."""
+class Check(_message.Message):
+    """What a control observes and what it expects."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    EXPECTED_FIELD_NUMBER: _builtins.int
+    OPERATOR_FIELD_NUMBER: _builtins.int
+    PASS_IF_MISSING_FIELD_NUMBER: _builtins.int
+    kind: Global___CheckKind.ValueType
+    """The kind of check."""
+    key: _builtins.str
+    """What is checked; its meaning depends on kind."""
+    expected: _builtins.str
+    """The value expected; its form depends on kind."""
+    operator: Global___Operator.ValueType
+    """How observed and expected compare."""
+    pass_if_missing: _builtins.bool
+    """When the key does not exist (a sysctl the kernel lacks, a file that is
+    absent): pass instead of fail, e.g. "no /etc/ssh/sshd_config, no sshd".
+    """
+    def __init__(
+        self,
+        *,
+        kind: Global___CheckKind.ValueType = ...,
+        key: _builtins.str = ...,
+        expected: _builtins.str = ...,
+        operator: Global___Operator.ValueType = ...,
+        pass_if_missing: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected", b"expected", "key", b"key", "kind", b"kind", "operator", b"operator", "pass_if_missing", b"pass_if_missing"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Check: _TypeAlias = Check  # noqa: Y015
+
+@_typing.final
+class Control(_message.Message):
+    """One control of a baseline, as InSpec and the CIS benchmarks describe one."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
-    CHECK_FIELD_NUMBER: _builtins.int
-    KEY_FIELD_NUMBER: _builtins.int
-    EXPECTED_FIELD_NUMBER: _builtins.int
+    IMPACT_FIELD_NUMBER: _builtins.int
     SEVERITY_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    RATIONALE_FIELD_NUMBER: _builtins.int
+    REMEDIATION_FIELD_NUMBER: _builtins.int
+    CHECK_FIELD_NUMBER: _builtins.int
+    REQUIRES_ROOT_FIELD_NUMBER: _builtins.int
+    REMEDIABLE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """The rule's id, unique in the baseline, e.g. "ssh-root-login-disabled"."""
+    """The control's id, unique in the baseline, e.g. "sysctl-01" or "cis-3.3.1"."""
+    title: _builtins.str
+    """A one-line title."""
     description: _builtins.str
-    """What the rule ensures and why."""
-    check: Global___CheckKind.ValueType
-    """What kind of check it is."""
-    key: _builtins.str
-    """What is checked; its meaning depends on check."""
-    expected: _builtins.str
-    """The value expected; its form depends on check."""
-    severity: Global___Severity.ValueType
-    """How serious a failure is."""
+    """What the control ensures."""
+    impact: _builtins.float
+    """How much a failure matters, 0.0 (none) to 1.0 (critical), as InSpec's impact."""
+    severity: _types_pb2.Severity.ValueType
+    """The severity derived from impact (InSpec's bands)."""
+    rationale: _builtins.str
+    """Why it matters."""
+    remediation: _builtins.str
+    """How to fix a failure, for a human."""
+    requires_root: _builtins.bool
+    """True when the observation needs root (e.g. reading /etc/shadow's
+    content); a non-root agent reports SKIP for it, never a guess.
+    """
+    remediable: _builtins.bool
+    """True when the agent may bring the check to its expected value itself
+    (sysctl values only), after a policy-audit decision allows it.
+    """
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tags, e.g. "cis:3.3.1", "level1", "devsec:sysctl-01"."""
+
+    @_builtins.property
+    def check(self) -> Global___Check:
+        """What is checked."""
+
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        title: _builtins.str = ...,
         description: _builtins.str = ...,
-        check: Global___CheckKind.ValueType = ...,
-        key: _builtins.str = ...,
-        expected: _builtins.str = ...,
-        severity: Global___Severity.ValueType = ...,
+        impact: _builtins.float = ...,
+        severity: _types_pb2.Severity.ValueType = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        rationale: _builtins.str = ...,
+        remediation: _builtins.str = ...,
+        check: Global___Check | None = ...,
+        requires_root: _builtins.bool = ...,
+        remediable: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["check", b"check"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "description", b"description", "expected", b"expected", "id", b"id", "key", b"key", "severity", b"severity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "description", b"description", "id", b"id", "impact", b"impact", "rationale", b"rationale", "remediable", b"remediable", "remediation", b"remediation", "requires_root", b"requires_root", "severity", b"severity", "tags", b"tags", "title", b"title"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___BaselineRule: _TypeAlias = BaselineRule  # noqa: Y015
+Global___Control: _TypeAlias = Control  # noqa: Y015
 
 @_typing.final
 class Baseline(_message.Message):
-    """A configuration baseline: rules every matching node must satisfy."""
+    """A configuration baseline: controls every node its selector matches must pass."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    @_typing.final
-    class NodeSelectorEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.str
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _builtins.str = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
     NAME_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     NODE_SELECTOR_FIELD_NUMBER: _builtins.int
-    RULES_FIELD_NUMBER: _builtins.int
+    CONTROLS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The baseline's name, e.g. "cis-ubuntu-22.04-l1"."""
+    """The baseline's resource name, "baselines/{baseline}", e.g. "baselines/linux-hardening"."""
+    title: _builtins.str
+    """A display title."""
     description: _builtins.str
     """A human description."""
+    node_selector: _builtins.str
+    """The nodes it applies to, as a Kubernetes label selector, e.g.
+    "role=web,env in (prod,staging),!legacy"; empty matches every node.
+    """
+    version: _builtins.int
+    """Increases with every change of controls or selector; results name it."""
+    etag: _builtins.str
+    """Changes with every update; send it back on update (AIP-154)."""
     @_builtins.property
-    def node_selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """The node labels a node must have for the baseline to apply; empty matches every node."""
-
-    @_builtins.property
-    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___BaselineRule]:
-        """The rules."""
+    def controls(self) -> _containers.RepeatedCompositeFieldContainer[Global___Control]:
+        """The controls."""
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -273,65 +381,193 @@ class Baseline(_message.Message):
         self,
         *,
         name: _builtins.str = ...,
+        title: _builtins.str = ...,
         description: _builtins.str = ...,
-        node_selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
-        rules: _abc.Iterable[Global___BaselineRule] | None = ...,
+        node_selector: _builtins.str = ...,
+        controls: _abc.Iterable[Global___Control] | None = ...,
+        version: _builtins.int = ...,
+        etag: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "name", b"name", "node_selector", b"node_selector", "rules", b"rules", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["controls", b"controls", "create_time", b"create_time", "description", b"description", "etag", b"etag", "name", b"name", "node_selector", b"node_selector", "title", b"title", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Baseline: _TypeAlias = Baseline  # noqa: Y015
 
 @_typing.final
-class RuleResult(_message.Message):
-    """The result of one rule on one node."""
+class ControlResult(_message.Message):
+    """The result of one control on one node."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     BASELINE_FIELD_NUMBER: _builtins.int
-    RULE_ID_FIELD_NUMBER: _builtins.int
-    OUTCOME_FIELD_NUMBER: _builtins.int
+    BASELINE_VERSION_FIELD_NUMBER: _builtins.int
+    CONTROL_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     EXPECTED_FIELD_NUMBER: _builtins.int
     OBSERVED_FIELD_NUMBER: _builtins.int
     SEVERITY_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     baseline: _builtins.str
-    """The baseline the rule is in."""
-    rule_id: _builtins.str
-    """The rule's id."""
-    outcome: Global___RuleOutcome.ValueType
+    """The baseline's name."""
+    baseline_version: _builtins.int
+    """The baseline's version evaluated."""
+    control_id: _builtins.str
+    """The control's id."""
+    status: Global___ResultStatus.ValueType
     """The outcome."""
     expected: _builtins.str
     """The value expected."""
     observed: _builtins.str
-    """The value observed; empty when unknown."""
-    severity: Global___Severity.ValueType
-    """The rule's severity."""
+    """The value observed; empty when not observed."""
+    severity: _types_pb2.Severity.ValueType
+    """The control's severity."""
     message: _builtins.str
-    """Detail, e.g. why the value could not be observed."""
+    """Detail: why it failed, errored or was skipped."""
+    title: _builtins.str
+    """The control's title."""
+    @_builtins.property
+    def context(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ContextCitation]:
+        """memory-hub documents about a failed control (its id, title and CIS
+        tags searched in AUTOECOOPS_MACHINEOPS_CONTEXT_NAMESPACE), best first;
+        empty for other results, or when memory-hub had none or was unreachable.
+        """
+
     def __init__(
         self,
         *,
         baseline: _builtins.str = ...,
-        rule_id: _builtins.str = ...,
-        outcome: Global___RuleOutcome.ValueType = ...,
+        baseline_version: _builtins.int = ...,
+        control_id: _builtins.str = ...,
+        status: Global___ResultStatus.ValueType = ...,
         expected: _builtins.str = ...,
         observed: _builtins.str = ...,
-        severity: Global___Severity.ValueType = ...,
+        severity: _types_pb2.Severity.ValueType = ...,
         message: _builtins.str = ...,
+        title: _builtins.str = ...,
+        context: _abc.Iterable[_types_pb2.ContextCitation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "expected", b"expected", "message", b"message", "observed", b"observed", "outcome", b"outcome", "rule_id", b"rule_id", "severity", b"severity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "baseline_version", b"baseline_version", "context", b"context", "control_id", b"control_id", "expected", b"expected", "message", b"message", "observed", b"observed", "severity", b"severity", "status", b"status", "title", b"title"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___RuleResult: _TypeAlias = RuleResult  # noqa: Y015
+Global___ControlResult: _TypeAlias = ControlResult  # noqa: Y015
+
+@_typing.final
+class Drift(_message.Message):
+    """A control whose result changed since the node's previous evaluation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASELINE_FIELD_NUMBER: _builtins.int
+    CONTROL_ID_FIELD_NUMBER: _builtins.int
+    PREVIOUS_STATUS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    PREVIOUS_OBSERVED_FIELD_NUMBER: _builtins.int
+    OBSERVED_FIELD_NUMBER: _builtins.int
+    baseline: _builtins.str
+    """The baseline's name."""
+    control_id: _builtins.str
+    """The control's id."""
+    previous_status: Global___ResultStatus.ValueType
+    """The status before."""
+    status: Global___ResultStatus.ValueType
+    """The status now."""
+    previous_observed: _builtins.str
+    """The value observed before."""
+    observed: _builtins.str
+    """The value observed now."""
+    def __init__(
+        self,
+        *,
+        baseline: _builtins.str = ...,
+        control_id: _builtins.str = ...,
+        previous_status: Global___ResultStatus.ValueType = ...,
+        status: Global___ResultStatus.ValueType = ...,
+        previous_observed: _builtins.str = ...,
+        observed: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "control_id", b"control_id", "observed", b"observed", "previous_observed", b"previous_observed", "previous_status", b"previous_status", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Drift: _TypeAlias = Drift  # noqa: Y015
+
+@_typing.final
+class Evaluation(_message.Message):
+    """One evaluation of a node against its baselines."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    ERRORED_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    DRIFT_FIELD_NUMBER: _builtins.int
+    EVALUATE_TIME_FIELD_NUMBER: _builtins.int
+    ON_DEMAND_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The evaluation's resource name, "nodes/{node}/evaluations/{evaluation}"."""
+    score: _builtins.float
+    """The share of evaluated (pass or fail) controls that passed, 0-100;
+    skipped and errored controls do not count.
+    """
+    passed: _builtins.int
+    """Counts by status."""
+    failed: _builtins.int
+    """Controls that failed."""
+    errored: _builtins.int
+    """Controls that could not be observed."""
+    skipped: _builtins.int
+    """Controls skipped."""
+    on_demand: _builtins.bool
+    """True when it was ordered by EvaluateNode; false when the agent evaluated on its own schedule."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ControlResult]:
+        """One result per control of each baseline evaluated."""
+
+    @_builtins.property
+    def drift(self) -> _containers.RepeatedCompositeFieldContainer[Global___Drift]:
+        """What changed since the node's previous evaluation."""
+
+    @_builtins.property
+    def evaluate_time(self) -> _timestamp_pb2.Timestamp:
+        """When the agent evaluated (its clock)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        results: _abc.Iterable[Global___ControlResult] | None = ...,
+        score: _builtins.float = ...,
+        passed: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        errored: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+        drift: _abc.Iterable[Global___Drift] | None = ...,
+        evaluate_time: _timestamp_pb2.Timestamp | None = ...,
+        on_demand: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluate_time", b"evaluate_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drift", b"drift", "errored", b"errored", "evaluate_time", b"evaluate_time", "failed", b"failed", "name", b"name", "on_demand", b"on_demand", "passed", b"passed", "results", b"results", "score", b"score", "skipped", b"skipped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Evaluation: _TypeAlias = Evaluation  # noqa: Y015
 
 @_typing.final
 class Node(_message.Message):
@@ -361,23 +597,40 @@ class Node(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
-    AGENT_ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     CONNECTED_FIELD_NUMBER: _builtins.int
+    AGENT_ROOT_FIELD_NUMBER: _builtins.int
     LAST_SEEN_TIME_FIELD_NUMBER: _builtins.int
-    COMPLIANCE_STATE_FIELD_NUMBER: _builtins.int
     BASELINES_FIELD_NUMBER: _builtins.int
-    EVALUATE_TIME_FIELD_NUMBER: _builtins.int
+    COMPLIANCE_SCORE_FIELD_NUMBER: _builtins.int
+    LAST_EVALUATION_FIELD_NUMBER: _builtins.int
+    CONDITIONS_FIELD_NUMBER: _builtins.int
+    OS_VERSION_FIELD_NUMBER: _builtins.int
+    KERNEL_VERSION_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The node's name, e.g. its hostname."""
-    agent_id: _builtins.str
-    """The id of the node's agent."""
+    """The node's resource name, "nodes/{node}", e.g. "nodes/edge-berlin-01"."""
+    etag: _builtins.str
+    """Changes with every update; send it back on update (AIP-154)."""
+    identity: _builtins.str
+    """The node's identity in auth-service (the subject of its agent's tokens)."""
     agent_version: _builtins.str
     """The version of the node's agent."""
     connected: _builtins.bool
     """Whether the agent has a session open now."""
-    compliance_state: Global___ComplianceState.ValueType
-    """The compliance state at the last evaluation."""
+    agent_root: _builtins.bool
+    """Whether the agent runs as root (controls needing root are skipped otherwise)."""
+    compliance_score: _builtins.float
+    """The compliance score (0-100) of the latest evaluation; unset before one."""
+    last_evaluation: _builtins.str
+    """The latest evaluation's name."""
+    os_version: _builtins.str
+    """The OS and kernel from the latest inventory, e.g. "debian 12", "6.1.0-18-amd64"."""
+    kernel_version: _builtins.str
+    """The running kernel's release."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The node's labels, which baselines select on."""
@@ -388,272 +641,251 @@ class Node(_message.Message):
 
     @_builtins.property
     def baselines(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The baselines that apply to the node."""
+        """The baselines that apply to the node by their selectors."""
 
     @_builtins.property
-    def evaluate_time(self) -> _timestamp_pb2.Timestamp:
-        """When it was last evaluated."""
+    def conditions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Condition]:
+        """Conditions: Connected, Compliant, Drifted."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the node enrolled."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the node was last changed."""
 
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
-        agent_id: _builtins.str = ...,
+        etag: _builtins.str = ...,
+        identity: _builtins.str = ...,
         agent_version: _builtins.str = ...,
         connected: _builtins.bool = ...,
+        agent_root: _builtins.bool = ...,
         last_seen_time: _timestamp_pb2.Timestamp | None = ...,
-        compliance_state: Global___ComplianceState.ValueType = ...,
         baselines: _abc.Iterable[_builtins.str] | None = ...,
-        evaluate_time: _timestamp_pb2.Timestamp | None = ...,
+        compliance_score: _builtins.float | None = ...,
+        last_evaluation: _builtins.str = ...,
+        conditions: _abc.Iterable[_types_pb2.Condition] | None = ...,
+        os_version: _builtins.str = ...,
+        kernel_version: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluate_time", b"evaluate_time", "last_seen_time", b"last_seen_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_compliance_score", b"_compliance_score", "compliance_score", b"compliance_score", "create_time", b"create_time", "last_seen_time", b"last_seen_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "agent_version", b"agent_version", "baselines", b"baselines", "compliance_state", b"compliance_state", "connected", b"connected", "evaluate_time", b"evaluate_time", "labels", b"labels", "last_seen_time", b"last_seen_time", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_compliance_score", b"_compliance_score", "agent_root", b"agent_root", "agent_version", b"agent_version", "baselines", b"baselines", "compliance_score", b"compliance_score", "conditions", b"conditions", "connected", b"connected", "create_time", b"create_time", "etag", b"etag", "identity", b"identity", "kernel_version", b"kernel_version", "labels", b"labels", "last_evaluation", b"last_evaluation", "last_seen_time", b"last_seen_time", "name", b"name", "os_version", b"os_version", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__compliance_score: _TypeAlias = _typing.Literal["compliance_score"]  # noqa: Y015
+    _WhichOneofArgType__compliance_score: _TypeAlias = _typing.Literal["_compliance_score", b"_compliance_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__compliance_score) -> _WhichOneofReturnType__compliance_score | None: ...
 
 Global___Node: _TypeAlias = Node  # noqa: Y015
 
 @_typing.final
-class Cpu(_message.Message):
-    """A node's CPU."""
+class EnrollmentToken(_message.Message):
+    """A one-time permission for one node to enroll."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    MODEL_FIELD_NUMBER: _builtins.int
-    CORES_FIELD_NUMBER: _builtins.int
-    THREADS_FIELD_NUMBER: _builtins.int
-    ARCHITECTURE_FIELD_NUMBER: _builtins.int
-    model: _builtins.str
-    """The model name, e.g. "AMD EPYC 7763 64-Core Processor"."""
-    cores: _builtins.int
-    """The number of physical cores."""
-    threads: _builtins.int
-    """The number of hardware threads."""
-    architecture: _builtins.str
-    """The architecture, e.g. "x86_64", "aarch64"."""
-    def __init__(
-        self,
-        *,
-        model: _builtins.str = ...,
-        cores: _builtins.int = ...,
-        threads: _builtins.int = ...,
-        architecture: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "cores", b"cores", "model", b"model", "threads", b"threads"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
 
-Global___Cpu: _TypeAlias = Cpu  # noqa: Y015
-
-@_typing.final
-class Disk(_message.Message):
-    """A block device."""
-
-    DESCRIPTOR: _descriptor.Descriptor
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     NAME_FIELD_NUMBER: _builtins.int
-    MODEL_FIELD_NUMBER: _builtins.int
-    SIZE_BYTES_FIELD_NUMBER: _builtins.int
-    ROTATIONAL_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The device name, e.g. "nvme0n1"."""
-    model: _builtins.str
-    """The model."""
-    size_bytes: _builtins.int
-    """The capacity in bytes."""
-    rotational: _builtins.bool
-    """True for spinning disks."""
-    def __init__(
-        self,
-        *,
-        name: _builtins.str = ...,
-        model: _builtins.str = ...,
-        size_bytes: _builtins.int = ...,
-        rotational: _builtins.bool = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "name", b"name", "rotational", b"rotational", "size_bytes", b"size_bytes"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Disk: _TypeAlias = Disk  # noqa: Y015
-
-@_typing.final
-class Nic(_message.Message):
-    """A network interface."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    NAME_FIELD_NUMBER: _builtins.int
-    MAC_ADDRESS_FIELD_NUMBER: _builtins.int
-    IP_ADDRESSES_FIELD_NUMBER: _builtins.int
-    SPEED_MBPS_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    """The interface name, e.g. "eth0"."""
-    mac_address: _builtins.str
-    """The MAC address."""
-    speed_mbps: _builtins.int
-    """The link speed in Mbit/s; 0 when unknown."""
+    """The token's resource name, "enrollmentTokens/{enrollment_token}"."""
+    node_id: _builtins.str
+    """The node id it enrolls, e.g. "edge-berlin-01"."""
+    state: Global___EnrollmentTokenState.ValueType
+    """Its state."""
     @_builtins.property
-    def ip_addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The IP addresses, with prefix length, e.g. "10.0.0.5/24"."""
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels the node gets at enrollment."""
+
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """How long it stays usable; default 1 hour, at most 7 days."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When it stops being usable."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was created."""
 
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
-        mac_address: _builtins.str = ...,
-        ip_addresses: _abc.Iterable[_builtins.str] | None = ...,
-        speed_mbps: _builtins.int = ...,
+        node_id: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        state: Global___EnrollmentTokenState.ValueType = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ip_addresses", b"ip_addresses", "mac_address", b"mac_address", "name", b"name", "speed_mbps", b"speed_mbps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "labels", b"labels", "name", b"name", "node_id", b"node_id", "state", b"state", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Nic: _TypeAlias = Nic  # noqa: Y015
+Global___EnrollmentToken: _TypeAlias = EnrollmentToken  # noqa: Y015
 
 @_typing.final
-class Gpu(_message.Message):
-    """A GPU or other accelerator."""
+class InventoryRow(_message.Message):
+    """One row of an osquery-named table, e.g. a mount or a package."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    VENDOR_FIELD_NUMBER: _builtins.int
-    MODEL_FIELD_NUMBER: _builtins.int
-    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
-    DRIVER_VERSION_FIELD_NUMBER: _builtins.int
-    vendor: _builtins.str
-    """The vendor, e.g. "NVIDIA"."""
-    model: _builtins.str
-    """The model, e.g. "A100-SXM4-40GB"."""
-    memory_bytes: _builtins.int
-    """The device memory in bytes."""
-    driver_version: _builtins.str
-    """The driver version."""
+    @_typing.final
+    class ColumnsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    COLUMNS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def columns(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The row's columns, as osquery names them (e.g. "name", "version")."""
+
     def __init__(
         self,
         *,
-        vendor: _builtins.str = ...,
-        model: _builtins.str = ...,
-        memory_bytes: _builtins.int = ...,
-        driver_version: _builtins.str = ...,
+        columns: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["driver_version", b"driver_version", "memory_bytes", b"memory_bytes", "model", b"model", "vendor", b"vendor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Gpu: _TypeAlias = Gpu  # noqa: Y015
+Global___InventoryRow: _TypeAlias = InventoryRow  # noqa: Y015
 
 @_typing.final
-class OperatingSystem(_message.Message):
-    """The operating system."""
+class InventoryTable(_message.Message):
+    """One osquery-named table of facts."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
-    VERSION_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The distribution id, e.g. "ubuntu"."""
-    version: _builtins.str
-    """The version, e.g. "22.04"."""
+    """The table's name: system_info, os_version, kernel_info, cpu_info,
+    memory_info, block_devices, mounts, interface_addresses,
+    interface_details, deb_packages or rpm_packages, listening_ports, gpu_info.
+    """
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___InventoryRow]:
+        """Its rows."""
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
-        version: _builtins.str = ...,
+        rows: _abc.Iterable[Global___InventoryRow] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "rows", b"rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___OperatingSystem: _TypeAlias = OperatingSystem  # noqa: Y015
-
-@_typing.final
-class Package(_message.Message):
-    """An installed package."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    NAME_FIELD_NUMBER: _builtins.int
-    VERSION_FIELD_NUMBER: _builtins.int
-    MANAGER_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    """The package name."""
-    version: _builtins.str
-    """The installed version."""
-    manager: _builtins.str
-    """The package manager, e.g. "dpkg", "rpm", "apk"."""
-    def __init__(
-        self,
-        *,
-        name: _builtins.str = ...,
-        version: _builtins.str = ...,
-        manager: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["manager", b"manager", "name", b"name", "version", b"version"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Package: _TypeAlias = Package  # noqa: Y015
+Global___InventoryTable: _TypeAlias = InventoryTable  # noqa: Y015
 
 @_typing.final
 class Inventory(_message.Message):
-    """A node's hardware and software inventory, as its agent reported it."""
+    """A node's inventory: osquery-named tables of facts."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    NODE_FIELD_NUMBER: _builtins.int
-    CPU_FIELD_NUMBER: _builtins.int
-    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
-    DISKS_FIELD_NUMBER: _builtins.int
-    NICS_FIELD_NUMBER: _builtins.int
-    GPUS_FIELD_NUMBER: _builtins.int
-    OS_FIELD_NUMBER: _builtins.int
-    KERNEL_VERSION_FIELD_NUMBER: _builtins.int
-    PACKAGES_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TABLES_FIELD_NUMBER: _builtins.int
     COLLECT_TIME_FIELD_NUMBER: _builtins.int
-    node: _builtins.str
-    """The node."""
-    memory_bytes: _builtins.int
-    """Total memory in bytes."""
-    kernel_version: _builtins.str
-    """The running kernel's release, e.g. "6.8.0-45-generic"."""
+    name: _builtins.str
+    """The inventory's resource name, "nodes/{node}/inventory"."""
     @_builtins.property
-    def cpu(self) -> Global___Cpu:
-        """The CPU."""
+    def tables(self) -> _containers.RepeatedCompositeFieldContainer[Global___InventoryTable]:
+        """The tables."""
 
     @_builtins.property
-    def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Disk]:
-        """Block devices."""
+    def collect_time(self) -> _timestamp_pb2.Timestamp:
+        """When the agent last collected it."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        tables: _abc.Iterable[Global___InventoryTable] | None = ...,
+        collect_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["collect_time", b"collect_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collect_time", b"collect_time", "name", b"name", "tables", b"tables"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Inventory: _TypeAlias = Inventory  # noqa: Y015
+
+@_typing.final
+class InventoryDelta(_message.Message):
+    """Changes to inventory tables: whole tables replaced. An agent sends only
+    the tables that changed since its last acknowledged report.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TABLES_FIELD_NUMBER: _builtins.int
+    REMOVED_TABLES_FIELD_NUMBER: _builtins.int
+    COLLECT_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tables(self) -> _containers.RepeatedCompositeFieldContainer[Global___InventoryTable]:
+        """The tables that changed, in full."""
 
     @_builtins.property
-    def nics(self) -> _containers.RepeatedCompositeFieldContainer[Global___Nic]:
-        """Network interfaces."""
-
-    @_builtins.property
-    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___Gpu]:
-        """GPUs and accelerators."""
-
-    @_builtins.property
-    def os(self) -> Global___OperatingSystem:
-        """The operating system."""
-
-    @_builtins.property
-    def packages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Package]:
-        """Installed packages."""
+    def removed_tables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tables that no longer exist (e.g. gpu_info after a GPU was removed)."""
 
     @_builtins.property
     def collect_time(self) -> _timestamp_pb2.Timestamp:
@@ -662,24 +894,63 @@ class Inventory(_message.Message):
     def __init__(
         self,
         *,
-        node: _builtins.str = ...,
-        cpu: Global___Cpu | None = ...,
-        memory_bytes: _builtins.int = ...,
-        disks: _abc.Iterable[Global___Disk] | None = ...,
-        nics: _abc.Iterable[Global___Nic] | None = ...,
-        gpus: _abc.Iterable[Global___Gpu] | None = ...,
-        os: Global___OperatingSystem | None = ...,
-        kernel_version: _builtins.str = ...,
-        packages: _abc.Iterable[Global___Package] | None = ...,
+        tables: _abc.Iterable[Global___InventoryTable] | None = ...,
+        removed_tables: _abc.Iterable[_builtins.str] | None = ...,
         collect_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["collect_time", b"collect_time", "cpu", b"cpu", "os", b"os"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["collect_time", b"collect_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collect_time", b"collect_time", "cpu", b"cpu", "disks", b"disks", "gpus", b"gpus", "kernel_version", b"kernel_version", "memory_bytes", b"memory_bytes", "nics", b"nics", "node", b"node", "os", b"os", "packages", b"packages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collect_time", b"collect_time", "removed_tables", b"removed_tables", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Inventory: _TypeAlias = Inventory  # noqa: Y015
+Global___InventoryDelta: _TypeAlias = InventoryDelta  # noqa: Y015
+
+@_typing.final
+class InventoryChange(_message.Message):
+    """A recorded change to a node's inventory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TABLE_FIELD_NUMBER: _builtins.int
+    ADDED_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    table: _builtins.str
+    """The table."""
+    @_builtins.property
+    def added(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Rows added, by their key column(s)."""
+
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Rows removed."""
+
+    @_builtins.property
+    def changed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Rows whose other columns changed, e.g. "openssl: 3.0.11 -> 3.0.13"."""
+
+    @_builtins.property
+    def change_time(self) -> _timestamp_pb2.Timestamp:
+        """When the change was ingested."""
+
+    def __init__(
+        self,
+        *,
+        table: _builtins.str = ...,
+        added: _abc.Iterable[_builtins.str] | None = ...,
+        removed: _abc.Iterable[_builtins.str] | None = ...,
+        changed: _abc.Iterable[_builtins.str] | None = ...,
+        change_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "change_time", b"change_time", "changed", b"changed", "removed", b"removed", "table", b"table"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InventoryChange: _TypeAlias = InventoryChange  # noqa: Y015
 
 @_typing.final
 class AgentHello(_message.Message):
@@ -687,13 +958,24 @@ class AgentHello(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    SESSION_TOKEN_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
-    session_token: _builtins.str
-    """The token RegisterAgent issued."""
+    ROOT_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    """The node's name, "nodes/{node}"; must be the node of the caller's identity."""
     agent_version: _builtins.str
     """The agent's version."""
+    epoch: _builtins.str
+    """Identifies the agent's on-disk buffer; sequence numbers are unique
+    within it. A new buffer (the agent's state wiped) starts a new epoch.
+    """
+    root: _builtins.bool
+    """True when the agent runs as root."""
+    dropped: _builtins.int
+    """Messages dropped from the full buffer since the agent started (counted, never silent)."""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """What the agent can do, e.g. "inventory", "baseline", "remediate"."""
@@ -701,13 +983,16 @@ class AgentHello(_message.Message):
     def __init__(
         self,
         *,
-        session_token: _builtins.str = ...,
+        node: _builtins.str = ...,
         agent_version: _builtins.str = ...,
+        epoch: _builtins.str = ...,
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
+        root: _builtins.bool = ...,
+        dropped: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "capabilities", b"capabilities", "session_token", b"session_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "capabilities", b"capabilities", "dropped", b"dropped", "epoch", b"epoch", "node", b"node", "root", b"root"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -738,58 +1023,58 @@ class Heartbeat(_message.Message):
 Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
 
 @_typing.final
-class EvaluationResults(_message.Message):
-    """The results of a baseline evaluation on the node."""
+class EvaluationReport(_message.Message):
+    """Results of an evaluation the agent ran."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
+    EVALUATE_TIME_FIELD_NUMBER: _builtins.int
+    command_id: _builtins.str
+    """The command it answers; empty for a scheduled evaluation."""
     @_builtins.property
-    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___RuleResult]:
-        """One result per rule."""
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ControlResult]:
+        """One result per control."""
+
+    @_builtins.property
+    def evaluate_time(self) -> _timestamp_pb2.Timestamp:
+        """When the agent evaluated."""
 
     def __init__(
         self,
         *,
-        results: _abc.Iterable[Global___RuleResult] | None = ...,
+        command_id: _builtins.str = ...,
+        results: _abc.Iterable[Global___ControlResult] | None = ...,
+        evaluate_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluate_time", b"evaluate_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "evaluate_time", b"evaluate_time", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___EvaluationResults: _TypeAlias = EvaluationResults  # noqa: Y015
+Global___EvaluationReport: _TypeAlias = EvaluationReport  # noqa: Y015
 
 @_typing.final
 class CommandResult(_message.Message):
-    """The agent's answer to a command."""
+    """The agent's answer to a command that is not an evaluation."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     COMMAND_ID_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
-    INVENTORY_FIELD_NUMBER: _builtins.int
-    EVALUATION_FIELD_NUMBER: _builtins.int
-    REMEDIATION_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     """The command's id."""
     status: Global___CommandStatus.ValueType
     """The outcome."""
     message: _builtins.str
-    """Detail, e.g. the error."""
+    """Detail, e.g. the error or what changed."""
     @_builtins.property
-    def inventory(self) -> Global___Inventory:
-        """For collect_inventory."""
-
-    @_builtins.property
-    def evaluation(self) -> Global___EvaluationResults:
-        """For evaluate_baseline."""
-
-    @_builtins.property
-    def remediation(self) -> _struct_pb2.Struct:
-        """For apply_remediation: what was changed."""
+    def output(self) -> _struct_pb2.Struct:
+        """Structured output, e.g. {"before": "1", "after": "0"}."""
 
     def __init__(
         self,
@@ -797,23 +1082,105 @@ class CommandResult(_message.Message):
         command_id: _builtins.str = ...,
         status: Global___CommandStatus.ValueType = ...,
         message: _builtins.str = ...,
-        inventory: Global___Inventory | None = ...,
-        evaluation: Global___EvaluationResults | None = ...,
-        remediation: _struct_pb2.Struct | None = ...,
+        output: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "inventory", b"inventory", "output", b"output", "remediation", b"remediation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "evaluation", b"evaluation", "inventory", b"inventory", "message", b"message", "output", b"output", "remediation", b"remediation", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "message", b"message", "output", b"output", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_output: _TypeAlias = _typing.Literal["inventory", "evaluation", "remediation"]  # noqa: Y015
-    _WhichOneofArgType_output: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_output) -> _WhichOneofReturnType_output | None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CommandResult: _TypeAlias = CommandResult  # noqa: Y015
 
 @_typing.final
+class AgentSessionRequest(_message.Message):
+    """A message from an agent in its session."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    HELLO_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    INVENTORY_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
+    COMMAND_RESULT_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Increases by one per message within the agent's epoch; acks name it.
+    A message whose sequence was already applied is acked and not applied again.
+    """
+    @_builtins.property
+    def hello(self) -> Global___AgentHello:
+        """Sent first (sequence 0; never buffered)."""
+
+    @_builtins.property
+    def heartbeat(self) -> Global___Heartbeat:
+        """Sent every heartbeat_interval (never buffered)."""
+
+    @_builtins.property
+    def inventory(self) -> Global___InventoryDelta:
+        """Inventory tables that changed."""
+
+    @_builtins.property
+    def evaluation(self) -> Global___EvaluationReport:
+        """An evaluation's results."""
+
+    @_builtins.property
+    def command_result(self) -> Global___CommandResult:
+        """The answer to another command."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        hello: Global___AgentHello | None = ...,
+        heartbeat: Global___Heartbeat | None = ...,
+        inventory: Global___InventoryDelta | None = ...,
+        evaluation: Global___EvaluationReport | None = ...,
+        command_result: Global___CommandResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command_result", b"command_result", "evaluation", b"evaluation", "heartbeat", b"heartbeat", "hello", b"hello", "inventory", b"inventory", "message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_result", b"command_result", "evaluation", b"evaluation", "heartbeat", b"heartbeat", "hello", b"hello", "inventory", b"inventory", "message", b"message", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "inventory", "evaluation", "command_result"]  # noqa: Y015
+    _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
+
+Global___AgentSessionRequest: _TypeAlias = AgentSessionRequest  # noqa: Y015
+
+@_typing.final
+class EvaluateCommand(_message.Message):
+    """Asks the agent to evaluate baselines (or some of their controls)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASELINES_FIELD_NUMBER: _builtins.int
+    CONTROL_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def baselines(self) -> _containers.RepeatedCompositeFieldContainer[Global___Baseline]:
+        """The baselines, in full, so the agent needs nothing else."""
+
+    @_builtins.property
+    def control_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these control ids; empty evaluates every control ("run a named check")."""
+
+    def __init__(
+        self,
+        *,
+        baselines: _abc.Iterable[Global___Baseline] | None = ...,
+        control_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baselines", b"baselines", "control_ids", b"control_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluateCommand: _TypeAlias = EvaluateCommand  # noqa: Y015
+
+@_typing.final
 class CollectInventoryCommand(_message.Message):
-    """Asks the agent to collect and send its inventory."""
+    """Asks the agent to collect and send its full inventory."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -829,66 +1196,36 @@ class CollectInventoryCommand(_message.Message):
 Global___CollectInventoryCommand: _TypeAlias = CollectInventoryCommand  # noqa: Y015
 
 @_typing.final
-class EvaluateBaselineCommand(_message.Message):
-    """Asks the agent to check the rules of baselines."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    BASELINES_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def baselines(self) -> _containers.RepeatedCompositeFieldContainer[Global___Baseline]:
-        """The baselines, in full, so the agent needs nothing else."""
-
-    def __init__(
-        self,
-        *,
-        baselines: _abc.Iterable[Global___Baseline] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baselines", b"baselines"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___EvaluateBaselineCommand: _TypeAlias = EvaluateBaselineCommand  # noqa: Y015
-
-@_typing.final
-class ApplyRemediationCommand(_message.Message):
-    """Asks the agent to bring a failed rule back to its expected value."""
+class RemediateCommand(_message.Message):
+    """Asks the agent to bring a control to its expected value."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     BASELINE_FIELD_NUMBER: _builtins.int
-    RULE_FIELD_NUMBER: _builtins.int
-    PARAMETERS_FIELD_NUMBER: _builtins.int
+    CONTROL_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     baseline: _builtins.str
-    """The baseline the rule is in."""
+    """The baseline's name."""
     dry_run: _builtins.bool
     """Report what would change without changing it."""
     @_builtins.property
-    def rule(self) -> Global___BaselineRule:
-        """The rule to remediate."""
-
-    @_builtins.property
-    def parameters(self) -> _struct_pb2.Struct:
-        """Action-specific parameters."""
+    def control(self) -> Global___Control:
+        """The control."""
 
     def __init__(
         self,
         *,
         baseline: _builtins.str = ...,
-        rule: Global___BaselineRule | None = ...,
-        parameters: _struct_pb2.Struct | None = ...,
+        control: Global___Control | None = ...,
         dry_run: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "rule", b"rule"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["control", b"control"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "dry_run", b"dry_run", "parameters", b"parameters", "rule", b"rule"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "control", b"control", "dry_run", b"dry_run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ApplyRemediationCommand: _TypeAlias = ApplyRemediationCommand  # noqa: Y015
+Global___RemediateCommand: _TypeAlias = RemediateCommand  # noqa: Y015
 
 @_typing.final
 class Command(_message.Message):
@@ -898,49 +1235,49 @@ class Command(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    EVALUATE_FIELD_NUMBER: _builtins.int
     COLLECT_INVENTORY_FIELD_NUMBER: _builtins.int
-    EVALUATE_BASELINE_FIELD_NUMBER: _builtins.int
-    APPLY_REMEDIATION_FIELD_NUMBER: _builtins.int
+    REMEDIATE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """The command's id; the result echoes it."""
+    """The command's id; the answer echoes it."""
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
-        """How long the agent may take before reporting failure."""
+        """How long the agent may take."""
+
+    @_builtins.property
+    def evaluate(self) -> Global___EvaluateCommand:
+        """Evaluate baselines."""
 
     @_builtins.property
     def collect_inventory(self) -> Global___CollectInventoryCommand:
         """Collect inventory."""
 
     @_builtins.property
-    def evaluate_baseline(self) -> Global___EvaluateBaselineCommand:
-        """Evaluate baselines."""
-
-    @_builtins.property
-    def apply_remediation(self) -> Global___ApplyRemediationCommand:
-        """Remediate a failed rule."""
+    def remediate(self) -> Global___RemediateCommand:
+        """Remediate a control."""
 
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         timeout: _duration_pb2.Duration | None = ...,
+        evaluate: Global___EvaluateCommand | None = ...,
         collect_inventory: Global___CollectInventoryCommand | None = ...,
-        evaluate_baseline: Global___EvaluateBaselineCommand | None = ...,
-        apply_remediation: Global___ApplyRemediationCommand | None = ...,
+        remediate: Global___RemediateCommand | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "apply_remediation", b"apply_remediation", "collect_inventory", b"collect_inventory", "evaluate_baseline", b"evaluate_baseline", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "collect_inventory", b"collect_inventory", "evaluate", b"evaluate", "remediate", b"remediate", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "apply_remediation", b"apply_remediation", "collect_inventory", b"collect_inventory", "evaluate_baseline", b"evaluate_baseline", "id", b"id", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "collect_inventory", b"collect_inventory", "evaluate", b"evaluate", "id", b"id", "remediate", b"remediate", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["collect_inventory", "evaluate_baseline", "apply_remediation"]  # noqa: Y015
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["evaluate", "collect_inventory", "remediate"]  # noqa: Y015
     _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
 
 Global___Command: _TypeAlias = Command  # noqa: Y015
 
 @_typing.final
-class ConfigUpdate(_message.Message):
-    """New settings for the agent."""
+class Welcome(_message.Message):
+    """The platform's answer to hello."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -964,101 +1301,21 @@ class ConfigUpdate(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    APPLIED_SEQUENCE_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
-    INVENTORY_INTERVAL_FIELD_NUMBER: _builtins.int
+    BASELINES_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    applied_sequence: _builtins.int
+    """The highest sequence of this epoch the platform has applied; the agent
+    drops buffered messages up to it and resends the rest.
+    """
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration:
         """How often to send a heartbeat."""
 
     @_builtins.property
-    def inventory_interval(self) -> _duration_pb2.Duration:
-        """How often to send an unsolicited inventory report; 0 turns them off."""
-
-    @_builtins.property
-    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """The node's labels, as the platform now has them."""
-
-    def __init__(
-        self,
-        *,
-        heartbeat_interval: _duration_pb2.Duration | None = ...,
-        inventory_interval: _duration_pb2.Duration | None = ...,
-        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "inventory_interval", b"inventory_interval"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "inventory_interval", b"inventory_interval", "labels", b"labels"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ConfigUpdate: _TypeAlias = ConfigUpdate  # noqa: Y015
-
-@_typing.final
-class Ack(_message.Message):
-    """Acknowledges an agent message."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    SEQUENCE_FIELD_NUMBER: _builtins.int
-    SERVER_TIME_FIELD_NUMBER: _builtins.int
-    sequence: _builtins.int
-    """The sequence number of the message acknowledged."""
-    @_builtins.property
-    def server_time(self) -> _timestamp_pb2.Timestamp:
-        """The platform's clock, for the agent to detect skew."""
-
-    def __init__(
-        self,
-        *,
-        sequence: _builtins.int = ...,
-        server_time: _timestamp_pb2.Timestamp | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["server_time", b"server_time"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sequence", b"sequence", "server_time", b"server_time"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Ack: _TypeAlias = Ack  # noqa: Y015
-
-@_typing.final
-class RegisterAgentRequest(_message.Message):
-    """RegisterAgentRequest registers an agent."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    @_typing.final
-    class LabelsEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.str
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _builtins.str = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-    NODE_FIELD_NUMBER: _builtins.int
-    AGENT_VERSION_FIELD_NUMBER: _builtins.int
-    CAPABILITIES_FIELD_NUMBER: _builtins.int
-    LABELS_FIELD_NUMBER: _builtins.int
-    node: _builtins.str
-    """The node the agent runs on."""
-    agent_version: _builtins.str
-    """The agent's version."""
-    @_builtins.property
-    def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """What the agent can do, e.g. "inventory", "baseline", "remediate"."""
+    def baselines(self) -> _containers.RepeatedCompositeFieldContainer[Global___Baseline]:
+        """The baselines that apply to the node, for scheduled evaluations."""
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -1067,108 +1324,44 @@ class RegisterAgentRequest(_message.Message):
     def __init__(
         self,
         *,
-        node: _builtins.str = ...,
-        agent_version: _builtins.str = ...,
-        capabilities: _abc.Iterable[_builtins.str] | None = ...,
+        applied_sequence: _builtins.int = ...,
+        heartbeat_interval: _duration_pb2.Duration | None = ...,
+        baselines: _abc.Iterable[Global___Baseline] | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_sequence", b"applied_sequence", "baselines", b"baselines", "heartbeat_interval", b"heartbeat_interval", "labels", b"labels"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
+
+@_typing.final
+class Ack(_message.Message):
+    """Acknowledges an agent message: it is applied (or was already)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The sequence acknowledged."""
+    duplicate: _builtins.bool
+    """True when it had been applied before (a resend)."""
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        duplicate: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "capabilities", b"capabilities", "labels", b"labels", "node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___RegisterAgentRequest: _TypeAlias = RegisterAgentRequest  # noqa: Y015
-
-@_typing.final
-class RegisterAgentResponse(_message.Message):
-    """RegisterAgentResponse returns the agent's id and session settings."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    AGENT_ID_FIELD_NUMBER: _builtins.int
-    SESSION_TOKEN_FIELD_NUMBER: _builtins.int
-    SESSION_TOKEN_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
-    HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
-    agent_id: _builtins.str
-    """The agent's id."""
-    session_token: _builtins.str
-    """The token to present in AgentHello; opaque to the agent."""
-    @_builtins.property
-    def session_token_expire_time(self) -> _timestamp_pb2.Timestamp:
-        """When the session token expires; register again before then."""
-
-    @_builtins.property
-    def heartbeat_interval(self) -> _duration_pb2.Duration:
-        """How often to send a heartbeat."""
-
-    def __init__(
-        self,
-        *,
-        agent_id: _builtins.str = ...,
-        session_token: _builtins.str = ...,
-        session_token_expire_time: _timestamp_pb2.Timestamp | None = ...,
-        heartbeat_interval: _duration_pb2.Duration | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "session_token_expire_time", b"session_token_expire_time"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "heartbeat_interval", b"heartbeat_interval", "session_token", b"session_token", "session_token_expire_time", b"session_token_expire_time"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___RegisterAgentResponse: _TypeAlias = RegisterAgentResponse  # noqa: Y015
-
-@_typing.final
-class AgentSessionRequest(_message.Message):
-    """A message from an agent in its session."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    AGENT_ID_FIELD_NUMBER: _builtins.int
-    SEQUENCE_FIELD_NUMBER: _builtins.int
-    HELLO_FIELD_NUMBER: _builtins.int
-    HEARTBEAT_FIELD_NUMBER: _builtins.int
-    INVENTORY_FIELD_NUMBER: _builtins.int
-    COMMAND_RESULT_FIELD_NUMBER: _builtins.int
-    agent_id: _builtins.str
-    """The agent's id; required on the first message, ignored after."""
-    sequence: _builtins.int
-    """Increases by one per message; acks name it."""
-    @_builtins.property
-    def hello(self) -> Global___AgentHello:
-        """Sent first."""
-
-    @_builtins.property
-    def heartbeat(self) -> Global___Heartbeat:
-        """Sent every heartbeat_interval."""
-
-    @_builtins.property
-    def inventory(self) -> Global___Inventory:
-        """An unsolicited inventory report."""
-
-    @_builtins.property
-    def command_result(self) -> Global___CommandResult:
-        """The answer to a command."""
-
-    def __init__(
-        self,
-        *,
-        agent_id: _builtins.str = ...,
-        sequence: _builtins.int = ...,
-        hello: Global___AgentHello | None = ...,
-        heartbeat: Global___Heartbeat | None = ...,
-        inventory: Global___Inventory | None = ...,
-        command_result: Global___CommandResult | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command_result", b"command_result", "heartbeat", b"heartbeat", "hello", b"hello", "inventory", b"inventory", "message", b"message"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "command_result", b"command_result", "heartbeat", b"heartbeat", "hello", b"hello", "inventory", b"inventory", "message", b"message", "sequence", b"sequence"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "inventory", "command_result"]  # noqa: Y015
-    _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
-
-Global___AgentSessionRequest: _TypeAlias = AgentSessionRequest  # noqa: Y015
+Global___Ack: _TypeAlias = Ack  # noqa: Y015
 
 @_typing.final
 class AgentSessionResponse(_message.Message):
@@ -1176,33 +1369,33 @@ class AgentSessionResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    COMMAND_FIELD_NUMBER: _builtins.int
-    CONFIG_UPDATE_FIELD_NUMBER: _builtins.int
+    WELCOME_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def command(self) -> Global___Command:
-        """Something to do."""
-
-    @_builtins.property
-    def config_update(self) -> Global___ConfigUpdate:
-        """New settings."""
+    def welcome(self) -> Global___Welcome:
+        """The answer to hello."""
 
     @_builtins.property
     def ack(self) -> Global___Ack:
         """Acknowledges an agent message."""
 
+    @_builtins.property
+    def command(self) -> Global___Command:
+        """Something to do."""
+
     def __init__(
         self,
         *,
-        command: Global___Command | None = ...,
-        config_update: Global___ConfigUpdate | None = ...,
+        welcome: Global___Welcome | None = ...,
         ack: Global___Ack | None = ...,
+        command: Global___Command | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "command", b"command", "config_update", b"config_update", "message", b"message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "command", b"command", "message", b"message", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "command", b"command", "config_update", b"config_update", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "command", b"command", "message", b"message", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["command", "config_update", "ack"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "ack", "command"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -1214,7 +1407,13 @@ class CreateBaselineRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    BASELINE_ID_FIELD_NUMBER: _builtins.int
     BASELINE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    baseline_id: _builtins.str
+    """The baseline's id, the last part of its name: 1-63 of [a-z0-9-], starting with a letter."""
+    request_id: _builtins.str
+    """Makes a retry return the first result (AIP-155)."""
     @_builtins.property
     def baseline(self) -> Global___Baseline:
         """The baseline to create."""
@@ -1222,11 +1421,13 @@ class CreateBaselineRequest(_message.Message):
     def __init__(
         self,
         *,
+        baseline_id: _builtins.str = ...,
         baseline: Global___Baseline | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "baseline_id", b"baseline_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1257,6 +1458,60 @@ class CreateBaselineResponse(_message.Message):
 Global___CreateBaselineResponse: _TypeAlias = CreateBaselineResponse  # noqa: Y015
 
 @_typing.final
+class ImportBaselineRequest(_message.Message):
+    """ImportBaselineRequest imports InSpec-style YAML controls."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASELINE_ID_FIELD_NUMBER: _builtins.int
+    YAML_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    baseline_id: _builtins.str
+    """The baseline's id."""
+    yaml: _builtins.str
+    """The YAML: a list of controls, or a mapping with "title", "node_selector" and "controls"."""
+    request_id: _builtins.str
+    """Makes a retry return the first result (AIP-155)."""
+    def __init__(
+        self,
+        *,
+        baseline_id: _builtins.str = ...,
+        yaml: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_id", b"baseline_id", "request_id", b"request_id", "yaml", b"yaml"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportBaselineRequest: _TypeAlias = ImportBaselineRequest  # noqa: Y015
+
+@_typing.final
+class ImportBaselineResponse(_message.Message):
+    """ImportBaselineResponse returns the baseline as stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASELINE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def baseline(self) -> Global___Baseline:
+        """The baseline."""
+
+    def __init__(
+        self,
+        *,
+        baseline: Global___Baseline | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportBaselineResponse: _TypeAlias = ImportBaselineResponse  # noqa: Y015
+
+@_typing.final
 class GetBaselineRequest(_message.Message):
     """GetBaselineRequest names a baseline."""
 
@@ -1264,7 +1519,7 @@ class GetBaselineRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The baseline's name."""
+    """The baseline's name, "baselines/{baseline}"."""
     def __init__(
         self,
         *,
@@ -1366,11 +1621,11 @@ class UpdateBaselineRequest(_message.Message):
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def baseline(self) -> Global___Baseline:
-        """The baseline, with its name set."""
+        """The baseline, with its name and etag set."""
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """The fields to change; empty changes every writable field."""
+        """The fields to change (title, description, node_selector, controls); empty changes every writable field."""
 
     def __init__(
         self,
@@ -1417,16 +1672,20 @@ class DeleteBaselineRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The baseline's name."""
+    etag: _builtins.str
+    """When set, the delete happens only if it is the current etag."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1450,178 +1709,230 @@ class DeleteBaselineResponse(_message.Message):
 Global___DeleteBaselineResponse: _TypeAlias = DeleteBaselineResponse  # noqa: Y015
 
 @_typing.final
-class EvaluateNodeRequest(_message.Message):
-    """EvaluateNodeRequest asks for a node's compliance."""
+class CreateEnrollmentTokenRequest(_message.Message):
+    """CreateEnrollmentTokenRequest creates an enrollment token."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    NODE_FIELD_NUMBER: _builtins.int
-    BASELINES_FIELD_NUMBER: _builtins.int
-    node: _builtins.str
-    """The node's name."""
+    ENROLLMENT_TOKEN_ID_FIELD_NUMBER: _builtins.int
+    ENROLLMENT_TOKEN_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    enrollment_token_id: _builtins.str
+    """The token's id."""
+    request_id: _builtins.str
+    """Makes a retry return the first result (AIP-155)."""
     @_builtins.property
-    def baselines(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The baselines to evaluate; empty means every baseline that applies to the node."""
+    def enrollment_token(self) -> Global___EnrollmentToken:
+        """The token."""
 
     def __init__(
         self,
         *,
-        node: _builtins.str = ...,
-        baselines: _abc.Iterable[_builtins.str] | None = ...,
+        enrollment_token_id: _builtins.str = ...,
+        enrollment_token: Global___EnrollmentToken | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enrollment_token", b"enrollment_token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baselines", b"baselines", "node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrollment_token", b"enrollment_token", "enrollment_token_id", b"enrollment_token_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___EvaluateNodeRequest: _TypeAlias = EvaluateNodeRequest  # noqa: Y015
+Global___CreateEnrollmentTokenRequest: _TypeAlias = CreateEnrollmentTokenRequest  # noqa: Y015
 
 @_typing.final
-class EvaluateNodeResponse(_message.Message):
-    """EvaluateNodeResponse is the verdict and each rule's result."""
+class CreateEnrollmentTokenResponse(_message.Message):
+    """CreateEnrollmentTokenResponse returns the token and its secret, once."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    COMPLIANT_FIELD_NUMBER: _builtins.int
-    COMPLIANCE_STATE_FIELD_NUMBER: _builtins.int
-    RESULTS_FIELD_NUMBER: _builtins.int
-    EVALUATE_TIME_FIELD_NUMBER: _builtins.int
-    compliant: _builtins.bool
-    """True when every rule passed."""
-    compliance_state: Global___ComplianceState.ValueType
-    """The node's resulting compliance state."""
+    ENROLLMENT_TOKEN_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    secret: _builtins.str
+    """The secret the agent enrolls with; only a hash is stored."""
     @_builtins.property
-    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___RuleResult]:
-        """One result per rule of each baseline evaluated."""
-
-    @_builtins.property
-    def evaluate_time(self) -> _timestamp_pb2.Timestamp:
-        """When it was evaluated."""
+    def enrollment_token(self) -> Global___EnrollmentToken:
+        """The token as stored."""
 
     def __init__(
         self,
         *,
-        compliant: _builtins.bool = ...,
-        compliance_state: Global___ComplianceState.ValueType = ...,
-        results: _abc.Iterable[Global___RuleResult] | None = ...,
-        evaluate_time: _timestamp_pb2.Timestamp | None = ...,
+        enrollment_token: Global___EnrollmentToken | None = ...,
+        secret: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluate_time", b"evaluate_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enrollment_token", b"enrollment_token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compliance_state", b"compliance_state", "compliant", b"compliant", "evaluate_time", b"evaluate_time", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrollment_token", b"enrollment_token", "secret", b"secret"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___EvaluateNodeResponse: _TypeAlias = EvaluateNodeResponse  # noqa: Y015
+Global___CreateEnrollmentTokenResponse: _TypeAlias = CreateEnrollmentTokenResponse  # noqa: Y015
 
 @_typing.final
-class GetInventoryRequest(_message.Message):
-    """GetInventoryRequest names a node."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    NODE_FIELD_NUMBER: _builtins.int
-    node: _builtins.str
-    """The node's name."""
-    def __init__(
-        self,
-        *,
-        node: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___GetInventoryRequest: _TypeAlias = GetInventoryRequest  # noqa: Y015
-
-@_typing.final
-class GetInventoryResponse(_message.Message):
-    """GetInventoryResponse returns the inventory."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    INVENTORY_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def inventory(self) -> Global___Inventory:
-        """The latest inventory the node's agent reported."""
-
-    def __init__(
-        self,
-        *,
-        inventory: Global___Inventory | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___GetInventoryResponse: _TypeAlias = GetInventoryResponse  # noqa: Y015
-
-@_typing.final
-class ListNodesRequest(_message.Message):
-    """ListNodesRequest pages through nodes."""
+class ListEnrollmentTokensRequest(_message.Message):
+    """ListEnrollmentTokensRequest pages through enrollment tokens."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
-    LABEL_SELECTOR_FIELD_NUMBER: _builtins.int
-    COMPLIANCE_STATE_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """The maximum number of nodes to return."""
+    """The maximum number to return."""
     page_token: _builtins.str
     """A page token from a previous response."""
-    label_selector: _builtins.str
-    """Only nodes with these labels, e.g. "zone=edge,role=gateway"; empty lists all."""
-    compliance_state: Global___ComplianceState.ValueType
-    """Only nodes in this compliance state; unset lists all."""
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
-        label_selector: _builtins.str = ...,
-        compliance_state: Global___ComplianceState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compliance_state", b"compliance_state", "label_selector", b"label_selector", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListNodesRequest: _TypeAlias = ListNodesRequest  # noqa: Y015
+Global___ListEnrollmentTokensRequest: _TypeAlias = ListEnrollmentTokensRequest  # noqa: Y015
 
 @_typing.final
-class ListNodesResponse(_message.Message):
-    """ListNodesResponse is one page of nodes."""
+class ListEnrollmentTokensResponse(_message.Message):
+    """ListEnrollmentTokensResponse is one page of enrollment tokens."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    NODES_FIELD_NUMBER: _builtins.int
+    ENROLLMENT_TOKENS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """The token of the next page; empty on the last page."""
+    """The token of the next page."""
     @_builtins.property
-    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Node]:
-        """The nodes."""
+    def enrollment_tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnrollmentToken]:
+        """The tokens."""
 
     def __init__(
         self,
         *,
-        nodes: _abc.Iterable[Global___Node] | None = ...,
+        enrollment_tokens: _abc.Iterable[Global___EnrollmentToken] | None = ...,
         next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "nodes", b"nodes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrollment_tokens", b"enrollment_tokens", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListNodesResponse: _TypeAlias = ListNodesResponse  # noqa: Y015
+Global___ListEnrollmentTokensResponse: _TypeAlias = ListEnrollmentTokensResponse  # noqa: Y015
+
+@_typing.final
+class RevokeEnrollmentTokenRequest(_message.Message):
+    """RevokeEnrollmentTokenRequest names a token to revoke."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The token's name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeEnrollmentTokenRequest: _TypeAlias = RevokeEnrollmentTokenRequest  # noqa: Y015
+
+@_typing.final
+class RevokeEnrollmentTokenResponse(_message.Message):
+    """RevokeEnrollmentTokenResponse returns the revoked token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENROLLMENT_TOKEN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def enrollment_token(self) -> Global___EnrollmentToken:
+        """The token."""
+
+    def __init__(
+        self,
+        *,
+        enrollment_token: Global___EnrollmentToken | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enrollment_token", b"enrollment_token"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrollment_token", b"enrollment_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeEnrollmentTokenResponse: _TypeAlias = RevokeEnrollmentTokenResponse  # noqa: Y015
+
+@_typing.final
+class EnrollAgentRequest(_message.Message):
+    """EnrollAgentRequest enrolls an agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    AGENT_VERSION_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """The node id the enrollment token was made for."""
+    secret: _builtins.str
+    """The enrollment secret."""
+    agent_version: _builtins.str
+    """The agent's version."""
+    request_id: _builtins.str
+    """Makes a retry return the first result (AIP-155); the secret is spent only once."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        secret: _builtins.str = ...,
+        agent_version: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "node_id", b"node_id", "request_id", b"request_id", "secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnrollAgentRequest: _TypeAlias = EnrollAgentRequest  # noqa: Y015
+
+@_typing.final
+class EnrollAgentResponse(_message.Message):
+    """EnrollAgentResponse returns the node and its identity's credentials."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_SECRET_FIELD_NUMBER: _builtins.int
+    client_id: _builtins.str
+    """The client id of the node's identity in auth-service."""
+    client_secret: _builtins.str
+    """Its client secret; shown only here."""
+    @_builtins.property
+    def node(self) -> Global___Node:
+        """The node."""
+
+    def __init__(
+        self,
+        *,
+        node: Global___Node | None = ...,
+        client_id: _builtins.str = ...,
+        client_secret: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "client_secret", b"client_secret", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnrollAgentResponse: _TypeAlias = EnrollAgentResponse  # noqa: Y015
 
 @_typing.final
 class GetNodeRequest(_message.Message):
@@ -1631,7 +1942,7 @@ class GetNodeRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The node's name."""
+    """The node's name, "nodes/{node}"."""
     def __init__(
         self,
         *,
@@ -1668,3 +1979,721 @@ class GetNodeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetNodeResponse: _TypeAlias = GetNodeResponse  # noqa: Y015
+
+@_typing.final
+class ListNodesRequest(_message.Message):
+    """ListNodesRequest pages through nodes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    LABEL_SELECTOR_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """The maximum number of nodes to return."""
+    page_token: _builtins.str
+    """A page token from a previous response."""
+    label_selector: _builtins.str
+    """Only nodes matching this label selector, e.g. "zone=edge,role in (gw)"."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        label_selector: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label_selector", b"label_selector", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNodesRequest: _TypeAlias = ListNodesRequest  # noqa: Y015
+
+@_typing.final
+class ListNodesResponse(_message.Message):
+    """ListNodesResponse is one page of nodes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token of the next page; empty on the last page."""
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Node]:
+        """The nodes."""
+
+    def __init__(
+        self,
+        *,
+        nodes: _abc.Iterable[Global___Node] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNodesResponse: _TypeAlias = ListNodesResponse  # noqa: Y015
+
+@_typing.final
+class UpdateNodeRequest(_message.Message):
+    """UpdateNodeRequest changes a node's labels."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> Global___Node:
+        """The node, with its name and etag set."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to change: "labels" (whole map) or "labels.<key>"; empty means "labels"."""
+
+    def __init__(
+        self,
+        *,
+        node: Global___Node | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateNodeRequest: _TypeAlias = UpdateNodeRequest  # noqa: Y015
+
+@_typing.final
+class UpdateNodeResponse(_message.Message):
+    """UpdateNodeResponse returns the updated node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> Global___Node:
+        """The node as stored."""
+
+    def __init__(
+        self,
+        *,
+        node: Global___Node | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateNodeResponse: _TypeAlias = UpdateNodeResponse  # noqa: Y015
+
+@_typing.final
+class DeleteNodeRequest(_message.Message):
+    """DeleteNodeRequest names a node to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The node's name."""
+    etag: _builtins.str
+    """When set, the delete happens only if it is the current etag."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteNodeRequest: _TypeAlias = DeleteNodeRequest  # noqa: Y015
+
+@_typing.final
+class DeleteNodeResponse(_message.Message):
+    """DeleteNodeResponse is empty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteNodeResponse: _TypeAlias = DeleteNodeResponse  # noqa: Y015
+
+@_typing.final
+class EvaluateNodeRequest(_message.Message):
+    """EvaluateNodeRequest asks a node's agent to evaluate now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    BASELINES_FIELD_NUMBER: _builtins.int
+    CONTROL_IDS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The node's name."""
+    request_id: _builtins.str
+    """Makes a retry return the first result (AIP-155)."""
+    @_builtins.property
+    def baselines(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The baselines; empty means every baseline that applies to the node."""
+
+    @_builtins.property
+    def control_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these control ids; empty evaluates every control."""
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """How long to wait for the agent; default 30 s, at most 5 minutes."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        baselines: _abc.Iterable[_builtins.str] | None = ...,
+        control_ids: _abc.Iterable[_builtins.str] | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baselines", b"baselines", "control_ids", b"control_ids", "name", b"name", "request_id", b"request_id", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluateNodeRequest: _TypeAlias = EvaluateNodeRequest  # noqa: Y015
+
+@_typing.final
+class EvaluateNodeResponse(_message.Message):
+    """EvaluateNodeResponse returns the evaluation recorded."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVALUATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def evaluation(self) -> Global___Evaluation:
+        """The evaluation."""
+
+    def __init__(
+        self,
+        *,
+        evaluation: Global___Evaluation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluateNodeResponse: _TypeAlias = EvaluateNodeResponse  # noqa: Y015
+
+@_typing.final
+class RemediateNodeRequest(_message.Message):
+    """RemediateNodeRequest asks for a control's remediation on a node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    BASELINE_FIELD_NUMBER: _builtins.int
+    CONTROL_ID_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The node's name."""
+    baseline: _builtins.str
+    """The baseline's name."""
+    control_id: _builtins.str
+    """The control's id."""
+    dry_run: _builtins.bool
+    """Report what would change without changing it."""
+    request_id: _builtins.str
+    """Makes a retry return the first result (AIP-155)."""
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """How long to wait for the agent; default 30 s."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        baseline: _builtins.str = ...,
+        control_id: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "control_id", b"control_id", "dry_run", b"dry_run", "name", b"name", "request_id", b"request_id", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemediateNodeRequest: _TypeAlias = RemediateNodeRequest  # noqa: Y015
+
+@_typing.final
+class RemediateNodeResponse(_message.Message):
+    """RemediateNodeResponse is the agent's answer and the decision that allowed it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULT_FIELD_NUMBER: _builtins.int
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    decision_id: _builtins.str
+    """The policy-audit decision's id."""
+    @_builtins.property
+    def result(self) -> Global___CommandResult:
+        """The agent's answer."""
+
+    def __init__(
+        self,
+        *,
+        result: Global___CommandResult | None = ...,
+        decision_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_id", b"decision_id", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemediateNodeResponse: _TypeAlias = RemediateNodeResponse  # noqa: Y015
+
+@_typing.final
+class ListEvaluationsRequest(_message.Message):
+    """ListEvaluationsRequest pages through a node's evaluations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The node's name."""
+    page_size: _builtins.int
+    """The maximum number to return."""
+    page_token: _builtins.str
+    """A page token from a previous response."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEvaluationsRequest: _TypeAlias = ListEvaluationsRequest  # noqa: Y015
+
+@_typing.final
+class ListEvaluationsResponse(_message.Message):
+    """ListEvaluationsResponse is one page of evaluations, newest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVALUATIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token of the next page."""
+    @_builtins.property
+    def evaluations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Evaluation]:
+        """The evaluations."""
+
+    def __init__(
+        self,
+        *,
+        evaluations: _abc.Iterable[Global___Evaluation] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluations", b"evaluations", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEvaluationsResponse: _TypeAlias = ListEvaluationsResponse  # noqa: Y015
+
+@_typing.final
+class GetGroupComplianceRequest(_message.Message):
+    """GetGroupComplianceRequest names a group of nodes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_SELECTOR_FIELD_NUMBER: _builtins.int
+    label_selector: _builtins.str
+    """The group's label selector; empty is the whole fleet."""
+    def __init__(
+        self,
+        *,
+        label_selector: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label_selector", b"label_selector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetGroupComplianceRequest: _TypeAlias = GetGroupComplianceRequest  # noqa: Y015
+
+@_typing.final
+class NodeCompliance(_message.Message):
+    """The compliance of one node in a group."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    """The node's name."""
+    score: _builtins.float
+    """Its latest score; unset when never evaluated."""
+    failed: _builtins.int
+    """Failed controls in its latest evaluation."""
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        score: _builtins.float | None = ...,
+        failed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "score", b"score"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "failed", b"failed", "node", b"node", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__score: _TypeAlias = _typing.Literal["score"]  # noqa: Y015
+    _WhichOneofArgType__score: _TypeAlias = _typing.Literal["_score", b"_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__score) -> _WhichOneofReturnType__score | None: ...
+
+Global___NodeCompliance: _TypeAlias = NodeCompliance  # noqa: Y015
+
+@_typing.final
+class GetGroupComplianceResponse(_message.Message):
+    """GetGroupComplianceResponse is the group's compliance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCORE_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    EVALUATED_NODES_FIELD_NUMBER: _builtins.int
+    NODE_COMPLIANCE_FIELD_NUMBER: _builtins.int
+    score: _builtins.float
+    """The mean of the evaluated nodes' scores, 0-100; unset when none was evaluated."""
+    nodes: _builtins.int
+    """Nodes in the group."""
+    evaluated_nodes: _builtins.int
+    """Nodes of it that were evaluated."""
+    @_builtins.property
+    def node_compliance(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeCompliance]:
+        """Per node."""
+
+    def __init__(
+        self,
+        *,
+        score: _builtins.float | None = ...,
+        nodes: _builtins.int = ...,
+        evaluated_nodes: _builtins.int = ...,
+        node_compliance: _abc.Iterable[Global___NodeCompliance] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "score", b"score"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "evaluated_nodes", b"evaluated_nodes", "node_compliance", b"node_compliance", "nodes", b"nodes", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__score: _TypeAlias = _typing.Literal["score"]  # noqa: Y015
+    _WhichOneofArgType__score: _TypeAlias = _typing.Literal["_score", b"_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__score) -> _WhichOneofReturnType__score | None: ...
+
+Global___GetGroupComplianceResponse: _TypeAlias = GetGroupComplianceResponse  # noqa: Y015
+
+@_typing.final
+class ExportPolicyReportRequest(_message.Message):
+    """ExportPolicyReportRequest names a node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The node's name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportPolicyReportRequest: _TypeAlias = ExportPolicyReportRequest  # noqa: Y015
+
+@_typing.final
+class ExportPolicyReportResponse(_message.Message):
+    """ExportPolicyReportResponse is a wg-policy PolicyReport document."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def report(self) -> _struct_pb2.Struct:
+        """The PolicyReport (apiVersion wgpolicyk8s.io/v1alpha2), as JSON-shaped data."""
+
+    def __init__(
+        self,
+        *,
+        report: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportPolicyReportResponse: _TypeAlias = ExportPolicyReportResponse  # noqa: Y015
+
+@_typing.final
+class GetInventoryRequest(_message.Message):
+    """GetInventoryRequest names a node's inventory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TABLES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"nodes/{node}/inventory"."""
+    @_builtins.property
+    def tables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these tables; empty returns every table."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        tables: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "tables", b"tables"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetInventoryRequest: _TypeAlias = GetInventoryRequest  # noqa: Y015
+
+@_typing.final
+class GetInventoryResponse(_message.Message):
+    """GetInventoryResponse returns the inventory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVENTORY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def inventory(self) -> Global___Inventory:
+        """The latest inventory the node's agent reported."""
+
+    def __init__(
+        self,
+        *,
+        inventory: Global___Inventory | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetInventoryResponse: _TypeAlias = GetInventoryResponse  # noqa: Y015
+
+@_typing.final
+class RefreshInventoryRequest(_message.Message):
+    """RefreshInventoryRequest names a node's inventory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"nodes/{node}/inventory"."""
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """How long to wait for the agent; default 30 s, at most 5 minutes."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefreshInventoryRequest: _TypeAlias = RefreshInventoryRequest  # noqa: Y015
+
+@_typing.final
+class RefreshInventoryResponse(_message.Message):
+    """RefreshInventoryResponse returns the inventory as stored after the refresh."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVENTORY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def inventory(self) -> Global___Inventory:
+        """The inventory."""
+
+    def __init__(
+        self,
+        *,
+        inventory: Global___Inventory | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefreshInventoryResponse: _TypeAlias = RefreshInventoryResponse  # noqa: Y015
+
+@_typing.final
+class ListInventoryChangesRequest(_message.Message):
+    """ListInventoryChangesRequest pages through a node's inventory history."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The node's name."""
+    page_size: _builtins.int
+    """The maximum number to return."""
+    page_token: _builtins.str
+    """A page token from a previous response."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInventoryChangesRequest: _TypeAlias = ListInventoryChangesRequest  # noqa: Y015
+
+@_typing.final
+class ListInventoryChangesResponse(_message.Message):
+    """ListInventoryChangesResponse is one page of changes, newest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token of the next page."""
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___InventoryChange]:
+        """The changes."""
+
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___InventoryChange] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInventoryChangesResponse: _TypeAlias = ListInventoryChangesResponse  # noqa: Y015
+
+@_typing.final
+class SearchNodesRequest(_message.Message):
+    """SearchNodesRequest searches the fleet."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    LABEL_SELECTOR_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    filter: _builtins.str
+    """Filters joined by " AND ": "os.version < 12", "os.name = debian",
+    "kernel.version >= 6.1", "package:openssl version < 3.0.13",
+    "package:telnet" (installed). Versions compare as Debian versions.
+    """
+    label_selector: _builtins.str
+    """Only nodes matching this label selector."""
+    page_size: _builtins.int
+    """The maximum number of nodes to return."""
+    page_token: _builtins.str
+    """A page token from a previous response."""
+    def __init__(
+        self,
+        *,
+        filter: _builtins.str = ...,
+        label_selector: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "label_selector", b"label_selector", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchNodesRequest: _TypeAlias = SearchNodesRequest  # noqa: Y015
+
+@_typing.final
+class SearchNodesResponse(_message.Message):
+    """SearchNodesResponse is one page of matching nodes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token of the next page."""
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Node]:
+        """The nodes."""
+
+    def __init__(
+        self,
+        *,
+        nodes: _abc.Iterable[Global___Node] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchNodesResponse: _TypeAlias = SearchNodesResponse  # noqa: Y015

@@ -26,8 +26,21 @@ if _version_not_supported:
 
 
 class MachineOpsServiceStub:
-    """Platform-03 MachineNativeOps: node configuration baselines and compliance,
-    hardware and software inventory, and the edge agents that report them.
+    """Platform-03 MachineNativeOps: node configuration baselines and their
+    compliance, fleet inventory, and the edge agents that observe both.
+
+    Resources are named "nodes/{node}", "baselines/{baseline}",
+    "enrollmentTokens/{enrollment_token}" and
+    "nodes/{node}/evaluations/{evaluation}" (AIP-122). Creates take the
+    resource's id (AIP-133); every non-idempotent call takes a request_id and a
+    retry with the same one returns the first result (AIP-155); updates take
+    the resource's etag and answer ABORTED on a stale one (AIP-154).
+
+    Agents only dial out: an agent enrolls with a one-time enrollment secret
+    (EnrollAgent), receives a node identity from auth-service (client
+    credentials whose short-lived tokens it renews with auth-service's
+    IssueToken), then keeps one AgentSession stream open to whichever replica
+    the load balancer picks; commands reach it through that stream.
     """
 
     def __init__(self, channel):
@@ -40,6 +53,11 @@ class MachineOpsServiceStub:
                 '/autoecoops.machineops.v1.MachineOpsService/CreateBaseline',
                 request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.CreateBaselineRequest.SerializeToString,
                 response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.CreateBaselineResponse.FromString,
+                _registered_method=True)
+        self.ImportBaseline = channel.unary_unary(
+                '/autoecoops.machineops.v1.MachineOpsService/ImportBaseline',
+                request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ImportBaselineRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ImportBaselineResponse.FromString,
                 _registered_method=True)
         self.GetBaseline = channel.unary_unary(
                 '/autoecoops.machineops.v1.MachineOpsService/GetBaseline',
@@ -61,45 +79,126 @@ class MachineOpsServiceStub:
                 request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.DeleteBaselineRequest.SerializeToString,
                 response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.DeleteBaselineResponse.FromString,
                 _registered_method=True)
-        self.EvaluateNode = channel.unary_unary(
-                '/autoecoops.machineops.v1.MachineOpsService/EvaluateNode',
-                request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.EvaluateNodeRequest.SerializeToString,
-                response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.EvaluateNodeResponse.FromString,
+        self.CreateEnrollmentToken = channel.unary_unary(
+                '/autoecoops.machineops.v1.MachineOpsService/CreateEnrollmentToken',
+                request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.CreateEnrollmentTokenRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.CreateEnrollmentTokenResponse.FromString,
                 _registered_method=True)
-        self.RegisterAgent = channel.unary_unary(
-                '/autoecoops.machineops.v1.MachineOpsService/RegisterAgent',
-                request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RegisterAgentRequest.SerializeToString,
-                response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RegisterAgentResponse.FromString,
+        self.ListEnrollmentTokens = channel.unary_unary(
+                '/autoecoops.machineops.v1.MachineOpsService/ListEnrollmentTokens',
+                request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ListEnrollmentTokensRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ListEnrollmentTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeEnrollmentToken = channel.unary_unary(
+                '/autoecoops.machineops.v1.MachineOpsService/RevokeEnrollmentToken',
+                request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RevokeEnrollmentTokenRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RevokeEnrollmentTokenResponse.FromString,
+                _registered_method=True)
+        self.EnrollAgent = channel.unary_unary(
+                '/autoecoops.machineops.v1.MachineOpsService/EnrollAgent',
+                request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.EnrollAgentRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.EnrollAgentResponse.FromString,
                 _registered_method=True)
         self.AgentSession = channel.stream_stream(
                 '/autoecoops.machineops.v1.MachineOpsService/AgentSession',
                 request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.AgentSessionRequest.SerializeToString,
                 response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.AgentSessionResponse.FromString,
                 _registered_method=True)
-        self.GetInventory = channel.unary_unary(
-                '/autoecoops.machineops.v1.MachineOpsService/GetInventory',
-                request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetInventoryRequest.SerializeToString,
-                response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetInventoryResponse.FromString,
+        self.GetNode = channel.unary_unary(
+                '/autoecoops.machineops.v1.MachineOpsService/GetNode',
+                request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetNodeRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetNodeResponse.FromString,
                 _registered_method=True)
         self.ListNodes = channel.unary_unary(
                 '/autoecoops.machineops.v1.MachineOpsService/ListNodes',
                 request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
-        self.GetNode = channel.unary_unary(
-                '/autoecoops.machineops.v1.MachineOpsService/GetNode',
-                request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetNodeRequest.SerializeToString,
-                response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetNodeResponse.FromString,
+        self.UpdateNode = channel.unary_unary(
+                '/autoecoops.machineops.v1.MachineOpsService/UpdateNode',
+                request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.UpdateNodeRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.UpdateNodeResponse.FromString,
+                _registered_method=True)
+        self.DeleteNode = channel.unary_unary(
+                '/autoecoops.machineops.v1.MachineOpsService/DeleteNode',
+                request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.DeleteNodeRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.DeleteNodeResponse.FromString,
+                _registered_method=True)
+        self.EvaluateNode = channel.unary_unary(
+                '/autoecoops.machineops.v1.MachineOpsService/EvaluateNode',
+                request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.EvaluateNodeRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.EvaluateNodeResponse.FromString,
+                _registered_method=True)
+        self.RemediateNode = channel.unary_unary(
+                '/autoecoops.machineops.v1.MachineOpsService/RemediateNode',
+                request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RemediateNodeRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RemediateNodeResponse.FromString,
+                _registered_method=True)
+        self.ListEvaluations = channel.unary_unary(
+                '/autoecoops.machineops.v1.MachineOpsService/ListEvaluations',
+                request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ListEvaluationsRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ListEvaluationsResponse.FromString,
+                _registered_method=True)
+        self.GetGroupCompliance = channel.unary_unary(
+                '/autoecoops.machineops.v1.MachineOpsService/GetGroupCompliance',
+                request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetGroupComplianceRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetGroupComplianceResponse.FromString,
+                _registered_method=True)
+        self.ExportPolicyReport = channel.unary_unary(
+                '/autoecoops.machineops.v1.MachineOpsService/ExportPolicyReport',
+                request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ExportPolicyReportRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ExportPolicyReportResponse.FromString,
+                _registered_method=True)
+        self.GetInventory = channel.unary_unary(
+                '/autoecoops.machineops.v1.MachineOpsService/GetInventory',
+                request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetInventoryRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetInventoryResponse.FromString,
+                _registered_method=True)
+        self.RefreshInventory = channel.unary_unary(
+                '/autoecoops.machineops.v1.MachineOpsService/RefreshInventory',
+                request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RefreshInventoryRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RefreshInventoryResponse.FromString,
+                _registered_method=True)
+        self.ListInventoryChanges = channel.unary_unary(
+                '/autoecoops.machineops.v1.MachineOpsService/ListInventoryChanges',
+                request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ListInventoryChangesRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ListInventoryChangesResponse.FromString,
+                _registered_method=True)
+        self.SearchNodes = channel.unary_unary(
+                '/autoecoops.machineops.v1.MachineOpsService/SearchNodes',
+                request_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.SearchNodesRequest.SerializeToString,
+                response_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.SearchNodesResponse.FromString,
                 _registered_method=True)
 
 
 class MachineOpsServiceServicer:
-    """Platform-03 MachineNativeOps: node configuration baselines and compliance,
-    hardware and software inventory, and the edge agents that report them.
+    """Platform-03 MachineNativeOps: node configuration baselines and their
+    compliance, fleet inventory, and the edge agents that observe both.
+
+    Resources are named "nodes/{node}", "baselines/{baseline}",
+    "enrollmentTokens/{enrollment_token}" and
+    "nodes/{node}/evaluations/{evaluation}" (AIP-122). Creates take the
+    resource's id (AIP-133); every non-idempotent call takes a request_id and a
+    retry with the same one returns the first result (AIP-155); updates take
+    the resource's etag and answer ABORTED on a stale one (AIP-154).
+
+    Agents only dial out: an agent enrolls with a one-time enrollment secret
+    (EnrollAgent), receives a node identity from auth-service (client
+    credentials whose short-lived tokens it renews with auth-service's
+    IssueToken), then keeps one AgentSession stream open to whichever replica
+    the load balancer picks; commands reach it through that stream.
     """
 
     def CreateBaseline(self, request, context):
-        """Creates a baseline.
+        """Creates a baseline: versioned controls applied to the nodes its label
+        selector matches.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportBaseline(self, request, context):
+        """Creates or replaces a baseline from an InSpec-style YAML control list.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,7 +219,8 @@ class MachineOpsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateBaseline(self, request, context):
-        """Updates the fields of a baseline named by the update mask.
+        """Updates the fields of a baseline named by the update mask; a change of
+        controls or selector makes a new version. ABORTED on a stale etag.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -133,19 +233,33 @@ class MachineOpsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def EvaluateNode(self, request, context):
-        """Evaluates a node against baselines and records its compliance state.
-        The node's agent observes the values; when it is not connected, rules
-        come out UNKNOWN. The result is compliance evidence, so it is audited.
+    def CreateEnrollmentToken(self, request, context):
+        """Creates a one-time enrollment secret for one node. The secret is
+        returned once; it expires, works once, and can be revoked.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def RegisterAgent(self, request, context):
-        """Registers an edge agent for a node (creating the node if it is new)
-        and issues the session token it opens AgentSession with.
-        Registering again replaces the previous agent and token.
+    def ListEnrollmentTokens(self, request, context):
+        """Lists enrollment tokens (never their secrets).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeEnrollmentToken(self, request, context):
+        """Revokes an unused enrollment token so it can no longer enroll a node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnrollAgent(self, request, context):
+        """Enrolls an agent with a one-time enrollment secret: creates (or
+        re-keys) the node and its identity in auth-service and returns the
+        identity's client credentials, once. Callable without a token: the
+        enrollment secret is the credential.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -153,23 +267,10 @@ class MachineOpsServiceServicer:
 
     def AgentSession(self, request_iterator, context):
         """The long-lived session between an agent and the platform. The agent
-        sends hello first, then heartbeats, inventory reports and command
-        results; the platform sends commands, config updates and acks. One
-        audit entry is written per session, not per message.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def GetInventory(self, request, context):
-        """Gets a node's latest hardware and software inventory.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ListNodes(self, request, context):
-        """Lists nodes.
+        sends hello first, then heartbeats, inventory deltas, evaluation reports
+        and command results, each with a sequence number; the platform acks
+        each (a resent message it already applied is acked, not applied again)
+        and sends commands. One audit entry per session, not per message.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -182,6 +283,99 @@ class MachineOpsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListNodes(self, request, context):
+        """Lists nodes, optionally those matching a label selector.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateNode(self, request, context):
+        """Updates a node's labels (the only writable field); ABORTED on a stale etag.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteNode(self, request, context):
+        """Deletes a node, its history and its identity in auth-service; its agent
+        can no longer connect.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvaluateNode(self, request, context):
+        """Evaluates a node against its baselines through its agent's session, on
+        whichever replica holds it, and records the results. UNAVAILABLE when
+        the agent is not connected; DEADLINE_EXCEEDED when it does not answer
+        within the timeout. The result is compliance evidence, so it is audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemediateNode(self, request, context):
+        """Applies a control's remediation on a node, where the control allows it
+        and policy-audit's decision says yes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEvaluations(self, request, context):
+        """Lists a node's evaluations, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGroupCompliance(self, request, context):
+        """The compliance of a group of nodes (a label selector): per-node and
+        overall scores.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportPolicyReport(self, request, context):
+        """Exports the latest results of a node as a wg-policy PolicyReport
+        (wgpolicyk8s.io/v1alpha2) document.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetInventory(self, request, context):
+        """Gets a node's latest inventory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RefreshInventory(self, request, context):
+        """Asks the node's agent to collect and send its full inventory now, and
+        returns it once stored (through the session, on whichever replica holds it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListInventoryChanges(self, request, context):
+        """Lists the changes to a node's inventory, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchNodes(self, request, context):
+        """Searches the fleet's inventory: filters such as `os.version < 12`,
+        `package:openssl version < 3.0.13`, and a label selector.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MachineOpsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +383,11 @@ def add_MachineOpsServiceServicer_to_server(servicer, server):
                     servicer.CreateBaseline,
                     request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.CreateBaselineRequest.FromString,
                     response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.CreateBaselineResponse.SerializeToString,
+            ),
+            'ImportBaseline': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportBaseline,
+                    request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ImportBaselineRequest.FromString,
+                    response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ImportBaselineResponse.SerializeToString,
             ),
             'GetBaseline': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBaseline,
@@ -210,35 +409,95 @@ def add_MachineOpsServiceServicer_to_server(servicer, server):
                     request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.DeleteBaselineRequest.FromString,
                     response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.DeleteBaselineResponse.SerializeToString,
             ),
-            'EvaluateNode': grpc.unary_unary_rpc_method_handler(
-                    servicer.EvaluateNode,
-                    request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.EvaluateNodeRequest.FromString,
-                    response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.EvaluateNodeResponse.SerializeToString,
+            'CreateEnrollmentToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateEnrollmentToken,
+                    request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.CreateEnrollmentTokenRequest.FromString,
+                    response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.CreateEnrollmentTokenResponse.SerializeToString,
             ),
-            'RegisterAgent': grpc.unary_unary_rpc_method_handler(
-                    servicer.RegisterAgent,
-                    request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RegisterAgentRequest.FromString,
-                    response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RegisterAgentResponse.SerializeToString,
+            'ListEnrollmentTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEnrollmentTokens,
+                    request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ListEnrollmentTokensRequest.FromString,
+                    response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ListEnrollmentTokensResponse.SerializeToString,
+            ),
+            'RevokeEnrollmentToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeEnrollmentToken,
+                    request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RevokeEnrollmentTokenRequest.FromString,
+                    response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RevokeEnrollmentTokenResponse.SerializeToString,
+            ),
+            'EnrollAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnrollAgent,
+                    request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.EnrollAgentRequest.FromString,
+                    response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.EnrollAgentResponse.SerializeToString,
             ),
             'AgentSession': grpc.stream_stream_rpc_method_handler(
                     servicer.AgentSession,
                     request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.AgentSessionRequest.FromString,
                     response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.AgentSessionResponse.SerializeToString,
             ),
-            'GetInventory': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetInventory,
-                    request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetInventoryRequest.FromString,
-                    response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetInventoryResponse.SerializeToString,
+            'GetNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNode,
+                    request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetNodeRequest.FromString,
+                    response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetNodeResponse.SerializeToString,
             ),
             'ListNodes': grpc.unary_unary_rpc_method_handler(
                     servicer.ListNodes,
                     request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ListNodesRequest.FromString,
                     response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ListNodesResponse.SerializeToString,
             ),
-            'GetNode': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetNode,
-                    request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetNodeRequest.FromString,
-                    response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetNodeResponse.SerializeToString,
+            'UpdateNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateNode,
+                    request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.UpdateNodeRequest.FromString,
+                    response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.UpdateNodeResponse.SerializeToString,
+            ),
+            'DeleteNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteNode,
+                    request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.DeleteNodeRequest.FromString,
+                    response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.DeleteNodeResponse.SerializeToString,
+            ),
+            'EvaluateNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvaluateNode,
+                    request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.EvaluateNodeRequest.FromString,
+                    response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.EvaluateNodeResponse.SerializeToString,
+            ),
+            'RemediateNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemediateNode,
+                    request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RemediateNodeRequest.FromString,
+                    response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RemediateNodeResponse.SerializeToString,
+            ),
+            'ListEvaluations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvaluations,
+                    request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ListEvaluationsRequest.FromString,
+                    response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ListEvaluationsResponse.SerializeToString,
+            ),
+            'GetGroupCompliance': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGroupCompliance,
+                    request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetGroupComplianceRequest.FromString,
+                    response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetGroupComplianceResponse.SerializeToString,
+            ),
+            'ExportPolicyReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportPolicyReport,
+                    request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ExportPolicyReportRequest.FromString,
+                    response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ExportPolicyReportResponse.SerializeToString,
+            ),
+            'GetInventory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInventory,
+                    request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetInventoryRequest.FromString,
+                    response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetInventoryResponse.SerializeToString,
+            ),
+            'RefreshInventory': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefreshInventory,
+                    request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RefreshInventoryRequest.FromString,
+                    response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RefreshInventoryResponse.SerializeToString,
+            ),
+            'ListInventoryChanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInventoryChanges,
+                    request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ListInventoryChangesRequest.FromString,
+                    response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ListInventoryChangesResponse.SerializeToString,
+            ),
+            'SearchNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchNodes,
+                    request_deserializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.SearchNodesRequest.FromString,
+                    response_serializer=autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.SearchNodesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -249,8 +508,21 @@ def add_MachineOpsServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class MachineOpsService:
-    """Platform-03 MachineNativeOps: node configuration baselines and compliance,
-    hardware and software inventory, and the edge agents that report them.
+    """Platform-03 MachineNativeOps: node configuration baselines and their
+    compliance, fleet inventory, and the edge agents that observe both.
+
+    Resources are named "nodes/{node}", "baselines/{baseline}",
+    "enrollmentTokens/{enrollment_token}" and
+    "nodes/{node}/evaluations/{evaluation}" (AIP-122). Creates take the
+    resource's id (AIP-133); every non-idempotent call takes a request_id and a
+    retry with the same one returns the first result (AIP-155); updates take
+    the resource's etag and answer ABORTED on a stale one (AIP-154).
+
+    Agents only dial out: an agent enrolls with a one-time enrollment secret
+    (EnrollAgent), receives a node identity from auth-service (client
+    credentials whose short-lived tokens it renews with auth-service's
+    IssueToken), then keeps one AgentSession stream open to whichever replica
+    the load balancer picks; commands reach it through that stream.
     """
 
     @staticmethod
@@ -270,6 +542,33 @@ class MachineOpsService:
             '/autoecoops.machineops.v1.MachineOpsService/CreateBaseline',
             autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.CreateBaselineRequest.SerializeToString,
             autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.CreateBaselineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportBaseline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.machineops.v1.MachineOpsService/ImportBaseline',
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ImportBaselineRequest.SerializeToString,
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ImportBaselineResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -389,7 +688,7 @@ class MachineOpsService:
             _registered_method=True)
 
     @staticmethod
-    def EvaluateNode(request,
+    def CreateEnrollmentToken(request,
             target,
             options=(),
             channel_credentials=None,
@@ -402,9 +701,9 @@ class MachineOpsService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/autoecoops.machineops.v1.MachineOpsService/EvaluateNode',
-            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.EvaluateNodeRequest.SerializeToString,
-            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.EvaluateNodeResponse.FromString,
+            '/autoecoops.machineops.v1.MachineOpsService/CreateEnrollmentToken',
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.CreateEnrollmentTokenRequest.SerializeToString,
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.CreateEnrollmentTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -416,7 +715,7 @@ class MachineOpsService:
             _registered_method=True)
 
     @staticmethod
-    def RegisterAgent(request,
+    def ListEnrollmentTokens(request,
             target,
             options=(),
             channel_credentials=None,
@@ -429,9 +728,63 @@ class MachineOpsService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/autoecoops.machineops.v1.MachineOpsService/RegisterAgent',
-            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RegisterAgentRequest.SerializeToString,
-            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RegisterAgentResponse.FromString,
+            '/autoecoops.machineops.v1.MachineOpsService/ListEnrollmentTokens',
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ListEnrollmentTokensRequest.SerializeToString,
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ListEnrollmentTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeEnrollmentToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.machineops.v1.MachineOpsService/RevokeEnrollmentToken',
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RevokeEnrollmentTokenRequest.SerializeToString,
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RevokeEnrollmentTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnrollAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.machineops.v1.MachineOpsService/EnrollAgent',
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.EnrollAgentRequest.SerializeToString,
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.EnrollAgentResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -470,7 +823,7 @@ class MachineOpsService:
             _registered_method=True)
 
     @staticmethod
-    def GetInventory(request,
+    def GetNode(request,
             target,
             options=(),
             channel_credentials=None,
@@ -483,9 +836,9 @@ class MachineOpsService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/autoecoops.machineops.v1.MachineOpsService/GetInventory',
-            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetInventoryRequest.SerializeToString,
-            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetInventoryResponse.FromString,
+            '/autoecoops.machineops.v1.MachineOpsService/GetNode',
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetNodeRequest.SerializeToString,
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -524,7 +877,7 @@ class MachineOpsService:
             _registered_method=True)
 
     @staticmethod
-    def GetNode(request,
+    def UpdateNode(request,
             target,
             options=(),
             channel_credentials=None,
@@ -537,9 +890,279 @@ class MachineOpsService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/autoecoops.machineops.v1.MachineOpsService/GetNode',
-            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetNodeRequest.SerializeToString,
-            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetNodeResponse.FromString,
+            '/autoecoops.machineops.v1.MachineOpsService/UpdateNode',
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.UpdateNodeRequest.SerializeToString,
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.UpdateNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.machineops.v1.MachineOpsService/DeleteNode',
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.DeleteNodeRequest.SerializeToString,
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.DeleteNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.machineops.v1.MachineOpsService/EvaluateNode',
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.EvaluateNodeRequest.SerializeToString,
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.EvaluateNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemediateNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.machineops.v1.MachineOpsService/RemediateNode',
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RemediateNodeRequest.SerializeToString,
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RemediateNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvaluations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.machineops.v1.MachineOpsService/ListEvaluations',
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ListEvaluationsRequest.SerializeToString,
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ListEvaluationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGroupCompliance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.machineops.v1.MachineOpsService/GetGroupCompliance',
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetGroupComplianceRequest.SerializeToString,
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetGroupComplianceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportPolicyReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.machineops.v1.MachineOpsService/ExportPolicyReport',
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ExportPolicyReportRequest.SerializeToString,
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ExportPolicyReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInventory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.machineops.v1.MachineOpsService/GetInventory',
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetInventoryRequest.SerializeToString,
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.GetInventoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefreshInventory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.machineops.v1.MachineOpsService/RefreshInventory',
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RefreshInventoryRequest.SerializeToString,
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.RefreshInventoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInventoryChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.machineops.v1.MachineOpsService/ListInventoryChanges',
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ListInventoryChangesRequest.SerializeToString,
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.ListInventoryChangesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoecoops.machineops.v1.MachineOpsService/SearchNodes',
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.SearchNodesRequest.SerializeToString,
+            autoecoops_dot_machineops_dot_v1_dot_machineops__pb2.SearchNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,8 +27,21 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class MachineOpsServiceStub:
-    """Platform-03 MachineNativeOps: node configuration baselines and compliance,
-    hardware and software inventory, and the edge agents that report them.
+    """Platform-03 MachineNativeOps: node configuration baselines and their
+    compliance, fleet inventory, and the edge agents that observe both.
+
+    Resources are named "nodes/{node}", "baselines/{baseline}",
+    "enrollmentTokens/{enrollment_token}" and
+    "nodes/{node}/evaluations/{evaluation}" (AIP-122). Creates take the
+    resource's id (AIP-133); every non-idempotent call takes a request_id and a
+    retry with the same one returns the first result (AIP-155); updates take
+    the resource's etag and answer ABORTED on a stale one (AIP-154).
+
+    Agents only dial out: an agent enrolls with a one-time enrollment secret
+    (EnrollAgent), receives a node identity from auth-service (client
+    credentials whose short-lived tokens it renews with auth-service's
+    IssueToken), then keeps one AgentSession stream open to whichever replica
+    the load balancer picks; commands reach it through that stream.
     """
 
     @_typing.overload
@@ -36,81 +49,201 @@ class MachineOpsServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> MachineOpsServiceAsyncStub: ...
     CreateBaseline: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.CreateBaselineRequest, _machineops_pb2.CreateBaselineResponse]
-    """Creates a baseline."""
+    """Creates a baseline: versioned controls applied to the nodes its label
+    selector matches.
+    """
+    ImportBaseline: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.ImportBaselineRequest, _machineops_pb2.ImportBaselineResponse]
+    """Creates or replaces a baseline from an InSpec-style YAML control list."""
     GetBaseline: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.GetBaselineRequest, _machineops_pb2.GetBaselineResponse]
     """Gets a baseline by name."""
     ListBaselines: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.ListBaselinesRequest, _machineops_pb2.ListBaselinesResponse]
     """Lists baselines."""
     UpdateBaseline: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.UpdateBaselineRequest, _machineops_pb2.UpdateBaselineResponse]
-    """Updates the fields of a baseline named by the update mask."""
+    """Updates the fields of a baseline named by the update mask; a change of
+    controls or selector makes a new version. ABORTED on a stale etag.
+    """
     DeleteBaseline: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.DeleteBaselineRequest, _machineops_pb2.DeleteBaselineResponse]
     """Deletes a baseline; nodes stop being evaluated against it."""
-    EvaluateNode: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.EvaluateNodeRequest, _machineops_pb2.EvaluateNodeResponse]
-    """Evaluates a node against baselines and records its compliance state.
-    The node's agent observes the values; when it is not connected, rules
-    come out UNKNOWN. The result is compliance evidence, so it is audited.
+    CreateEnrollmentToken: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.CreateEnrollmentTokenRequest, _machineops_pb2.CreateEnrollmentTokenResponse]
+    """Creates a one-time enrollment secret for one node. The secret is
+    returned once; it expires, works once, and can be revoked.
     """
-    RegisterAgent: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.RegisterAgentRequest, _machineops_pb2.RegisterAgentResponse]
-    """Registers an edge agent for a node (creating the node if it is new)
-    and issues the session token it opens AgentSession with.
-    Registering again replaces the previous agent and token.
+    ListEnrollmentTokens: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.ListEnrollmentTokensRequest, _machineops_pb2.ListEnrollmentTokensResponse]
+    """Lists enrollment tokens (never their secrets)."""
+    RevokeEnrollmentToken: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.RevokeEnrollmentTokenRequest, _machineops_pb2.RevokeEnrollmentTokenResponse]
+    """Revokes an unused enrollment token so it can no longer enroll a node."""
+    EnrollAgent: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.EnrollAgentRequest, _machineops_pb2.EnrollAgentResponse]
+    """Enrolls an agent with a one-time enrollment secret: creates (or
+    re-keys) the node and its identity in auth-service and returns the
+    identity's client credentials, once. Callable without a token: the
+    enrollment secret is the credential.
     """
     AgentSession: _grpc.StreamStreamMultiCallable[_machineops_pb2.AgentSessionRequest, _machineops_pb2.AgentSessionResponse]
     """The long-lived session between an agent and the platform. The agent
-    sends hello first, then heartbeats, inventory reports and command
-    results; the platform sends commands, config updates and acks. One
-    audit entry is written per session, not per message.
+    sends hello first, then heartbeats, inventory deltas, evaluation reports
+    and command results, each with a sequence number; the platform acks
+    each (a resent message it already applied is acked, not applied again)
+    and sends commands. One audit entry per session, not per message.
     """
-    GetInventory: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.GetInventoryRequest, _machineops_pb2.GetInventoryResponse]
-    """Gets a node's latest hardware and software inventory."""
-    ListNodes: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.ListNodesRequest, _machineops_pb2.ListNodesResponse]
-    """Lists nodes."""
     GetNode: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.GetNodeRequest, _machineops_pb2.GetNodeResponse]
     """Gets a node by name."""
+    ListNodes: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.ListNodesRequest, _machineops_pb2.ListNodesResponse]
+    """Lists nodes, optionally those matching a label selector."""
+    UpdateNode: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.UpdateNodeRequest, _machineops_pb2.UpdateNodeResponse]
+    """Updates a node's labels (the only writable field); ABORTED on a stale etag."""
+    DeleteNode: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.DeleteNodeRequest, _machineops_pb2.DeleteNodeResponse]
+    """Deletes a node, its history and its identity in auth-service; its agent
+    can no longer connect.
+    """
+    EvaluateNode: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.EvaluateNodeRequest, _machineops_pb2.EvaluateNodeResponse]
+    """Evaluates a node against its baselines through its agent's session, on
+    whichever replica holds it, and records the results. UNAVAILABLE when
+    the agent is not connected; DEADLINE_EXCEEDED when it does not answer
+    within the timeout. The result is compliance evidence, so it is audited.
+    """
+    RemediateNode: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.RemediateNodeRequest, _machineops_pb2.RemediateNodeResponse]
+    """Applies a control's remediation on a node, where the control allows it
+    and policy-audit's decision says yes.
+    """
+    ListEvaluations: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.ListEvaluationsRequest, _machineops_pb2.ListEvaluationsResponse]
+    """Lists a node's evaluations, newest first."""
+    GetGroupCompliance: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.GetGroupComplianceRequest, _machineops_pb2.GetGroupComplianceResponse]
+    """The compliance of a group of nodes (a label selector): per-node and
+    overall scores.
+    """
+    ExportPolicyReport: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.ExportPolicyReportRequest, _machineops_pb2.ExportPolicyReportResponse]
+    """Exports the latest results of a node as a wg-policy PolicyReport
+    (wgpolicyk8s.io/v1alpha2) document.
+    """
+    GetInventory: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.GetInventoryRequest, _machineops_pb2.GetInventoryResponse]
+    """Gets a node's latest inventory."""
+    RefreshInventory: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.RefreshInventoryRequest, _machineops_pb2.RefreshInventoryResponse]
+    """Asks the node's agent to collect and send its full inventory now, and
+    returns it once stored (through the session, on whichever replica holds it).
+    """
+    ListInventoryChanges: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.ListInventoryChangesRequest, _machineops_pb2.ListInventoryChangesResponse]
+    """Lists the changes to a node's inventory, newest first."""
+    SearchNodes: _grpc.UnaryUnaryMultiCallable[_machineops_pb2.SearchNodesRequest, _machineops_pb2.SearchNodesResponse]
+    """Searches the fleet's inventory: filters such as `os.version < 12`,
+    `package:openssl version < 3.0.13`, and a label selector.
+    """
 
 @_typing.type_check_only
 class MachineOpsServiceAsyncStub(MachineOpsServiceStub):
-    """Platform-03 MachineNativeOps: node configuration baselines and compliance,
-    hardware and software inventory, and the edge agents that report them.
+    """Platform-03 MachineNativeOps: node configuration baselines and their
+    compliance, fleet inventory, and the edge agents that observe both.
+
+    Resources are named "nodes/{node}", "baselines/{baseline}",
+    "enrollmentTokens/{enrollment_token}" and
+    "nodes/{node}/evaluations/{evaluation}" (AIP-122). Creates take the
+    resource's id (AIP-133); every non-idempotent call takes a request_id and a
+    retry with the same one returns the first result (AIP-155); updates take
+    the resource's etag and answer ABORTED on a stale one (AIP-154).
+
+    Agents only dial out: an agent enrolls with a one-time enrollment secret
+    (EnrollAgent), receives a node identity from auth-service (client
+    credentials whose short-lived tokens it renews with auth-service's
+    IssueToken), then keeps one AgentSession stream open to whichever replica
+    the load balancer picks; commands reach it through that stream.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateBaseline: _aio.UnaryUnaryMultiCallable[_machineops_pb2.CreateBaselineRequest, _machineops_pb2.CreateBaselineResponse]  # type: ignore[assignment]
-    """Creates a baseline."""
+    """Creates a baseline: versioned controls applied to the nodes its label
+    selector matches.
+    """
+    ImportBaseline: _aio.UnaryUnaryMultiCallable[_machineops_pb2.ImportBaselineRequest, _machineops_pb2.ImportBaselineResponse]  # type: ignore[assignment]
+    """Creates or replaces a baseline from an InSpec-style YAML control list."""
     GetBaseline: _aio.UnaryUnaryMultiCallable[_machineops_pb2.GetBaselineRequest, _machineops_pb2.GetBaselineResponse]  # type: ignore[assignment]
     """Gets a baseline by name."""
     ListBaselines: _aio.UnaryUnaryMultiCallable[_machineops_pb2.ListBaselinesRequest, _machineops_pb2.ListBaselinesResponse]  # type: ignore[assignment]
     """Lists baselines."""
     UpdateBaseline: _aio.UnaryUnaryMultiCallable[_machineops_pb2.UpdateBaselineRequest, _machineops_pb2.UpdateBaselineResponse]  # type: ignore[assignment]
-    """Updates the fields of a baseline named by the update mask."""
+    """Updates the fields of a baseline named by the update mask; a change of
+    controls or selector makes a new version. ABORTED on a stale etag.
+    """
     DeleteBaseline: _aio.UnaryUnaryMultiCallable[_machineops_pb2.DeleteBaselineRequest, _machineops_pb2.DeleteBaselineResponse]  # type: ignore[assignment]
     """Deletes a baseline; nodes stop being evaluated against it."""
-    EvaluateNode: _aio.UnaryUnaryMultiCallable[_machineops_pb2.EvaluateNodeRequest, _machineops_pb2.EvaluateNodeResponse]  # type: ignore[assignment]
-    """Evaluates a node against baselines and records its compliance state.
-    The node's agent observes the values; when it is not connected, rules
-    come out UNKNOWN. The result is compliance evidence, so it is audited.
+    CreateEnrollmentToken: _aio.UnaryUnaryMultiCallable[_machineops_pb2.CreateEnrollmentTokenRequest, _machineops_pb2.CreateEnrollmentTokenResponse]  # type: ignore[assignment]
+    """Creates a one-time enrollment secret for one node. The secret is
+    returned once; it expires, works once, and can be revoked.
     """
-    RegisterAgent: _aio.UnaryUnaryMultiCallable[_machineops_pb2.RegisterAgentRequest, _machineops_pb2.RegisterAgentResponse]  # type: ignore[assignment]
-    """Registers an edge agent for a node (creating the node if it is new)
-    and issues the session token it opens AgentSession with.
-    Registering again replaces the previous agent and token.
+    ListEnrollmentTokens: _aio.UnaryUnaryMultiCallable[_machineops_pb2.ListEnrollmentTokensRequest, _machineops_pb2.ListEnrollmentTokensResponse]  # type: ignore[assignment]
+    """Lists enrollment tokens (never their secrets)."""
+    RevokeEnrollmentToken: _aio.UnaryUnaryMultiCallable[_machineops_pb2.RevokeEnrollmentTokenRequest, _machineops_pb2.RevokeEnrollmentTokenResponse]  # type: ignore[assignment]
+    """Revokes an unused enrollment token so it can no longer enroll a node."""
+    EnrollAgent: _aio.UnaryUnaryMultiCallable[_machineops_pb2.EnrollAgentRequest, _machineops_pb2.EnrollAgentResponse]  # type: ignore[assignment]
+    """Enrolls an agent with a one-time enrollment secret: creates (or
+    re-keys) the node and its identity in auth-service and returns the
+    identity's client credentials, once. Callable without a token: the
+    enrollment secret is the credential.
     """
     AgentSession: _aio.StreamStreamMultiCallable[_machineops_pb2.AgentSessionRequest, _machineops_pb2.AgentSessionResponse]  # type: ignore[assignment]
     """The long-lived session between an agent and the platform. The agent
-    sends hello first, then heartbeats, inventory reports and command
-    results; the platform sends commands, config updates and acks. One
-    audit entry is written per session, not per message.
+    sends hello first, then heartbeats, inventory deltas, evaluation reports
+    and command results, each with a sequence number; the platform acks
+    each (a resent message it already applied is acked, not applied again)
+    and sends commands. One audit entry per session, not per message.
     """
-    GetInventory: _aio.UnaryUnaryMultiCallable[_machineops_pb2.GetInventoryRequest, _machineops_pb2.GetInventoryResponse]  # type: ignore[assignment]
-    """Gets a node's latest hardware and software inventory."""
-    ListNodes: _aio.UnaryUnaryMultiCallable[_machineops_pb2.ListNodesRequest, _machineops_pb2.ListNodesResponse]  # type: ignore[assignment]
-    """Lists nodes."""
     GetNode: _aio.UnaryUnaryMultiCallable[_machineops_pb2.GetNodeRequest, _machineops_pb2.GetNodeResponse]  # type: ignore[assignment]
     """Gets a node by name."""
+    ListNodes: _aio.UnaryUnaryMultiCallable[_machineops_pb2.ListNodesRequest, _machineops_pb2.ListNodesResponse]  # type: ignore[assignment]
+    """Lists nodes, optionally those matching a label selector."""
+    UpdateNode: _aio.UnaryUnaryMultiCallable[_machineops_pb2.UpdateNodeRequest, _machineops_pb2.UpdateNodeResponse]  # type: ignore[assignment]
+    """Updates a node's labels (the only writable field); ABORTED on a stale etag."""
+    DeleteNode: _aio.UnaryUnaryMultiCallable[_machineops_pb2.DeleteNodeRequest, _machineops_pb2.DeleteNodeResponse]  # type: ignore[assignment]
+    """Deletes a node, its history and its identity in auth-service; its agent
+    can no longer connect.
+    """
+    EvaluateNode: _aio.UnaryUnaryMultiCallable[_machineops_pb2.EvaluateNodeRequest, _machineops_pb2.EvaluateNodeResponse]  # type: ignore[assignment]
+    """Evaluates a node against its baselines through its agent's session, on
+    whichever replica holds it, and records the results. UNAVAILABLE when
+    the agent is not connected; DEADLINE_EXCEEDED when it does not answer
+    within the timeout. The result is compliance evidence, so it is audited.
+    """
+    RemediateNode: _aio.UnaryUnaryMultiCallable[_machineops_pb2.RemediateNodeRequest, _machineops_pb2.RemediateNodeResponse]  # type: ignore[assignment]
+    """Applies a control's remediation on a node, where the control allows it
+    and policy-audit's decision says yes.
+    """
+    ListEvaluations: _aio.UnaryUnaryMultiCallable[_machineops_pb2.ListEvaluationsRequest, _machineops_pb2.ListEvaluationsResponse]  # type: ignore[assignment]
+    """Lists a node's evaluations, newest first."""
+    GetGroupCompliance: _aio.UnaryUnaryMultiCallable[_machineops_pb2.GetGroupComplianceRequest, _machineops_pb2.GetGroupComplianceResponse]  # type: ignore[assignment]
+    """The compliance of a group of nodes (a label selector): per-node and
+    overall scores.
+    """
+    ExportPolicyReport: _aio.UnaryUnaryMultiCallable[_machineops_pb2.ExportPolicyReportRequest, _machineops_pb2.ExportPolicyReportResponse]  # type: ignore[assignment]
+    """Exports the latest results of a node as a wg-policy PolicyReport
+    (wgpolicyk8s.io/v1alpha2) document.
+    """
+    GetInventory: _aio.UnaryUnaryMultiCallable[_machineops_pb2.GetInventoryRequest, _machineops_pb2.GetInventoryResponse]  # type: ignore[assignment]
+    """Gets a node's latest inventory."""
+    RefreshInventory: _aio.UnaryUnaryMultiCallable[_machineops_pb2.RefreshInventoryRequest, _machineops_pb2.RefreshInventoryResponse]  # type: ignore[assignment]
+    """Asks the node's agent to collect and send its full inventory now, and
+    returns it once stored (through the session, on whichever replica holds it).
+    """
+    ListInventoryChanges: _aio.UnaryUnaryMultiCallable[_machineops_pb2.ListInventoryChangesRequest, _machineops_pb2.ListInventoryChangesResponse]  # type: ignore[assignment]
+    """Lists the changes to a node's inventory, newest first."""
+    SearchNodes: _aio.UnaryUnaryMultiCallable[_machineops_pb2.SearchNodesRequest, _machineops_pb2.SearchNodesResponse]  # type: ignore[assignment]
+    """Searches the fleet's inventory: filters such as `os.version < 12`,
+    `package:openssl version < 3.0.13`, and a label selector.
+    """
 
 class MachineOpsServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Platform-03 MachineNativeOps: node configuration baselines and compliance,
-    hardware and software inventory, and the edge agents that report them.
+    """Platform-03 MachineNativeOps: node configuration baselines and their
+    compliance, fleet inventory, and the edge agents that observe both.
+
+    Resources are named "nodes/{node}", "baselines/{baseline}",
+    "enrollmentTokens/{enrollment_token}" and
+    "nodes/{node}/evaluations/{evaluation}" (AIP-122). Creates take the
+    resource's id (AIP-133); every non-idempotent call takes a request_id and a
+    retry with the same one returns the first result (AIP-155); updates take
+    the resource's etag and answer ABORTED on a stale one (AIP-154).
+
+    Agents only dial out: an agent enrolls with a one-time enrollment secret
+    (EnrollAgent), receives a node identity from auth-service (client
+    credentials whose short-lived tokens it renews with auth-service's
+    IssueToken), then keeps one AgentSession stream open to whichever replica
+    the load balancer picks; commands reach it through that stream.
     """
 
     @_abc_1.abstractmethod
@@ -119,7 +252,17 @@ class MachineOpsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _machineops_pb2.CreateBaselineRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_machineops_pb2.CreateBaselineResponse, _abc.Awaitable[_machineops_pb2.CreateBaselineResponse]]:
-        """Creates a baseline."""
+        """Creates a baseline: versioned controls applied to the nodes its label
+        selector matches.
+        """
+
+    @_abc_1.abstractmethod
+    def ImportBaseline(
+        self,
+        request: _machineops_pb2.ImportBaselineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machineops_pb2.ImportBaselineResponse, _abc.Awaitable[_machineops_pb2.ImportBaselineResponse]]:
+        """Creates or replaces a baseline from an InSpec-style YAML control list."""
 
     @_abc_1.abstractmethod
     def GetBaseline(
@@ -143,7 +286,9 @@ class MachineOpsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _machineops_pb2.UpdateBaselineRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_machineops_pb2.UpdateBaselineResponse, _abc.Awaitable[_machineops_pb2.UpdateBaselineResponse]]:
-        """Updates the fields of a baseline named by the update mask."""
+        """Updates the fields of a baseline named by the update mask; a change of
+        controls or selector makes a new version. ABORTED on a stale etag.
+        """
 
     @_abc_1.abstractmethod
     def DeleteBaseline(
@@ -154,25 +299,41 @@ class MachineOpsServiceServicer(metaclass=_abc_1.ABCMeta):
         """Deletes a baseline; nodes stop being evaluated against it."""
 
     @_abc_1.abstractmethod
-    def EvaluateNode(
+    def CreateEnrollmentToken(
         self,
-        request: _machineops_pb2.EvaluateNodeRequest,
+        request: _machineops_pb2.CreateEnrollmentTokenRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_machineops_pb2.EvaluateNodeResponse, _abc.Awaitable[_machineops_pb2.EvaluateNodeResponse]]:
-        """Evaluates a node against baselines and records its compliance state.
-        The node's agent observes the values; when it is not connected, rules
-        come out UNKNOWN. The result is compliance evidence, so it is audited.
+    ) -> _typing.Union[_machineops_pb2.CreateEnrollmentTokenResponse, _abc.Awaitable[_machineops_pb2.CreateEnrollmentTokenResponse]]:
+        """Creates a one-time enrollment secret for one node. The secret is
+        returned once; it expires, works once, and can be revoked.
         """
 
     @_abc_1.abstractmethod
-    def RegisterAgent(
+    def ListEnrollmentTokens(
         self,
-        request: _machineops_pb2.RegisterAgentRequest,
+        request: _machineops_pb2.ListEnrollmentTokensRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_machineops_pb2.RegisterAgentResponse, _abc.Awaitable[_machineops_pb2.RegisterAgentResponse]]:
-        """Registers an edge agent for a node (creating the node if it is new)
-        and issues the session token it opens AgentSession with.
-        Registering again replaces the previous agent and token.
+    ) -> _typing.Union[_machineops_pb2.ListEnrollmentTokensResponse, _abc.Awaitable[_machineops_pb2.ListEnrollmentTokensResponse]]:
+        """Lists enrollment tokens (never their secrets)."""
+
+    @_abc_1.abstractmethod
+    def RevokeEnrollmentToken(
+        self,
+        request: _machineops_pb2.RevokeEnrollmentTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machineops_pb2.RevokeEnrollmentTokenResponse, _abc.Awaitable[_machineops_pb2.RevokeEnrollmentTokenResponse]]:
+        """Revokes an unused enrollment token so it can no longer enroll a node."""
+
+    @_abc_1.abstractmethod
+    def EnrollAgent(
+        self,
+        request: _machineops_pb2.EnrollAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machineops_pb2.EnrollAgentResponse, _abc.Awaitable[_machineops_pb2.EnrollAgentResponse]]:
+        """Enrolls an agent with a one-time enrollment secret: creates (or
+        re-keys) the node and its identity in auth-service and returns the
+        identity's client credentials, once. Callable without a token: the
+        enrollment secret is the credential.
         """
 
     @_abc_1.abstractmethod
@@ -182,26 +343,11 @@ class MachineOpsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_machineops_pb2.AgentSessionResponse], _abc.AsyncIterator[_machineops_pb2.AgentSessionResponse]]:
         """The long-lived session between an agent and the platform. The agent
-        sends hello first, then heartbeats, inventory reports and command
-        results; the platform sends commands, config updates and acks. One
-        audit entry is written per session, not per message.
+        sends hello first, then heartbeats, inventory deltas, evaluation reports
+        and command results, each with a sequence number; the platform acks
+        each (a resent message it already applied is acked, not applied again)
+        and sends commands. One audit entry per session, not per message.
         """
-
-    @_abc_1.abstractmethod
-    def GetInventory(
-        self,
-        request: _machineops_pb2.GetInventoryRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_machineops_pb2.GetInventoryResponse, _abc.Awaitable[_machineops_pb2.GetInventoryResponse]]:
-        """Gets a node's latest hardware and software inventory."""
-
-    @_abc_1.abstractmethod
-    def ListNodes(
-        self,
-        request: _machineops_pb2.ListNodesRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_machineops_pb2.ListNodesResponse, _abc.Awaitable[_machineops_pb2.ListNodesResponse]]:
-        """Lists nodes."""
 
     @_abc_1.abstractmethod
     def GetNode(
@@ -210,5 +356,117 @@ class MachineOpsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_machineops_pb2.GetNodeResponse, _abc.Awaitable[_machineops_pb2.GetNodeResponse]]:
         """Gets a node by name."""
+
+    @_abc_1.abstractmethod
+    def ListNodes(
+        self,
+        request: _machineops_pb2.ListNodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machineops_pb2.ListNodesResponse, _abc.Awaitable[_machineops_pb2.ListNodesResponse]]:
+        """Lists nodes, optionally those matching a label selector."""
+
+    @_abc_1.abstractmethod
+    def UpdateNode(
+        self,
+        request: _machineops_pb2.UpdateNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machineops_pb2.UpdateNodeResponse, _abc.Awaitable[_machineops_pb2.UpdateNodeResponse]]:
+        """Updates a node's labels (the only writable field); ABORTED on a stale etag."""
+
+    @_abc_1.abstractmethod
+    def DeleteNode(
+        self,
+        request: _machineops_pb2.DeleteNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machineops_pb2.DeleteNodeResponse, _abc.Awaitable[_machineops_pb2.DeleteNodeResponse]]:
+        """Deletes a node, its history and its identity in auth-service; its agent
+        can no longer connect.
+        """
+
+    @_abc_1.abstractmethod
+    def EvaluateNode(
+        self,
+        request: _machineops_pb2.EvaluateNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machineops_pb2.EvaluateNodeResponse, _abc.Awaitable[_machineops_pb2.EvaluateNodeResponse]]:
+        """Evaluates a node against its baselines through its agent's session, on
+        whichever replica holds it, and records the results. UNAVAILABLE when
+        the agent is not connected; DEADLINE_EXCEEDED when it does not answer
+        within the timeout. The result is compliance evidence, so it is audited.
+        """
+
+    @_abc_1.abstractmethod
+    def RemediateNode(
+        self,
+        request: _machineops_pb2.RemediateNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machineops_pb2.RemediateNodeResponse, _abc.Awaitable[_machineops_pb2.RemediateNodeResponse]]:
+        """Applies a control's remediation on a node, where the control allows it
+        and policy-audit's decision says yes.
+        """
+
+    @_abc_1.abstractmethod
+    def ListEvaluations(
+        self,
+        request: _machineops_pb2.ListEvaluationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machineops_pb2.ListEvaluationsResponse, _abc.Awaitable[_machineops_pb2.ListEvaluationsResponse]]:
+        """Lists a node's evaluations, newest first."""
+
+    @_abc_1.abstractmethod
+    def GetGroupCompliance(
+        self,
+        request: _machineops_pb2.GetGroupComplianceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machineops_pb2.GetGroupComplianceResponse, _abc.Awaitable[_machineops_pb2.GetGroupComplianceResponse]]:
+        """The compliance of a group of nodes (a label selector): per-node and
+        overall scores.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportPolicyReport(
+        self,
+        request: _machineops_pb2.ExportPolicyReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machineops_pb2.ExportPolicyReportResponse, _abc.Awaitable[_machineops_pb2.ExportPolicyReportResponse]]:
+        """Exports the latest results of a node as a wg-policy PolicyReport
+        (wgpolicyk8s.io/v1alpha2) document.
+        """
+
+    @_abc_1.abstractmethod
+    def GetInventory(
+        self,
+        request: _machineops_pb2.GetInventoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machineops_pb2.GetInventoryResponse, _abc.Awaitable[_machineops_pb2.GetInventoryResponse]]:
+        """Gets a node's latest inventory."""
+
+    @_abc_1.abstractmethod
+    def RefreshInventory(
+        self,
+        request: _machineops_pb2.RefreshInventoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machineops_pb2.RefreshInventoryResponse, _abc.Awaitable[_machineops_pb2.RefreshInventoryResponse]]:
+        """Asks the node's agent to collect and send its full inventory now, and
+        returns it once stored (through the session, on whichever replica holds it).
+        """
+
+    @_abc_1.abstractmethod
+    def ListInventoryChanges(
+        self,
+        request: _machineops_pb2.ListInventoryChangesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machineops_pb2.ListInventoryChangesResponse, _abc.Awaitable[_machineops_pb2.ListInventoryChangesResponse]]:
+        """Lists the changes to a node's inventory, newest first."""
+
+    @_abc_1.abstractmethod
+    def SearchNodes(
+        self,
+        request: _machineops_pb2.SearchNodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machineops_pb2.SearchNodesResponse, _abc.Awaitable[_machineops_pb2.SearchNodesResponse]]:
+        """Searches the fleet's inventory: filters such as `os.version < 12`,
+        `package:openssl version < 3.0.13`, and a label selector.
+        """
 
 def add_MachineOpsServiceServicer_to_server(servicer: MachineOpsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
