@@ -28,6 +28,9 @@ COMMAND_PACKAGES = (
     "autoecoops.kernel.event_bus",
     "autoecoops.kernel.policy_audit",
     "autoecoops.kernel.infra_manager",
+    "autoecoops.platforms.autoops",
+    "autoecoops.platforms.iaops",
+    "autoecoops.platforms.machine_ops",
 )
 
 

@@ -11,6 +11,7 @@ expired.
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
 import os
@@ -58,12 +59,16 @@ class SigningKey:
         return self.private.public_key()
 
     def jwk(self) -> dict[str, Any]:
-        """The public key as a JWK dict (RFC 7517)."""
+        """The public key as a JWK (RFC 7517 4) with exactly its type's members
+        (RFC 7518 6.2.1 for EC: crv, x, y; 6.3.1 for RSA: n, e)."""
         if isinstance(self.public, ec.EllipticCurvePublicKey):
-            jwk: dict[str, Any] = ECAlgorithm.to_jwk(self.public, as_dict=True)
+            full: dict[str, Any] = ECAlgorithm.to_jwk(self.public, as_dict=True)
+            members: tuple[str, ...] = ("crv", "x", "y")
         else:
-            jwk = RSAAlgorithm.to_jwk(self.public, as_dict=True)
-        jwk.update(kid=self.meta.kid, alg=self.meta.alg, use="sig")
+            full = RSAAlgorithm.to_jwk(self.public, as_dict=True)
+            members = ("n", "e")
+        jwk = {"kty": full["kty"], "kid": self.meta.kid, "use": "sig", "alg": self.meta.alg}
+        jwk.update((m, full[m]) for m in members)
         return jwk
 
 
@@ -108,6 +113,17 @@ class KeyRing:
     def load_or_create(self, alg: str = "ES256", key_file: Path | None = None) -> None:
         """Load the ring; create the first key (or import ``key_file``) if empty."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Replicas of auth-service sharing a data directory start together:
+        # without the lock each would create a first key of its own, sign with
+        # it, and publish only the one whose manifest was written last.
+        with open(self.directory / ".lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._load_or_create(alg, key_file)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _load_or_create(self, alg: str, key_file: Path | None) -> None:
         manifest = self.directory / "keys.json"
         if manifest.exists():
             for entry in json.loads(manifest.read_text()):
@@ -202,7 +218,7 @@ class KeyRing:
             self._save()
 
     def _save(self) -> None:
-        tmp = self.directory / "keys.json.tmp"
+        tmp = self.directory / f"keys.json.{os.getpid()}.tmp"  # replicas never share one
         tmp.write_text(json.dumps([asdict(k.meta) for k in self._keys], indent=1))
         os.replace(tmp, self.directory / "keys.json")
 

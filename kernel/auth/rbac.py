@@ -14,7 +14,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from autoecoops.kernel.mesh.auth import Principal
-from autoecoops.kernel.mesh.errors import FieldViolation, InvalidArgument, PermissionDenied
+from autoecoops.kernel.mesh.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    PermissionDenied,
+)
 
 _SEGMENT = re.compile(r"^(\*|[a-z][a-z0-9_-]*)$")
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
@@ -113,6 +118,22 @@ class Policy:
                     out += [(p, f"binding {b.name}") for p in role.permissions]
         return out
 
+    def holds_anywhere(self, principal: Principal, permission: str) -> bool:
+        """Whether any role of the principal, in any namespace, covers ``permission``.
+
+        This is what a token may be scoped to: a scope asks for a subset of
+        what the subject holds somewhere (the namespace is checked per call).
+        """
+        patterns = [
+            p for r in principal.roles if (role := self.roles.get(r)) for p in role.permissions
+        ]
+        for b in self.bindings:
+            if any(self._subject_matches(s, principal) for s in b.subjects):
+                role = self.roles.get(b.role)
+                if role is not None:
+                    patterns += role.permissions
+        return any(matches(p, permission) for p in patterns)
+
     def allowed(self, principal: Principal, permission: str, namespace: str = "") -> str | None:
         """What grants ``permission`` (a description), or None when denied.
 
@@ -207,7 +228,8 @@ BUILTIN_ROLES = (
         ("*.*.get", "*.*.list", "memory.documents.search", "audit.*.get"),
         "read-only access to every service",
     ),
-    # Services calling each other: audit appends, event publishing, JWKS, token exchange.
+    # Services calling each other: audit appends, event publishing, JWKS, token
+    # exchange, and the RBAC watch every service's authorizer keeps open.
     Role(
         "mesh-service",
         (
@@ -215,7 +237,49 @@ BUILTIN_ROLES = (
             "events.topics.publish",
             "auth.tokens.verify",
             "policy.decisions.evaluate",
+            "auth.authorization.watch",
         ),
         "what one mesh service needs from the others",
     ),
+    # machine-ops's own identity, beside mesh-service: it gives each enrolled
+    # node an identity (a service account with the machineops-agent role; the
+    # escalation check needs it to hold what it grants, hence agents.connect)
+    # and searches memory-hub for documents about failed controls. Bound to
+    # machine-ops only (SERVICE_ROLES), so no other service can mint accounts.
+    Role(
+        "machineops-service",
+        (
+            "auth.serviceaccounts.create",
+            "auth.serviceaccounts.delete",
+            "machineops.agents.connect",
+            "memory.documents.search",
+        ),
+        "machine-ops: node identities and memory-hub context",
+    ),
+    # An enrolled node's agent: it may open its AgentSession, nothing else.
+    Role("machineops-agent", ("machineops.agents.connect",), "a machine-ops node agent"),
 )
+
+#: The built-in roles a built-in service identity holds beyond ``mesh-service``.
+SERVICE_ROLES: dict[str, tuple[str, ...]] = {"machine-ops": ("machineops-service",)}
+
+
+def service_roles(service: str) -> list[str]:
+    """The roles of the built-in identity of ``service`` (``system:<service>``)."""
+    return ["mesh-service", *SERVICE_ROLES.get(service, ())]
+
+
+def protect_builtin(name: str, action: str) -> None:
+    """FAILED_PRECONDITION for changing or deleting a built-in role.
+
+    The mesh runs on them (every service's identity holds ``mesh-service``,
+    the first admin holds ``admin``): a deleted or narrowed one would leave
+    the mesh running on roles that no longer mean what they did.
+    """
+    if any(r.name == name for r in BUILTIN_ROLES):
+        raise FailedPrecondition(
+            f"role {name!r} is built in and cannot be {action}; create a role of your own",
+            reason="BUILTIN_ROLE",
+            resource_type="role",
+            resource_name=name,
+        )

@@ -3,38 +3,38 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeAlias
 
 import grpc
-from google.protobuf import field_mask_pb2, json_format, struct_pb2, timestamp_pb2
+from google.protobuf import field_mask_pb2, json_format, struct_pb2
 
 from autoecoops.auth.v1 import auth_pb2, auth_pb2_grpc
 from autoecoops.kernel.auth.authority import Authority
+from autoecoops.kernel.auth.convert import (
+    binding_from_pb,
+    binding_to_pb,
+    role_from_pb,
+    role_to_pb,
+)
+from autoecoops.kernel.auth.convert import (
+    ts as _ts,
+)
 from autoecoops.kernel.auth.keys import KeyRing
-from autoecoops.kernel.auth.rbac import Binding, Role, Subject
+from autoecoops.kernel.auth.mesh import ServiceIdentity, WatchingAuthorizer
+from autoecoops.kernel.auth.rbac import Binding, Role, protect_builtin
 from autoecoops.kernel.auth.settings import AuthSettings
-from autoecoops.kernel.auth.store import AuthStore, ServiceAccount, TrustedIssuer
+from autoecoops.kernel.auth.store import AuthStore, Change, ServiceAccount, TrustedIssuer
 from autoecoops.kernel.auth.tokens import IssuedToken
+from autoecoops.kernel.auth.watch import Snapshot, WatchEvent
+from autoecoops.kernel.mesh.audit import outbox_for
 from autoecoops.kernel.mesh.auth import Principal, current_principal
 from autoecoops.kernel.mesh.errors import FieldViolation, InvalidArgument, Unauthenticated
+from autoecoops.kernel.mesh.fieldmask import merge_masked
 from autoecoops.kernel.mesh.paging import page_by_key
 from autoecoops.kernel.mesh.server import Runtime
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
-_KINDS = {
-    auth_pb2.SUBJECT_KIND_USER: "user",
-    auth_pb2.SUBJECT_KIND_GROUP: "group",
-    auth_pb2.SUBJECT_KIND_SERVICE_ACCOUNT: "serviceaccount",
-}
-_KIND_VALUES = {v: k for k, v in _KINDS.items()}
-
-
-def _ts(epoch: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    if epoch:
-        ts.FromNanoseconds(int(epoch * 1e9))
-    return ts
 
 
 def _caller() -> Principal:
@@ -48,8 +48,6 @@ def _merge(mask: field_mask_pb2.FieldMask, new: Any, old: Any, field: str) -> An
     """Apply ``new`` over ``old`` for the paths in ``mask`` (all writable fields if empty)."""
     if not mask.paths:
         return new
-    merged = type(old)()
-    merged.CopyFrom(old)
     allowed = set(type(new).DESCRIPTOR.fields_by_name)
     for i, path in enumerate(mask.paths):
         if path not in allowed or path in {"name", "create_time", "update_time"}:
@@ -59,10 +57,7 @@ def _merge(mask: field_mask_pb2.FieldMask, new: Any, old: Any, field: str) -> An
                     FieldViolation(f"update_mask.paths[{i}]", f"not an updatable field of {field}")
                 ],
             )
-    field_mask_pb2.FieldMask(paths=list(mask.paths)).MergeMessage(
-        new, merged, replace_repeated_field=True
-    )
-    return merged
+    return merge_masked(old, new, mask.paths)
 
 
 def _token_response(issued: IssuedToken, scopes: Sequence[str]) -> auth_pb2.IssueTokenResponse:
@@ -76,50 +71,6 @@ def _token_response(issued: IssuedToken, scopes: Sequence[str]) -> auth_pb2.Issu
 
 def _name(item: Any) -> str:
     return str(item.name)
-
-
-def role_to_pb(role: Role) -> auth_pb2.Role:
-    """Domain role -> proto."""
-    return auth_pb2.Role(
-        name=role.name,
-        permissions=list(role.permissions),
-        description=role.description,
-        create_time=_ts(role.create_time),
-        update_time=_ts(role.update_time),
-    )
-
-
-def role_from_pb(pb: auth_pb2.Role) -> Role:
-    """Proto role -> domain."""
-    return Role(pb.name, tuple(pb.permissions), pb.description)
-
-
-def binding_to_pb(b: Binding) -> auth_pb2.RoleBinding:
-    """Domain binding -> proto."""
-    return auth_pb2.RoleBinding(
-        name=b.name,
-        role=b.role,
-        subjects=[auth_pb2.Subject(kind=_KIND_VALUES[s.kind], name=s.name) for s in b.subjects],  # type: ignore[misc]
-        namespace=b.namespace,
-        create_time=_ts(b.create_time),
-    )
-
-
-def binding_from_pb(pb: auth_pb2.RoleBinding) -> Binding:
-    """Proto binding -> domain; an unspecified subject kind is a field violation."""
-    subjects = []
-    for i, s in enumerate(pb.subjects):
-        if s.kind not in _KINDS:
-            raise InvalidArgument(
-                "subject kind is required",
-                field_violations=[
-                    FieldViolation(
-                        f"role_binding.subjects[{i}].kind", "must be USER, GROUP or SERVICE_ACCOUNT"
-                    )
-                ],
-            )
-        subjects.append(Subject(_KINDS[s.kind], s.name))
-    return Binding(pb.name, pb.role, tuple(subjects), pb.namespace)
 
 
 def issuer_to_pb(i: TrustedIssuer) -> auth_pb2.TrustedIssuer:
@@ -195,19 +146,25 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         issued = await self.a.issue_for_account(
             request.client_id, request.client_secret, request.audience, list(request.scopes)
         )
-        return _token_response(issued, request.scopes)
+        return _token_response(issued, str(issued.claims.get("scope", "")).split())
 
     async def ExchangeToken(
         self, request: auth_pb2.ExchangeTokenRequest, context: Ctx
     ) -> auth_pb2.ExchangeTokenResponse:
         issued = await self.a.exchange(
-            request.subject_token, request.actor_token, request.audience, list(request.scopes)
+            request.subject_token,
+            request.actor_token,
+            request.audience,
+            list(request.scopes),
+            request.subject_token_type,
+            request.actor_token_type,
         )
         return auth_pb2.ExchangeTokenResponse(
             access_token=issued.token,
             issued_token_type="urn:ietf:params:oauth:token-type:access_token",
             token_type="Bearer",
             expire_time=_ts(issued.expires_at),
+            scopes=str(issued.claims.get("scope", "")).split(),
         )
 
     async def VerifyToken(
@@ -225,6 +182,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def GetJwks(
         self, request: auth_pb2.GetJwksRequest, context: Ctx
     ) -> auth_pb2.GetJwksResponse:
+        jwks = self.a.ring.jwks()
         keys = [
             auth_pb2.JsonWebKey(
                 **{
@@ -233,9 +191,11 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
                     if k in auth_pb2.JsonWebKey.DESCRIPTOR.fields_by_name
                 }
             )
-            for jwk in self.a.ring.jwks()
+            for jwk in jwks
         ]
-        return auth_pb2.GetJwksResponse(keys=keys)
+        jwk_set = struct_pb2.Struct()
+        jwk_set.update({"keys": jwks})
+        return auth_pb2.GetJwksResponse(keys=keys, jwk_set=jwk_set)
 
     async def GetOpenIdConfiguration(
         self, request: auth_pb2.GetOpenIdConfigurationRequest, context: Ctx
@@ -289,6 +249,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def UpdateRole(
         self, request: auth_pb2.UpdateRoleRequest, context: Ctx
     ) -> auth_pb2.UpdateRoleResponse:
+        protect_builtin(request.role.name, "changed")
         old = role_to_pb(await self.a.store.get_role(request.role.name))
         merged = _merge(request.update_mask, request.role, old, "role")
         role = await self.a.update_role(_caller(), role_from_pb(merged))
@@ -297,6 +258,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def DeleteRole(
         self, request: auth_pb2.DeleteRoleRequest, context: Ctx
     ) -> auth_pb2.DeleteRoleResponse:
+        protect_builtin(request.name, "deleted")
         await self.a.store.delete_role(request.name)
         return auth_pb2.DeleteRoleResponse()
 
@@ -412,7 +374,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def DeleteServiceAccount(
         self, request: auth_pb2.DeleteServiceAccountRequest, context: Ctx
     ) -> auth_pb2.DeleteServiceAccountResponse:
-        await self.a.store.delete_account(request.name)
+        await self.a.delete_account(_caller(), request.name)
         return auth_pb2.DeleteServiceAccountResponse()
 
     async def CheckPermission(
@@ -428,15 +390,75 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         by = await self.a.check(who, request.permission, request.namespace)
         return auth_pb2.CheckPermissionResponse(allowed=by is not None, granted_by=by or "")
 
+    async def WatchAuthorization(
+        self, request: auth_pb2.WatchAuthorizationRequest, context: Ctx
+    ) -> AsyncIterator[auth_pb2.WatchAuthorizationResponse]:
+        async for event in self.a.watch(request.resume_version):
+            yield watch_event_to_pb(event)
+
+
+_CHANGE_TYPES = {
+    "create": auth_pb2.CHANGE_TYPE_UPSERT,
+    "update": auth_pb2.CHANGE_TYPE_UPSERT,
+    "delete": auth_pb2.CHANGE_TYPE_DELETE,
+}
+
+
+def watch_event_to_pb(event: WatchEvent) -> auth_pb2.WatchAuthorizationResponse:
+    """Domain watch event -> proto."""
+    if isinstance(event, Snapshot):
+        return auth_pb2.WatchAuthorizationResponse(
+            version=event.version,
+            snapshot=auth_pb2.AuthorizationSnapshot(
+                roles=[role_to_pb(r) for r in event.roles],
+                role_bindings=[binding_to_pb(b) for b in event.bindings],
+            ),
+        )
+    if isinstance(event, Change):
+        change = auth_pb2.AuthorizationChange(type=_CHANGE_TYPES[event.op])
+        if event.kind == "role":
+            value = event.value
+            change.role.CopyFrom(
+                role_to_pb(value) if isinstance(value, Role) else auth_pb2.Role(name=event.name)
+            )
+        else:
+            value = event.value
+            change.role_binding.CopyFrom(
+                binding_to_pb(value)
+                if isinstance(value, Binding)
+                else auth_pb2.RoleBinding(name=event.name)
+            )
+        return auth_pb2.WatchAuthorizationResponse(version=event.version, change=change)
+    return auth_pb2.WatchAuthorizationResponse(
+        version=event.version, bookmark=auth_pb2.AuthorizationBookmark()
+    )
+
 
 def build_authority(runtime: Runtime) -> Authority:
-    """The Authority of this process: keys from the data dir, store in Redis."""
+    """The Authority of this process: keys from the data dir, store in Redis.
+
+    It also becomes the process's source of service tokens and of RBAC (see
+    below), which is what running auth-service in a process means.
+    """
     settings = AuthSettings.from_env(runtime.config)
     ring = KeyRing(
         settings.key_dir, publish_delay=settings.publish_delay, max_token_ttl=settings.max_token_ttl
     )
     ring.load_or_create(settings.signing_alg, settings.key_file)
-    return Authority(settings, ring, AuthStore(runtime.redis, runtime.key("auth")))
+    store = AuthStore(runtime.redis, runtime.key("auth"), outbox_for(runtime, "auth-service"))
+    authority = Authority(settings, ring, store)
+    # Draining ends open watches, so watchers move on instead of holding shutdown.
+    runtime.drainers.append(authority.draining.set)
+    identity = runtime.clients.token_source
+    if isinstance(identity, ServiceIdentity):
+        # This process holds the issuer: its identity mints in-process rather
+        # than through IssueToken, which would audit, which needs this token.
+        identity.use_local_issuer(authority.mint_service_token)
+    if isinstance(runtime.authorizer, WatchingAuthorizer):
+        # Likewise RBAC: follow the watch in-process; calling our own
+        # WatchAuthorization would need a snapshot only it can deliver.
+        runtime.authorizer.use_local_source(authority.watch)
+    return authority
 
 
 def register(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
@@ -453,3 +475,5 @@ async def _start(authority: Authority) -> None:
 
     seed_file = authority.settings.seed_file
     await authority.start(load_seed(seed_file) if seed_file else None)
+    if authority.settings.local_client:
+        await authority.ensure_local_client()

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoecoops.kernel.mesh.config import MeshConfig, read_int, read_seconds, read_str
+from autoecoops.kernel.mesh.config import (
+    PREFIX,
+    MeshConfig,
+    _dial_host,
+    read_bool,
+    read_int,
+    read_seconds,
+    read_str,
+)
 
 P = "AUTOECOOPS_AUTH_"
 
@@ -17,7 +26,8 @@ class AuthSettings:
     """Issuer, token and cache settings (``AUTOECOOPS_AUTH_*``)."""
 
     #: The ``iss`` of our tokens; the URL whose /.well-known/openid-configuration
-    #: the gateway serves (``AUTOECOOPS_AUTH_ISSUER``).
+    #: the gateway serves (``AUTOECOOPS_AUTH_ISSUER``; default: the gateway's
+    #: own address, ``http://<AUTOECOOPS_HOST>:<AUTOECOOPS_GATEWAY_PORT>``).
     issuer: str = "http://127.0.0.1:8080"
     #: The mesh-wide audience; exchanged tokens may name one service instead.
     audience: str = "autoecoops"
@@ -40,8 +50,29 @@ class AuthSettings:
     seed_file: Path | None = None
     #: Entries of the verified-token cache (``AUTOECOOPS_AUTH_CACHE_SIZE``).
     cache_size: int = 10_000
+    #: How long a call waits for the first RBAC snapshot before it is refused
+    #: UNAVAILABLE (fail closed) (``AUTOECOOPS_AUTH_RBAC_WAIT_SECONDS``).
+    rbac_wait: float = 5.0
+    #: Whether auth-service leaves client credentials in the data directory for
+    #: services started apart from it on this machine
+    #: (``AUTOECOOPS_AUTH_LOCAL_CLIENT``; default on, off where
+    #: ``AUTOECOOPS_SERVICE_CLIENT_ID`` says identities come from Secrets).
+    local_client: bool = True
     #: Where keys live: ``<data dir>/auth/keys``.
     key_dir: Path = Path(".autoecoops/auth/keys")
+
+    @property
+    def local_client_file(self) -> Path:
+        """Client credentials a local auth-service leaves for services started apart
+        from it on this machine (``autoecoops serve <service>`` sharing the data dir)."""
+        return self.key_dir.parent / "mesh-client.json"
+
+    def local_client_file_of(self, service: str) -> Path:
+        """The local client file of ``service`` when it has roles of its own
+        (``mesh-client.<service>.json``); the shared one for ""."""
+        if not service:
+            return self.local_client_file
+        return self.key_dir.parent / f"mesh-client.{service}.json"
 
     @property
     def publish_delay(self) -> float:
@@ -56,7 +87,7 @@ class AuthSettings:
         key_file = env.get(f"{P}SIGNING_KEY_FILE", "").strip()
         seed = env.get(f"{P}SEED_FILE", "").strip()
         return cls(
-            issuer=read_str(env, f"{P}ISSUER", d.issuer).rstrip("/"),
+            issuer=read_str(env, f"{P}ISSUER", gateway_url(config, env)).rstrip("/"),
             audience=read_str(env, f"{P}AUDIENCE", d.audience),
             token_ttl=read_seconds(env, f"{P}TOKEN_TTL_SECONDS", d.token_ttl, hi=86400),
             max_token_ttl=read_seconds(
@@ -69,5 +100,34 @@ class AuthSettings:
             key_file=Path(key_file) if key_file else None,
             seed_file=Path(seed) if seed else None,
             cache_size=read_int(env, f"{P}CACHE_SIZE", d.cache_size, 0, 10_000_000),
+            rbac_wait=read_seconds(env, f"{P}RBAC_WAIT_SECONDS", d.rbac_wait, hi=300),
+            local_client=read_bool(
+                env,
+                f"{P}LOCAL_CLIENT",
+                not env.get(f"{PREFIX}SERVICE_CLIENT_ID", "").strip(),
+            ),
             key_dir=config.data_dir / "auth" / "keys",
         )
+
+
+def gateway_url(config: MeshConfig, env: Mapping[str, str]) -> str:
+    """Where the REST gateway of this mesh is reached: the default issuer URL.
+
+    Discovery, the JWKS URL and the token endpoint are served by the gateway,
+    so the issuer follows its address. A gateway on a random port (``0``) or
+    behind a proxy cannot be guessed: set ``AUTOECOOPS_AUTH_ISSUER`` then.
+    """
+    port = read_int(env, f"{PREFIX}GATEWAY_PORT", 8080, 0, 65535) or 8080
+    host = _dial_host(config.host)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 literal in a URL
+    return f"http://{host}:{port}"
+
+
+def read_local_client(path: Path) -> tuple[str, str] | None:
+    """(client id, secret) from a local client file, or None if there is none usable."""
+    try:
+        data = json.loads(path.read_text())
+        return str(data["client_id"]), str(data["client_secret"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

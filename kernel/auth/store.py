@@ -1,8 +1,10 @@
 """auth-service's Redis persistence: roles, bindings, trusted issuers, service accounts.
 
 Each kind is one hash (name -> JSON). Every change to roles or bindings bumps
-``rbac:version`` in the same Lua call, so authorizers elsewhere in the mesh
-reload their snapshot when, and only when, something changed.
+``rbac:version`` and appends the change to the ``rbac:changes`` stream (entry
+id ``<version>-0``) in the same Lua call, so WatchAuthorization can send a
+consistent snapshot and then every change after it, in order, and resume a
+watcher from its version while the stream still holds the changes after it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import redis.exceptions
 
 from autoecoops.kernel.auth.rbac import Binding, Policy, Role, Subject
 from autoecoops.kernel.mesh.errors import AlreadyExists, NotFound, Unavailable
+from autoecoops.kernel.mesh.outbox import Outbox
 
-# KEYS: hash, version counter. ARGV: field, value, mode (create|update|delete).
+# KEYS: hash, version counter[, change stream]. ARGV: field, value, mode
+# (create|update|delete)[, kind, stream length].
 _WRITE = """
 local exists = redis.call('HEXISTS', KEYS[1], ARGV[1])
 if ARGV[3] == 'create' then
@@ -36,9 +40,16 @@ else
   if exists == 0 then return 0 end
   redis.call('HDEL', KEYS[1], ARGV[1])
 end
-redis.call('INCR', KEYS[2])
+local version = redis.call('INCR', KEYS[2])
+if #KEYS == 3 then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], version .. '-0',
+             'kind', ARGV[4], 'op', ARGV[3], 'name', ARGV[1], 'value', ARGV[2])
+end
 return 1
 """
+
+#: Changes the stream keeps: a watcher that fell further behind gets a snapshot.
+CHANGE_LOG_LENGTH = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +132,32 @@ def _binding(raw: Any) -> Binding:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change to roles or bindings, at the RBAC version it produced."""
+
+    version: int
+    #: "role" or "rolebinding".
+    kind: str
+    #: "create", "update" or "delete".
+    op: str
+    name: str
+    #: The object after the change; None for a delete.
+    value: Role | Binding | None
+
+
+def _change(entry_id: Any, fields: dict[Any, Any]) -> Change:
+    version = int(str(entry_id.decode() if isinstance(entry_id, bytes) else entry_id).split("-")[0])
+    f = {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in fields.items()
+    }
+    value: Role | Binding | None = None
+    if f["op"] != "delete":
+        value = _role(f["value"]) if f["kind"] == "role" else _binding(f["value"])
+    return Change(version, f["kind"], f["op"], f["name"], value)
+
+
 def _issuer(raw: Any) -> TrustedIssuer:
     d = json.loads(raw)
     d["audiences"] = tuple(d.get("audiences", ()))
@@ -138,15 +175,32 @@ def _account(raw: Any) -> ServiceAccount:
 class AuthStore:
     """Roles, bindings, issuers and service accounts in Redis under ``prefix``."""
 
-    def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, redis: aioredis.Redis, prefix: str, outbox: Outbox | None = None) -> None:
         self._r = redis
         self._roles = f"{prefix}:roles"
         self._bindings = f"{prefix}:bindings"
         self._issuers = f"{prefix}:issuers"
         self._accounts = f"{prefix}:serviceaccounts"
         self._rbac_version = f"{prefix}:rbac:version"
+        self._changes = f"{prefix}:rbac:changes"
         self._issuer_version = f"{prefix}:issuers:version"
-        self._write = self._r.register_script(_WRITE)
+        # Service accounts are not part of what services enforce, so their
+        # changes do not move the RBAC version watchers follow.
+        self._accounts_version = f"{prefix}:serviceaccounts:version"
+        # With an outbox, a write that changed something (the script returns
+        # 1) commits the audited call's record in the same script.
+        self._write: Any = (
+            outbox.script(_WRITE, ok="r == 1")
+            if outbox is not None
+            else self._r.register_script(_WRITE)
+        )
+
+    def _rbac_keys(self, hash_key: str) -> list[str]:
+        return [hash_key, self._rbac_version, self._changes]
+
+    @staticmethod
+    def _log(kind: str) -> list[Any]:
+        return [kind, CHANGE_LOG_LENGTH]
 
     async def _call(self, keys: list[str], args: list[Any]) -> bool:
         try:
@@ -177,7 +231,8 @@ class AuthStore:
         now = time.time()
         role = dataclasses.replace(role, create_time=now, update_time=now)
         if not await self._call(
-            [self._roles, self._rbac_version], [role.name, json.dumps(asdict(role)), "create"]
+            self._rbac_keys(self._roles),
+            [role.name, json.dumps(asdict(role)), "create", *self._log("role")],
         ):
             raise AlreadyExists(
                 f"role {role.name!r} already exists", resource_type="role", resource_name=role.name
@@ -189,7 +244,8 @@ class AuthStore:
         old = await self.get_role(role.name)
         role = dataclasses.replace(role, create_time=old.create_time, update_time=time.time())
         if not await self._call(
-            [self._roles, self._rbac_version], [role.name, json.dumps(asdict(role)), "update"]
+            self._rbac_keys(self._roles),
+            [role.name, json.dumps(asdict(role)), "update", *self._log("role")],
         ):
             raise NotFound(
                 f"role {role.name!r} not found", resource_type="role", resource_name=role.name
@@ -198,7 +254,9 @@ class AuthStore:
 
     async def delete_role(self, name: str) -> None:
         """Delete a role; NOT_FOUND if absent."""
-        if not await self._call([self._roles, self._rbac_version], [name, "", "delete"]):
+        if not await self._call(
+            self._rbac_keys(self._roles), [name, "", "delete", *self._log("role")]
+        ):
             raise NotFound(f"role {name!r} not found", resource_type="role", resource_name=name)
 
     async def get_role(self, name: str) -> Role:
@@ -214,7 +272,8 @@ class AuthStore:
         binding = dataclasses.replace(binding, create_time=time.time())
         value = json.dumps(asdict(binding))
         if not await self._call(
-            [self._bindings, self._rbac_version], [binding.name, value, "create"]
+            self._rbac_keys(self._bindings),
+            [binding.name, value, "create", *self._log("rolebinding")],
         ):
             raise AlreadyExists(
                 f"role binding {binding.name!r} already exists",
@@ -228,8 +287,8 @@ class AuthStore:
         old = await self.get_binding(binding.name)
         binding = dataclasses.replace(binding, create_time=old.create_time)
         if not await self._call(
-            [self._bindings, self._rbac_version],
-            [binding.name, json.dumps(asdict(binding)), "update"],
+            self._rbac_keys(self._bindings),
+            [binding.name, json.dumps(asdict(binding)), "update", *self._log("rolebinding")],
         ):
             raise NotFound(
                 f"role binding {binding.name!r} not found",
@@ -240,7 +299,9 @@ class AuthStore:
 
     async def delete_binding(self, name: str) -> None:
         """Delete a binding; NOT_FOUND if absent."""
-        if not await self._call([self._bindings, self._rbac_version], [name, "", "delete"]):
+        if not await self._call(
+            self._rbac_keys(self._bindings), [name, "", "delete", *self._log("rolebinding")]
+        ):
             raise NotFound(
                 f"role binding {name!r} not found", resource_type="rolebinding", resource_name=name
             )
@@ -272,6 +333,29 @@ class AuthStore:
             raise Unavailable(f"auth store unavailable: {err}", retry_delay=1.0) from None
         parsed = {r.name: r for r in map(_role, roles.values())}
         return int(version or 0), Policy(parsed, tuple(_binding(b) for b in bindings.values()))
+
+    async def oldest_change(self) -> int | None:
+        """The version of the oldest change the log still holds, or None if it is empty."""
+        try:
+            first: Any = await self._r.xrange(self._changes, "-", "+", count=1)
+        except redis.exceptions.ConnectionError as err:
+            raise Unavailable(f"auth store unavailable: {err}", retry_delay=1.0) from None
+        return _change(*first[0]).version if first else None
+
+    async def changes_after(self, version: int, block: float = 0.0) -> list[Change]:
+        """Changes after ``version``, oldest first; waits up to ``block`` seconds for one."""
+        entries: Any
+        try:
+            if block > 0:
+                got: Any = await self._r.xread(
+                    {self._changes: f"{version}-0"}, count=1000, block=int(block * 1000)
+                )
+                entries = got[0][1] if got else []
+            else:
+                entries = await self._r.xrange(self._changes, f"({version}-0", "+", count=1000)
+        except redis.exceptions.ConnectionError as err:
+            raise Unavailable(f"auth store unavailable: {err}", retry_delay=1.0) from None
+        return [_change(entry_id, fields) for entry_id, fields in entries]
 
     # -- trusted issuers -----------------------------------------------------
 
@@ -327,7 +411,7 @@ class AuthStore:
             account, secret_hash=hash_secret(secret), create_time=time.time()
         )
         if not await self._call(
-            [self._accounts, self._rbac_version],
+            [self._accounts, self._accounts_version],
             [account.name, json.dumps(asdict(account)), "create"],
         ):
             raise AlreadyExists(
@@ -339,7 +423,7 @@ class AuthStore:
 
     async def delete_account(self, name: str) -> None:
         """Delete an account."""
-        if not await self._call([self._accounts, self._rbac_version], [name, "", "delete"]):
+        if not await self._call([self._accounts, self._accounts_version], [name, "", "delete"]):
             raise NotFound(
                 f"service account {name!r} not found",
                 resource_type="serviceaccount",

@@ -68,6 +68,10 @@ def jwk_to_key(jwk: Mapping[str, Any]) -> tuple[str, Any] | None:
     return None
 
 
+#: Seconds before a failed JWKS fetch is tried again (at most the cooldown).
+FAILED_FETCH_RETRY = 1.0
+
+
 class JwksCache:
     """A JWK Set fetched on demand, cached with TTL, refetch cooldown and negative cache."""
 
@@ -100,28 +104,37 @@ class JwksCache:
             seen = self._unknown.get(kid)
             if seen is not None and now - seen < self._cooldown:
                 return None
-        await self._refresh(force=found is None)
+        fetched = await self._refresh(force=found is None)
         found = self._keys.get(kid)
-        if found is None:
+        if found is None and fetched:
+            # Only a set that was fetched can say a kid is unknown; after a
+            # failed fetch (the issuer restarting) the next token asks again.
             if len(self._unknown) > 10_000:
                 self._unknown.clear()
             self._unknown[kid] = self._clock()
         return found
 
-    async def _refresh(self, force: bool) -> None:
+    async def _refresh(self, force: bool) -> bool:
+        """Fetch the set unless one was just fetched (or tried); True if one was fetched."""
         async with self._lock:
             now = self._clock()
-            if self._last_attempt is not None and now - self._last_attempt < self._cooldown:
-                return  # someone just fetched (or failed to); do not hammer the issuer
+            if self._last_attempt is not None:
+                # After a success the cooldown holds (RFC 8725's rate limit on
+                # unknown kids); after a failure a shorter wait, or a restarted
+                # issuer's new keys would be refused for the whole cooldown.
+                failed = self._fetched_at is None or self._fetched_at < self._last_attempt
+                wait = min(self._cooldown, FAILED_FETCH_RETRY) if failed else self._cooldown
+                if now - self._last_attempt < wait:
+                    return False  # someone just fetched (or failed to); do not hammer the issuer
             if not force and self._fetched_at is not None and now - self._fetched_at < self._ttl:
-                return
+                return False
             self._last_attempt = now
             self.fetches += 1
             try:
                 jwks = await self._fetch()
             except Exception as exc:  # the issuer being down must not take verification down
                 log.warning("JWKS fetch failed, serving %d known keys: %s", len(self._keys), exc)
-                return
+                return False
             keys = {}
             for jwk in jwks:
                 kid, parsed = jwk.get("kid"), jwk_to_key(jwk)
@@ -129,6 +142,7 @@ class JwksCache:
                     keys[kid] = parsed
             self._keys, self._fetched_at = keys, self._clock()
             self._unknown = {k: t for k, t in self._unknown.items() if k not in keys}
+            return True
 
 
 @dataclass(frozen=True)

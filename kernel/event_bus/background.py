@@ -1,4 +1,5 @@
-"""The bus's background work: trimming settled events, metrics, audit forwarding.
+"""The bus's background work: trimming settled events, metrics, and handing the
+outcome outbox to the audit relay.
 
 Each task runs for the life of the server and is cancelled on shutdown (a
 runtime closer). A failing turn is logged and retried at the next interval;
@@ -13,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from autoecoops.kernel.event_bus import metrics
-from autoecoops.kernel.event_bus.audit import AuditForwarder, policy_audit_append
+from autoecoops.kernel.event_bus.audit import relay_outcomes
 from autoecoops.kernel.event_bus.bus import EventBus
 from autoecoops.kernel.event_bus.store import redis_errors
 from autoecoops.kernel.mesh.server import Runtime
@@ -43,6 +44,19 @@ async def refresh_gauges(bus: EventBus) -> None:
                 metrics.observe_topic(info, bus.now_ms())
 
 
+async def attach_partitions(bus: EventBus) -> None:
+    """Load the partition counts (and so start draining the partitions' own
+    outboxes) once, retrying while Redis is away."""
+    while True:
+        try:
+            async with redis_errors():
+                await bus.store.attach_all()
+            return
+        except Exception:
+            log.warning("event-bus could not load the topics' partitions; retrying", exc_info=True)
+            await asyncio.sleep(TRIM_INTERVAL)
+
+
 async def every(interval: float, work: Callable[[], Awaitable[object]], what: str) -> None:
     """Run ``work`` every ``interval`` seconds until cancelled."""
     while True:
@@ -67,8 +81,11 @@ def start_background(bus: EventBus, runtime: Runtime) -> list[asyncio.Task[None]
             )
         )
     if bus.settings.audit:
-        forwarder = AuditForwarder(bus.store, policy_audit_append(runtime))
-        tasks.append(asyncio.create_task(forwarder.run()))
+        # Outcomes go to the log through the process's audit relay, in order.
+        relay_outcomes(runtime, bus.store)
+    if bus.store.slot_outboxes:
+        # Partitions with outboxes of their own: drain what earlier runs left there.
+        tasks.append(asyncio.create_task(attach_partitions(bus)))
 
     async def stop() -> None:
         for t in tasks:

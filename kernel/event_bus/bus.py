@@ -11,8 +11,9 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import NoReturn
 
 from autoecoops.events.v1 import envelope_pb2, events_pb2
 from autoecoops.kernel.event_bus import metrics
@@ -22,7 +23,14 @@ from autoecoops.kernel.event_bus.envelope import (
     Registry,
     default_registry,
 )
-from autoecoops.kernel.event_bus.names import check_name, id_before, parse_stream_id
+from autoecoops.kernel.event_bus.names import (
+    check_name,
+    check_partition,
+    id_before,
+    parse_partitioned_id,
+    parse_stream_id,
+    partitioned_id,
+)
 from autoecoops.kernel.event_bus.settings import EventBusSettings
 from autoecoops.kernel.event_bus.store import (
     DeadLetterRecord,
@@ -30,6 +38,7 @@ from autoecoops.kernel.event_bus.store import (
     FailResult,
     Failure,
     NoGroup,
+    Published,
     Settle,
     TopicInfo,
     redis_errors,
@@ -161,8 +170,9 @@ class EventBus:
         envelopes: Sequence[envelope_pb2.Envelope],
         ctx: PublishContext,
         batch: bool = True,
-    ) -> list[tuple[str, bool]]:
-        """Validate and store events, all or none; (event id, duplicate) each.
+    ) -> list[Published]:
+        """Validate and store events; (event id, duplicate, partition) each. All or
+        none on one partition; see EventStore.publish for a batch over several.
 
         ``batch=False`` names violations after Publish's ``envelope`` field."""
         self.registry.check_topic(topic)
@@ -189,7 +199,7 @@ class EventBus:
                 )
         async with redis_errors():
             results = await self.store.publish(topic, events, self.now_ms())
-        stored = sum(1 for _, dup in results if not dup)
+        stored = sum(1 for r in results if not r.duplicate)
         if stored:
             metrics.PUBLISHED.labels(topic).inc(stored)
         return results
@@ -220,16 +230,22 @@ class EventBus:
     async def ack(self, delivery_ids: Sequence[str], subject: str) -> AckOutcome:
         """Acknowledge deliveries: done for their group, never delivered again."""
         refs = await self._refs(delivery_ids, subject, "delivery_ids")
-        by_group: dict[tuple[str, str], list[tuple[str, DeliveryRef]]] = defaultdict(list)
+        by_group: dict[tuple[str, str, int], list[tuple[str, DeliveryRef]]] = defaultdict(list)
         for token, ref in zip(delivery_ids, refs, strict=True):
-            by_group[(ref.topic, ref.group)].append((token, ref))
+            by_group[(ref.topic, ref.group, ref.partition)].append((token, ref))
         acked, expired = 0, []
-        for (topic, group), items in by_group.items():
+        for (topic, group, partition), items in by_group.items():
             settles = [Settle(r.entry_id, r.consumer, r.attempt, r.key) for _, r in items]
             try:
                 async with redis_errors():
                     codes = await self.store.ack(
-                        topic, group, settles, self.now_ms(), subject, self.settings.audit
+                        topic,
+                        group,
+                        settles,
+                        self.now_ms(),
+                        subject,
+                        self.settings.audit,
+                        partition=partition,
                     )
             except NoGroup:
                 codes = ["x"] * len(items)
@@ -269,6 +285,7 @@ class EventBus:
                 subject,
                 delay=delay,
                 dead_letter=dead_letter,
+                partition=ref.partition,
             )
         )[0]
         self.notifier.wake(ref.topic, ref.group, ref.consumer)
@@ -295,11 +312,13 @@ class EventBus:
         by: str,
         delay: float | None = None,
         dead_letter: bool = False,
+        partition: int = 0,
     ) -> list[FailResult]:
-        """Settle failed attempts by the group's policy: retry with backoff, or dead-letter."""
+        """Settle failed attempts (on one partition) by the group's policy: retry
+        with backoff, or dead-letter."""
         try:
             async with redis_errors():
-                cfg = await self.store.group_config(topic, group)
+                cfg = await self.store.group_config(topic, group, partition)
         except NoGroup:
             cfg = None
         if cfg is None:
@@ -313,27 +332,29 @@ class EventBus:
         try:
             async with redis_errors():
                 results = await self.store.fail(
-                    topic, group, failures, now, by, self.settings.audit
+                    topic, group, failures, now, by, self.settings.audit, partition=partition
                 )
         except NoGroup:
             return [FailResult("x") for _ in items]
         for f, r in zip(failures, results, strict=True):
             if r.outcome == "d":
                 metrics.DEAD_LETTERED.labels(topic, group).inc()
-                await self._announce_dead_letter(topic, group, f, r.dead_letter_id)
+                await self._announce_dead_letter(topic, group, f, r.dead_letter_id, partition)
         return results
 
     async def _announce_dead_letter(
-        self, topic: str, group: str, failure: Failure, dead_letter_id: str
+        self, topic: str, group: str, failure: Failure, entry_id: str, partition: int = 0
     ) -> None:
         """Publish a DeadLettered event; best effort, never for its own topic (no loops)."""
         if topic == DEAD_LETTER_TOPIC:
             return
         try:
             async with redis_errors():
-                record = await self.store.dead_letter(topic, dead_letter_id)
+                record = await self.store.dead_letter(topic, entry_id, partition)
+                n = await self.store.partitions(topic)
             if record is None:
                 return
+            dead_letter_id = partitioned_id(n, partition, entry_id)
             original = envelope_pb2.Envelope.FromString(record.envelope)
             payload = events_pb2.DeadLettered(
                 topic=topic,
@@ -374,16 +395,16 @@ class EventBus:
             )
         refs = await self._refs(delivery_ids, subject, "delivery_ids")
         ext_ms = 0 if not extension else max(int(extension * 1000), 1)
-        by_group: dict[tuple[str, str], list[tuple[str, DeliveryRef]]] = defaultdict(list)
+        by_group: dict[tuple[str, str, int], list[tuple[str, DeliveryRef]]] = defaultdict(list)
         for token, ref in zip(delivery_ids, refs, strict=True):
-            by_group[(ref.topic, ref.group)].append((token, ref))
+            by_group[(ref.topic, ref.group, ref.partition)].append((token, ref))
         leases, expired = [], []
         now = self.clock()
-        for (topic, group), items in by_group.items():
+        for (topic, group, partition), items in by_group.items():
             pairs = [(Settle(r.entry_id, r.consumer, r.attempt, r.key), ext_ms) for _, r in items]
             try:
                 async with redis_errors():
-                    granted = await self.store.extend(topic, group, pairs)
+                    granted = await self.store.extend(topic, group, pairs, partition)
             except NoGroup:
                 granted = [-1] * len(items)
             for (token, _), ms in zip(items, granted, strict=True):
@@ -395,17 +416,27 @@ class EventBus:
 
     # -- dead letters ----------------------------------------------------
 
+    async def _count(self, topic: str) -> int:
+        async with redis_errors():
+            return await self.store.partitions(topic)
+
     async def list_dead_letters(
         self, topic: str, group: str, page_size: int, page_token: str
     ) -> tuple[list[DeadLetterRecord], str]:
-        """A page of dead letters, oldest first, and the next page's token ('' at the end)."""
+        """A page of dead letters and the next page's token ('' at the end): oldest
+        first within a partition, the partitions in order."""
         self.registry.check_topic(topic)
         if group:
             check_name(group, "group", "consumer group")
         size = paging.page_size(page_size, 100, MAX_PAGE)
         if page_size < 0:
             raise InvalidArgument("page_size: must not be negative", reason="INVALID_PAGE_SIZE")
-        start = "(" + paging.decode_cursor(page_token) if page_token else "-"
+        n = await self._count(topic)
+        p, start = 0, "-"
+        if page_token:
+            # The token is the public id of the last dead letter looked at.
+            p, last = parse_partitioned_id(paging.decode_cursor(page_token), n, "page_token")
+            start = "(" + last
         out: list[DeadLetterRecord] = []
         # A filtered page scans a bounded amount and may come back short, with
         # a token to go on (AIP-158 allows it).
@@ -413,7 +444,7 @@ class EventBus:
         async with redis_errors():
             while len(out) < size and budget > 0:
                 want = min(size, budget)
-                chunk = await self.store.dead_letters(topic, start, "+", want)
+                chunk = await self.store.dead_letters(topic, start, "+", want, p)
                 for d in chunk:
                     budget -= 1
                     start = "(" + d.id
@@ -422,77 +453,114 @@ class EventBus:
                         if len(out) == size:
                             break
                 if len(chunk) < want and len(out) < size:
-                    return out, ""
-            more = await self.store.dead_letters(topic, start, "+", 1)
-        return out, paging.encode_cursor(start[1:]) if more else ""
+                    if p + 1 >= n:
+                        return _public(out, n), ""
+                    p, start = p + 1, "-"
+            more = await self.store.dead_letters(topic, start, "+", 1, p)
+            q = p + 1
+            while not more and q < n:
+                more = await self.store.dead_letters(topic, "-", "+", 1, q)
+                q += 1
+        position = start[1:] if start != "-" else "0-0"
+        token = paging.encode_cursor(partitioned_id(n, p, position)) if more else ""
+        return _public(out, n), token
 
     async def get_dead_letter(self, topic: str, dead_letter_id: str) -> DeadLetterRecord:
         """One dead letter; NOT_FOUND if it does not exist."""
         self.registry.check_topic(topic)
-        parse_stream_id(dead_letter_id, "dead_letter_id")
+        n = await self._count(topic)
+        p, entry_id = parse_partitioned_id(dead_letter_id, n, "dead_letter_id")
         async with redis_errors():
-            found = await self.store.dead_letter(topic, dead_letter_id)
+            found = await self.store.dead_letter(topic, entry_id, p)
         if found is None:
             raise NotFound(
                 f"no dead letter {dead_letter_id} on topic {topic}",
                 resource_type="dead-letter",
                 resource_name=f"events/topics/{topic}/deadLetters/{dead_letter_id}",
             )
-        return found
+        return _public([found], n)[0]
+
+    async def _ids_by_partition(self, topic: str, ids: Sequence[str]) -> dict[int, list[str]]:
+        n = await self._count(topic)
+        out: dict[int, list[str]] = defaultdict(list)
+        for i, value in enumerate(ids):
+            p, entry_id = parse_partitioned_id(value, n, f"ids.ids[{i}]")
+            out[p].append(entry_id)
+        return out
 
     async def redrive(self, topic: str, selector: DeadLetterSelector) -> int:
         """Send dead letters back to their groups with attempts reset; the count."""
         self.registry.check_topic(topic)
         if selector.ids:
-            ids = _check_ids(selector.ids)
+            parts = await self._ids_by_partition(topic, selector.ids)
+            n = await self._count(topic)
+            total = 0
             async with redis_errors():
-                result = await self.store.redrive(topic, ids, strict=True)
-            if isinstance(result, str):
-                raise NotFound(
-                    f"no dead letter {result} on topic {topic}; nothing was redriven",
-                    resource_type="dead-letter",
-                    resource_name=f"events/topics/{topic}/deadLetters/{result}",
-                )
-            return result
+                if len(parts) > 1:
+                    # All or none over partitions: look for a missing one first.
+                    for p, ids in sorted(parts.items()):
+                        for entry_id in ids:
+                            if await self.store.dead_letter(topic, entry_id, p) is None:
+                                _no_dead_letter(topic, partitioned_id(n, p, entry_id))
+                for p, ids in sorted(parts.items()):
+                    result = await self.store.redrive(topic, ids, strict=True, partition=p)
+                    if isinstance(result, str):
+                        _no_dead_letter(topic, partitioned_id(n, p, result))
+                    else:
+                        total += result
+            return total
         total = 0
-        async for chunk in self._selected(topic, selector):
+        async for p, chunk in self._selected(topic, selector):
             async with redis_errors():
-                n = await self.store.redrive(topic, [d.id for d in chunk], strict=False)
-            total += int(n)
+                got = await self.store.redrive(topic, [d.id for d in chunk], False, p)
+            total += int(got)
         return total
 
     async def purge(self, topic: str, selector: DeadLetterSelector) -> int:
         """Delete dead letters for good; the count deleted."""
         self.registry.check_topic(topic)
-        if selector.all:
-            async with redis_errors():
-                return await self.store.purge(topic, None)
-        if selector.ids:
-            async with redis_errors():
-                return await self.store.purge(topic, _check_ids(selector.ids))
         total = 0
-        async for chunk in self._selected(topic, selector):
+        if selector.all:
+            n = await self._count(topic)
             async with redis_errors():
-                total += await self.store.purge(topic, [d.id for d in chunk])
+                for p in range(n):
+                    total += await self.store.purge(topic, None, p)
+            return total
+        if selector.ids:
+            parts = await self._ids_by_partition(topic, selector.ids)
+            async with redis_errors():
+                for p, ids in sorted(parts.items()):
+                    total += await self.store.purge(topic, ids, p)
+            return total
+        async for p, chunk in self._selected(topic, selector):
+            async with redis_errors():
+                total += await self.store.purge(topic, [d.id for d in chunk], p)
         return total
 
-    async def _selected(self, topic: str, sel: DeadLetterSelector):  # type: ignore[no-untyped-def]
-        """Chunks of the dead letters a filter (or all) selects, oldest first."""
+    async def _selected(
+        self, topic: str, sel: DeadLetterSelector
+    ) -> AsyncIterator[tuple[int, list[DeadLetterRecord]]]:
+        """(partition, chunk) of the dead letters a filter (or all) selects, oldest
+        first per partition."""
         if sel.group:
             check_name(sel.group, "filter.group", "consumer group")
-        start = f"{sel.start_ms}-0" if sel.start_ms is not None else "-"
+        if sel.end_ms is not None and sel.end_ms <= (sel.start_ms or 0):
+            # [start, end) is empty; Redis would refuse the exclusive "(0-0" bound.
+            return
         end = f"({sel.end_ms}-0" if sel.end_ms is not None else "+"
-        while True:
-            async with redis_errors():
-                chunk = await self.store.dead_letters(topic, start, end, 500)
-            if not chunk:
-                return
-            picked = [d for d in chunk if sel.all or sel.matches(d)]
-            if picked:
-                yield picked
-            if len(chunk) < 500:
-                return
-            start = "(" + chunk[-1].id
+        for p in range(await self._count(topic)):
+            start = f"{sel.start_ms}-0" if sel.start_ms is not None else "-"
+            while True:
+                async with redis_errors():
+                    chunk = await self.store.dead_letters(topic, start, end, 500, p)
+                if not chunk:
+                    break
+                picked = [d for d in chunk if sel.all or sel.matches(d)]
+                if picked:
+                    yield p, picked
+                if len(chunk) < 500:
+                    break
+                start = "(" + chunk[-1].id
 
     # -- replay ----------------------------------------------------------
 
@@ -503,10 +571,25 @@ class EventBus:
         start_id: str,
         end_id: str | None,
         reset: bool,
+        partition: int | None = None,
+        by_id: bool = False,
     ) -> int:
-        """Deliver past events to ``group`` again; the number of events it will receive."""
+        """Deliver past events to ``group`` again, on one partition or all; the
+        number of events it will receive. ``by_id``: start or end is an event id
+        (a position in one partition), not a time."""
         self.registry.check_topic(topic)
         check_name(group, "group", "consumer group")
+        n = await self._count(topic)
+        if partition is not None:
+            check_partition(partition, n, "partition")
+        elif by_id and n > 1:
+            raise InvalidArgument(
+                f"partition: required with an event id; the topic has {n} partitions and an "
+                "event id is a position in one of them",
+                reason="INVALID_REPLAY",
+                metadata={"partitions": str(n)},
+                field_violations=[FieldViolation("partition", "required with an event id")],
+            )
         ms, seq = parse_stream_id(start_id, "start")
         if reset and end_id is not None:
             raise InvalidArgument(
@@ -522,14 +605,48 @@ class EventBus:
                     reason="INVALID_REPLAY",
                     field_violations=[FieldViolation("end", "before start")],
                 )
+        total = 0
         async with redis_errors():
-            if reset:
-                return await self.store.replay_reset(
-                    topic, group, id_before(ms, seq), self.now_ms()
-                )
-            return await self.store.replay_range(
-                topic, group, f"{ms}-{seq}", end_id or "+", self.now_ms()
+            for p in range(n) if partition is None else [partition]:
+                if reset:
+                    total += await self.store.replay_reset(
+                        topic, group, id_before(ms, seq), self.now_ms(), p
+                    )
+                else:
+                    total += await self.store.replay_range(
+                        topic, group, f"{ms}-{seq}", end_id or "+", self.now_ms(), p
+                    )
+        return total
+
+    # -- topics ----------------------------------------------------------
+
+    async def create_topic(self, topic: str, partitions: int) -> int:
+        """Fix a contract topic's partition count; the count it has.
+
+        FAILED_PRECONDITION when it already has another count: moving keys
+        between partitions would break the order per key.
+        """
+        self.registry.check_topic(topic, "topic_id")
+        limit = self.settings.max_partitions
+        if not 1 <= partitions <= limit:
+            raise InvalidArgument(
+                f"topic.partitions: {partitions}; a topic has 1 to {limit} partitions",
+                reason="INVALID_PARTITION_COUNT",
+                metadata={"max_partitions": str(limit)},
+                field_violations=[FieldViolation("topic.partitions", f"must be 1 to {limit}")],
             )
+        async with redis_errors():
+            current = await self.store.create_topic(topic, partitions)
+        if current != partitions:
+            raise FailedPrecondition(
+                f"topic {topic} already has {current} partition(s); a topic's partition count "
+                "never changes, because keys would move between partitions and lose their order",
+                reason="PARTITION_COUNT_FIXED",
+                metadata={"partitions": str(current), "requested": str(partitions)},
+                resource_type="topic",
+                resource_name=f"events/topics/{topic}",
+            )
+        return current
 
     # -- stats -----------------------------------------------------------
 
@@ -541,7 +658,7 @@ class EventBus:
         async with redis_errors():
             info = await self.store.topic_info(topic, group)
         if info is None:
-            info = TopicInfo(topic, 0, [], 0, None)
+            info = TopicInfo(topic, 0, [], 0, None, await self._count(topic))
         if group and not any(g.name == group for g in info.groups):
             raise NotFound(
                 f"topic {topic} has no consumer group {group}",
@@ -565,7 +682,14 @@ class EventBus:
         return out, paging.encode_cursor(page[-1]) if len(names) > size else ""
 
 
-def _check_ids(ids: Sequence[str]) -> list[str]:
-    for i, value in enumerate(ids):
-        parse_stream_id(value, f"ids.ids[{i}]")
-    return list(ids)
+def _no_dead_letter(topic: str, dead_letter_id: str) -> NoReturn:
+    raise NotFound(
+        f"no dead letter {dead_letter_id} on topic {topic}; nothing was redriven",
+        resource_type="dead-letter",
+        resource_name=f"events/topics/{topic}/deadLetters/{dead_letter_id}",
+    )
+
+
+def _public(records: Sequence[DeadLetterRecord], partitions: int) -> list[DeadLetterRecord]:
+    """The records with their public ids (which name the partition on a partitioned topic)."""
+    return [replace(d, id=partitioned_id(partitions, d.partition, d.id)) for d in records]

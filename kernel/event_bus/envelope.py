@@ -178,6 +178,18 @@ class ValidEvent:
     #: The traceparent and actor subject, kept beside the envelope for audit.
     trace_parent: str
     actor: str
+    #: The ordering key (see ``ordering_key``): picks the partition.
+    ordering_key: str = ""
+
+
+def ordering_key(env: envelope_pb2.Envelope) -> str:
+    """The key that picks an event's partition: ``partition_key``, else the
+    subject, else the resource, else the idempotency key.
+
+    Never the bus-assigned id: a retried publish must land on the partition
+    that remembers its idempotency key, or it would be stored twice.
+    """
+    return env.partition_key or env.subject or env.resource or env.idempotency_key
 
 
 def key_digest(idempotency_key: str) -> str:
@@ -241,6 +253,8 @@ class EnvelopeValidator:
             fail("idempotency_key", "required field is missing")
         elif len(env.idempotency_key) > MAX_IDEMPOTENCY_KEY:
             fail("idempotency_key", f"longer than {MAX_IDEMPOTENCY_KEY} characters")
+        if len(env.partition_key) > MAX_IDEMPOTENCY_KEY:
+            fail("partition_key", f"longer than {MAX_IDEMPOTENCY_KEY} characters")
         self._check_type_and_data(topic, env, fail)
         self._complete_trace(env, ctx, fail)
         self._complete_actor(env, ctx, field)
@@ -270,6 +284,7 @@ class EnvelopeValidator:
             content_hash=content,
             trace_parent=env.trace_parent,
             actor=env.actor.subject,
+            ordering_key=ordering_key(env),
         )
 
     def _check_type_and_data(self, topic: str, env: envelope_pb2.Envelope, fail: _Fail) -> None:

@@ -62,7 +62,8 @@ end
 local function audit(outbox, on, topic, group, consumer, id, f, attempt, outcome, reason, by, now)
   if on ~= '1' then return end
   f = f or {}
-  redis.call('XADD', outbox, 'MAXLEN', '~', 1000000, '*',
+  -- never trimmed: a record leaves only once the audit log has it
+  redis.call('XADD', outbox, '*',
     'o', outcome, 'topic', topic, 'group', group, 'consumer', consumer,
     'eid', field(f, 'eid') or id, 't', field(f, 't') or '', 'attempt', attempt,
     'reason', reason, 'tp', field(f, 'tp') or '', 'a', field(f, 'a') or '', 'by', by, 'time', now)
@@ -117,6 +118,16 @@ for _, m in ipairs(meta) do
 end
 if added and minid ~= '' then redis.call('XTRIM', stream, 'MINID', '~', minid) end
 return table.concat(out, ' ')
+"""
+
+#: Fix a topic's partition count unless it is fixed already (CreateTopic).
+#: KEYS: the partitions hash. ARGV: topic, count.
+#: Returns the count fixed now (> 0), or minus the count it already had.
+FIX_PARTITIONS = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then return -tonumber(cur) end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return tonumber(ARGV[2])
 """
 
 #: Create a consumer group if missing and record its settings.

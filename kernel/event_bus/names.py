@@ -55,3 +55,42 @@ def id_before(ms: int, seq: int) -> str:
 def id_ms(entry_id: str) -> int:
     """The millisecond timestamp part of a stream id."""
     return int(entry_id.partition("-")[0])
+
+
+_PARTITIONED_ID = re.compile(r"p(\d{1,4})-(\d{1,20}-\d{1,20})")
+
+
+def partitioned_id(partitions: int, partition: int, entry_id: str) -> str:
+    """The public id of a stream entry (a dead letter): ``p<partition>-<ms>-<seq>``
+    on a partitioned topic, the bare stream id on a topic of one partition."""
+    return f"p{partition}-{entry_id}" if partitions > 1 else entry_id
+
+
+def parse_partitioned_id(value: str, partitions: int, field: str) -> tuple[int, str]:
+    """(partition, stream id) of a public id; InvalidArgument if it is malformed
+    or names a partition the topic does not have."""
+    m = _PARTITIONED_ID.fullmatch(value)
+    partition, entry_id = (int(m[1]), m[2]) if m else (0, value)
+    if partitions > 1 and not m:
+        raise InvalidArgument(
+            f"{field}: {value!r} names no partition; on a topic of {partitions} partitions "
+            "it is p<partition>-<milliseconds>-<sequence>",
+            reason="INVALID_EVENT_ID",
+            field_violations=[FieldViolation(field, "not a partitioned id")],
+        )
+    check_partition(partition, partitions, field)
+    ms, seq = parse_stream_id(entry_id, field)
+    return partition, f"{ms}-{seq}"
+
+
+def check_partition(partition: int, partitions: int, field: str) -> int:
+    """``partition`` if the topic has it, else InvalidArgument."""
+    if 0 <= partition < partitions:
+        return partition
+    raise InvalidArgument(
+        f"{field}: partition {partition} does not exist; the topic has {partitions} "
+        f"(0 to {partitions - 1})",
+        reason="INVALID_PARTITION",
+        metadata={"partitions": str(partitions)},
+        field_violations=[FieldViolation(field, f"must be 0 to {partitions - 1}")],
+    )

@@ -12,9 +12,10 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration
 
 from autoecoops.events.v1 import events_pb2
+from autoecoops.kernel.mesh.backoff import exponential_delay
 from autoecoops.kernel.mesh.errors import FieldViolation, InvalidArgument
 
 #: How far a backoff is spread either way.
@@ -39,10 +40,7 @@ class RetryPolicy:
 
     def base_delay(self, retry: int) -> float:
         """The un-jittered wait before retry number ``retry`` (1 = the first retry)."""
-        exponent = max(retry - 1, 0)
-        # Cap the exponent so a long-failing event cannot overflow the float.
-        delay = self.initial_backoff * self.multiplier ** min(exponent, 1000)
-        return min(delay, self.max_backoff)
+        return exponential_delay(retry, self.initial_backoff, self.multiplier, self.max_backoff)
 
     def delay(self, retry: int, rand: Callable[[], float] = random.random) -> float:
         """The jittered wait before retry number ``retry``; ``rand`` returns [0, 1)."""
@@ -76,9 +74,9 @@ class RetryPolicy:
     def to_proto(self) -> events_pb2.RetryPolicy:
         """The policy as its contract message."""
         return events_pb2.RetryPolicy(
-            initial_backoff=_duration(self.initial_backoff),
+            initial_backoff=duration.from_nanoseconds(round(self.initial_backoff * 1e9)),
             multiplier=self.multiplier,
-            max_backoff=_duration(self.max_backoff),
+            max_backoff=duration.from_nanoseconds(round(self.max_backoff * 1e9)),
             max_attempts=self.max_attempts,
         )
 
@@ -117,9 +115,3 @@ class RetryPolicy:
                 field_violations=bad,
             )
         return policy
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(round(seconds * 1e9))
-    return d

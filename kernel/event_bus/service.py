@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, timestamp, timestamp_pb2
 
 from autoecoops.events.v1 import envelope_pb2, events_pb2, events_pb2_grpc
 from autoecoops.kernel.event_bus.background import start_background
@@ -18,11 +18,12 @@ from autoecoops.kernel.event_bus.store import (
     DeadLetterRecord,
     EventStore,
     TopicInfo,
-    connect_bus,
 )
 from autoecoops.kernel.event_bus.subscription import Delivery, Subscription, SubscriptionLoop
+from autoecoops.kernel.mesh.audit import outbox_for
 from autoecoops.kernel.mesh.auth import current_principal
 from autoecoops.kernel.mesh.errors import ConfigError, FieldViolation, InvalidArgument
+from autoecoops.kernel.mesh.redis import connect
 from autoecoops.kernel.mesh.server import Runtime
 
 #: Shortest lease a subscriber may ask for, and the longest.
@@ -33,16 +34,6 @@ MAX_VISIBILITY = 12 * 3600.0
 def _subject() -> str:
     p = current_principal.get()
     return p.subject if p is not None else ""
-
-
-def _seconds(d: duration_pb2.Duration) -> float:
-    return d.ToNanoseconds() / 1e9
-
-
-def _timestamp(epoch_seconds: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(epoch_seconds * 1e9))
-    return ts
 
 
 def _ms(ts: timestamp_pb2.Timestamp) -> int:
@@ -61,7 +52,8 @@ def _delivery(d: Delivery) -> events_pb2.Delivery:
         event_id=d.event_id,
         envelope=_envelope(d.envelope, d.event_id),
         attempt=d.attempt,
-        lease_expire_time=_timestamp(d.lease_expire_at),
+        lease_expire_time=timestamp.from_nanoseconds(int(d.lease_expire_at * 1e9)),
+        partition=d.partition,
     )
 
 
@@ -74,7 +66,8 @@ def _dead_letter(topic: str, d: DeadLetterRecord) -> events_pb2.DeadLetter:
         reason=d.reason,
         attempts=d.attempts,
         consumer=d.consumer,
-        dead_letter_time=_timestamp(d.time_ms / 1000),
+        dead_letter_time=timestamp.from_milliseconds(d.time_ms),
+        partition=d.partition,
     )
 
 
@@ -86,11 +79,23 @@ def _selector(
         return DeadLetterSelector(ids=list(msg.ids.ids))
     if which == "filter":
         f = msg.filter
+        start = f.start_time.ToMilliseconds() if f.HasField("start_time") else None
+        end = f.end_time.ToMilliseconds() if f.HasField("end_time") else None
+        if start is not None and end is not None and end < start:
+            raise InvalidArgument(
+                "filter: end_time is before start_time",
+                reason="INVALID_TIME_RANGE",
+                field_violations=[
+                    FieldViolation("filter.end_time", "must not be before filter.start_time")
+                ],
+            )
+        # Times before the epoch select nothing (no dead letter is that old);
+        # an end at or before the epoch or the start is an empty range, not an error.
         return DeadLetterSelector(
             group=f.group,
             event_type=f.event_type,
-            start_ms=_ms(f.start_time) if f.HasField("start_time") else None,
-            end_ms=_ms(f.end_time) if f.HasField("end_time") else None,
+            start_ms=None if start is None else max(start, 0),
+            end_ms=None if end is None else max(end, 0),
         )
     if which == "all" and msg.all:
         return DeadLetterSelector(all=True)
@@ -103,7 +108,10 @@ def _selector(
 
 def _stats(info: TopicInfo, now_ms: int) -> events_pb2.TopicStats:
     stats = events_pb2.TopicStats(
-        topic=info.name, length=info.length, dead_letter_count=info.dead_letters
+        topic=info.name,
+        length=info.length,
+        dead_letter_count=info.dead_letters,
+        partitions=info.partitions,
     )
     for g in info.groups:
         age = duration_pb2.Duration()
@@ -132,20 +140,16 @@ class EventBusServicer(events_pb2_grpc.EventBusServiceServicer):
 
     def __init__(self, bus: EventBus) -> None:
         self.bus = bus
-        # With outcome audit on, every ack and nack is recorded (with the
-        # event, attempt and reason) through the bus's outbox, atomically with
-        # settling it; the interceptor's generic entry would only repeat it.
-        self.AUDITS_ITSELF = frozenset({"Ack", "Nack"}) if bus.settings.audit else frozenset()
 
     async def Publish(
         self, request: events_pb2.PublishRequest, context: grpc.aio.ServicerContext
     ) -> events_pb2.PublishResponse:
         """Publish one event."""
         ctx = PublishContext.current(current_principal.get())
-        ((event_id, dup),) = await self.bus.publish(
-            request.topic, [request.envelope], ctx, batch=False
+        (r,) = await self.bus.publish(request.topic, [request.envelope], ctx, batch=False)
+        return events_pb2.PublishResponse(
+            event_id=r.event_id, duplicate=r.duplicate, partition=r.partition
         )
-        return events_pb2.PublishResponse(event_id=event_id, duplicate=dup)
 
     async def PublishBatch(
         self, request: events_pb2.PublishBatchRequest, context: grpc.aio.ServicerContext
@@ -154,7 +158,12 @@ class EventBusServicer(events_pb2_grpc.EventBusServiceServicer):
         ctx = PublishContext.current(current_principal.get())
         results = await self.bus.publish(request.topic, list(request.envelopes), ctx)
         return events_pb2.PublishBatchResponse(
-            results=[events_pb2.PublishResult(event_id=i, duplicate=d) for i, d in results]
+            results=[
+                events_pb2.PublishResult(
+                    event_id=r.event_id, duplicate=r.duplicate, partition=r.partition
+                )
+                for r in results
+            ]
         )
 
     async def Subscribe(
@@ -190,7 +199,7 @@ class EventBusServicer(events_pb2_grpc.EventBusServiceServicer):
             bad.append(FieldViolation("max_in_flight", f"must be 1 to {limit} (0: default)"))
         vis = None
         if request.HasField("visibility_timeout"):
-            vis = _seconds(request.visibility_timeout)
+            vis = request.visibility_timeout.ToNanoseconds() / 1e9
             if not MIN_VISIBILITY <= vis <= MAX_VISIBILITY:
                 bad.append(FieldViolation("visibility_timeout", "must be 100ms to 12h"))
         if bad:
@@ -230,24 +239,25 @@ class EventBusServicer(events_pb2_grpc.EventBusServiceServicer):
             request.delivery_id,
             _subject(),
             request.reason,
-            delay=_seconds(request.delay) if request.HasField("delay") else None,
+            delay=request.delay.ToNanoseconds() / 1e9 if request.HasField("delay") else None,
             dead_letter=request.dead_letter,
         )
         reply = events_pb2.NackResponse(dead_lettered=out.dead_lettered)
         if out.redeliver_at is not None:
-            reply.redeliver_time.CopyFrom(_timestamp(out.redeliver_at))
+            reply.redeliver_time.CopyFrom(timestamp.from_nanoseconds(int(out.redeliver_at * 1e9)))
         return reply
 
     async def ExtendLease(
         self, request: events_pb2.ExtendLeaseRequest, context: grpc.aio.ServicerContext
     ) -> events_pb2.ExtendLeaseResponse:
         """Keep deliveries leased while they are worked on."""
-        ext = _seconds(request.extension) if request.HasField("extension") else None
+        ext = request.extension.ToNanoseconds() / 1e9 if request.HasField("extension") else None
         leases, expired = await self.bus.extend(list(request.delivery_ids), _subject(), ext)
         return events_pb2.ExtendLeaseResponse(
             leases=[
                 events_pb2.Lease(
-                    delivery_id=lease.delivery_id, lease_expire_time=_timestamp(lease.expire_at)
+                    delivery_id=lease.delivery_id,
+                    lease_expire_time=timestamp.from_nanoseconds(int(lease.expire_at * 1e9)),
                 )
                 for lease in leases
             ],
@@ -306,7 +316,15 @@ class EventBusServicer(events_pb2_grpc.EventBusServiceServicer):
             end_id = f"{_ms(request.end_time)}-{MAX_U64}"
         elif end == "end_event_id":
             end_id = request.end_event_id
-        n = await self.bus.replay(request.topic, request.group, start_id, end_id, request.reset)
+        n = await self.bus.replay(
+            request.topic,
+            request.group,
+            start_id,
+            end_id,
+            request.reset,
+            partition=request.partition if request.HasField("partition") else None,
+            by_id=start == "start_event_id" or end == "end_event_id",
+        )
         return events_pb2.ReplayResponse(event_count=n)
 
     async def GetTopicStats(
@@ -316,6 +334,15 @@ class EventBusServicer(events_pb2_grpc.EventBusServiceServicer):
         info = await self.bus.topic_stats(request.topic, request.group)
         return events_pb2.GetTopicStatsResponse(stats=_stats(info, self.bus.now_ms()))
 
+    async def CreateTopic(
+        self, request: events_pb2.CreateTopicRequest, context: grpc.aio.ServicerContext
+    ) -> events_pb2.CreateTopicResponse:
+        """Fix a topic's partition count before it is used."""
+        n = await self.bus.create_topic(request.topic_id, request.topic.partitions)
+        return events_pb2.CreateTopicResponse(
+            topic=events_pb2.Topic(name=request.topic_id, partitions=n)
+        )
+
     async def ListTopics(
         self, request: events_pb2.ListTopicsRequest, context: grpc.aio.ServicerContext
     ) -> events_pb2.ListTopicsResponse:
@@ -323,9 +350,16 @@ class EventBusServicer(events_pb2_grpc.EventBusServiceServicer):
         infos, token = await self.bus.list_topics(request.page_size, request.page_token)
         topics = []
         for i in infos:
-            t = events_pb2.Topic(name=i.name, length=i.length, groups=[g.name for g in i.groups])
+            t = events_pb2.Topic(
+                name=i.name,
+                length=i.length,
+                groups=[g.name for g in i.groups],
+                partitions=i.partitions,
+            )
             if i.last_id:
-                t.last_event_time.CopyFrom(_timestamp(int(i.last_id.split("-")[0]) / 1000))
+                t.last_event_time.CopyFrom(
+                    timestamp.from_milliseconds(int(i.last_id.split("-")[0]))
+                )
             topics.append(t)
         return events_pb2.ListTopicsResponse(topics=topics, next_page_token=token)
 
@@ -335,9 +369,20 @@ def build_bus(runtime: Runtime, settings: EventBusSettings | None = None) -> Eve
     settings = settings or EventBusSettings.from_env()
     if not runtime.config.redis_url:
         raise ConfigError("REDIS_URL: event-bus needs Redis")
-    client = connect_bus(runtime.config.redis_url)
+    # Its own pool: subscriptions hold connections in blocking reads.
+    client = connect(runtime.config.redis_url)
     runtime.closers.insert(0, client.aclose)
-    return EventBus(EventStore(client, runtime.key("events") + ":", settings), settings)
+    outbox = outbox_for(runtime, "event-bus")
+    config = runtime.config
+    store = EventStore(
+        client,
+        runtime.key("events") + ":",
+        settings,
+        outbox,
+        wait_replicas=config.wait_replicas,
+        wait_timeout_ms=config.redis_wait_timeout_ms,
+    )
+    return EventBus(store, settings)
 
 
 def register(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:

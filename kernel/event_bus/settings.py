@@ -11,6 +11,9 @@ from autoecoops.kernel.mesh.errors import ConfigError
 
 P = "AUTOECOOPS_EVENT_BUS_"
 DAY = 86400.0
+#: The hard ceiling on a topic's partitions: a subscription reads every
+#: partition of its topic, so each is a stream it polls.
+MAX_PARTITIONS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,11 @@ class EventBusSettings:
     #: Seconds between refreshes of the Prometheus gauges when metrics are on
     #: (``AUTOECOOPS_EVENT_BUS_METRICS_INTERVAL_SECONDS``).
     metrics_interval: float = 15.0
+    #: Partitions of a topic set up without CreateTopic, fixed when it is first
+    #: written to (``AUTOECOOPS_EVENT_BUS_PARTITIONS``; 1: one stream, as before).
+    partitions: int = 1
+    #: The most partitions a topic may have (``AUTOECOOPS_EVENT_BUS_MAX_PARTITIONS``).
+    max_partitions: int = 64
 
     def retention_for(self, topic: str) -> Retention:
         """The retention of ``topic``."""
@@ -89,6 +97,12 @@ class EventBusSettings:
         if not default_retention.max_len and not default_retention.max_age:
             raise ConfigError(f"{P}MAX_LEN and {P}MAX_AGE_SECONDS: at least one must bound a topic")
         limit = read_int(env, f"{P}MAX_IN_FLIGHT_LIMIT", d.max_in_flight_limit, 1, 100_000)
+        max_partitions = read_int(env, f"{P}MAX_PARTITIONS", d.max_partitions, 1, MAX_PARTITIONS)
+        partitions = read_int(env, f"{P}PARTITIONS", d.partitions, 1, MAX_PARTITIONS)
+        if partitions > max_partitions:
+            raise ConfigError(
+                f"{P}PARTITIONS={partitions}: more than {P}MAX_PARTITIONS={max_partitions}"
+            )
         return cls(
             max_event_bytes=read_int(env, f"{P}MAX_EVENT_BYTES", d.max_event_bytes, 256, 64 << 20),
             max_batch=read_int(env, f"{P}MAX_BATCH", d.max_batch, 1, 100_000),
@@ -111,6 +125,8 @@ class EventBusSettings:
             metrics_interval=_positive(
                 env, f"{P}METRICS_INTERVAL_SECONDS", d.metrics_interval, 3600
             ),
+            partitions=partitions,
+            max_partitions=max_partitions,
         )
 
 

@@ -7,6 +7,10 @@ due, or room freeing up. It never buffers ahead of the consumer: a delivery's
 lease starts when it is sent, so nothing ages in a pending list while it
 waits in a client buffer.
 
+On a partitioned topic a turn goes over every partition, starting from the
+next one each turn so none is starved, with the consumer's room shared
+between them; the wait is one blocking read of all partitions' streams.
+
 A Redis outage does not end the subscription: the loop waits with backoff
 and carries on when Redis is back, recreating the group if Redis lost it.
 """
@@ -25,6 +29,7 @@ from autoecoops.kernel.event_bus.bus import EventBus
 from autoecoops.kernel.event_bus.retry import RetryPolicy
 from autoecoops.kernel.event_bus.store import Entry, NoGroup, Settle, redis_errors
 from autoecoops.kernel.event_bus.tokens import DeliveryRef, subject_tag
+from autoecoops.kernel.mesh.backoff import Backoff
 from autoecoops.kernel.mesh.errors import Unavailable
 
 log = logging.getLogger("autoecoops.event_bus")
@@ -93,6 +98,8 @@ class Delivery:
     attempt: int
     #: Epoch seconds.
     lease_expire_at: float
+    #: The partition the event is in.
+    partition: int = 0
 
 
 class SubscriptionLoop:
@@ -106,6 +113,11 @@ class SubscriptionLoop:
         self._policy = RetryPolicy()
         self._next_reclaim = 0.0
         self._wake = asyncio.Event()
+        self._partitions = 1
+        #: The partition a turn starts with (rotates, for fairness).
+        self._first = 0
+        #: Deliveries held per partition, as its last fetch left them.
+        self._held: dict[int, int] = {}
 
     async def setup(self) -> None:
         """Create or join the group; errors here fail the Subscribe call itself."""
@@ -117,6 +129,8 @@ class SubscriptionLoop:
                     s.topic, s.group, s.start, self.bus.now_ms(), s.retry_policy, vis
                 )
             )
+        async with redis_errors():
+            self._partitions = await shielded(self.store.partitions(s.topic))
         await self._load_config()
         await self.bus.tokens()
 
@@ -128,13 +142,13 @@ class SubscriptionLoop:
 
     async def deliveries(self) -> AsyncIterator[list[Delivery]]:
         """Batches of deliveries, as the consumer has room for them."""
-        backoff = 0.1
+        backoff = Backoff(0.1, MAX_OUTAGE_BACKOFF)
         self._wake = self.bus.notifier.event(self.sub.topic, self.sub.group, self.sub.consumer)
         try:
             while True:
                 try:
                     batch = await self._turn()
-                    backoff = 0.1
+                    backoff.reset()
                 except NoGroup:
                     # Redis lost the group (restarted without it, or it was
                     # destroyed): recreate it from the oldest retained event;
@@ -150,17 +164,16 @@ class SubscriptionLoop:
                                 )
                             )
                     except (Unavailable, NoGroup):
-                        await asyncio.sleep(backoff)
+                        await asyncio.sleep(backoff.peek())
                     continue
                 except Unavailable:
                     log.warning(
                         "Redis unavailable; subscription %s/%s retrying in %.1fs",
                         self.sub.topic,
                         self.sub.group,
-                        backoff,
+                        backoff.peek(),
                     )
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, MAX_OUTAGE_BACKOFF)
+                    await asyncio.sleep(backoff.next())
                     continue
                 if batch:
                     yield batch
@@ -172,42 +185,62 @@ class SubscriptionLoop:
         now = bus.clock()
         if now >= self._next_reclaim:
             await self._load_config()
-            await self._reclaim()
+            for p in range(self._partitions):
+                await self._reclaim(p)
             self._next_reclaim = now + min(self._vis_ms / 2000, 1.0)
         self._wake.clear()
-        async with redis_errors():
-            res = await shielded(
-                self.store.fetch(
-                    s.topic,
-                    s.group,
-                    s.consumer,
-                    s.max_in_flight,
-                    s.ordered,
-                    self._vis_ms,
-                    bus.now_ms(),
-                    PARK_MS,
+        n = self._partitions
+        order = [(self._first + i) % n for i in range(n)]
+        self._first = (self._first + 1) % n
+        out: list[Delivery] = []
+        more, waiting_in_order = False, False
+        next_due: float | None = None
+        last: dict[int, str] = {}
+        for p in order:
+            # The consumer's room is shared: what the other partitions hold counts.
+            room = s.max_in_flight - sum(h for q, h in self._held.items() if q != p)
+            if room <= 0:
+                continue  # its own fetch, later in the turn, refreshes what it holds
+            async with redis_errors():
+                res = await shielded(
+                    self.store.fetch(
+                        s.topic,
+                        s.group,
+                        s.consumer,
+                        room,
+                        s.ordered,
+                        self._vis_ms,
+                        bus.now_ms(),
+                        PARK_MS,
+                        partition=p,
+                    )
                 )
-            )
-        if res.deduplicated:
-            metrics.DEDUPLICATED.labels(s.topic, s.group).inc(res.deduplicated)
-        if res.lost:
-            metrics.LOST.labels(s.topic, s.group).inc(res.lost)
-        if res.entries:
-            return await self._deliveries(res.entries)
-        if res.more:
-            return []
+            self._held[p] = room - res.free
+            if res.deduplicated:
+                metrics.DEDUPLICATED.labels(s.topic, s.group).inc(res.deduplicated)
+            if res.lost:
+                metrics.LOST.labels(s.topic, s.group).inc(res.lost)
+            if res.entries:
+                out += await self._deliveries(res.entries, p)
+            more = more or res.more
+            last[p] = res.last_id
+            if res.next_due is not None:
+                next_due = res.next_due if next_due is None else min(next_due, res.next_due)
+                waiting_in_order = waiting_in_order or s.ordered
+        if out or more:
+            return out
         timeout = bus.settings.poll_interval
-        if res.next_due is not None:
-            timeout = min(timeout, max(res.next_due / 1000 - bus.clock(), 0.001))
-        waiting_in_order = s.ordered and res.next_due is not None
-        if res.free > 0 and not waiting_in_order:
+        if next_due is not None:
+            timeout = min(timeout, max(next_due / 1000 - bus.clock(), 0.001))
+        free = s.max_in_flight - sum(self._held.values())
+        if free > 0 and not waiting_in_order and len(last) == n:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a
             # cancellation that arrives as the awaited call completes, and a
             # subscriber that hung up would keep its loop running forever.
             try:
                 async with redis_errors(), asyncio.timeout(timeout + 5):
                     # Bounded, so a silent network partition cannot hang the loop.
-                    await shielded(self.store.wait_for_events(s.topic, res.last_id, timeout))
+                    await shielded(self.store.wait_for_events(s.topic, last, timeout))
             except TimeoutError:
                 raise Unavailable("Redis did not answer a blocking read in time") from None
         else:
@@ -216,12 +249,12 @@ class SubscriptionLoop:
                     await self._wake.wait()
         return []
 
-    async def _reclaim(self) -> None:
+    async def _reclaim(self, partition: int) -> None:
         """Settle leases that expired unsettled as failed attempts (with backoff)."""
         s = self.sub
         async with redis_errors():
             entries, lost = await shielded(
-                self.store.reclaim(s.topic, s.group, s.consumer, self._vis_ms)
+                self.store.reclaim(s.topic, s.group, s.consumer, self._vis_ms, partition)
             )
         if lost:
             metrics.LOST.labels(s.topic, s.group).inc(lost)
@@ -234,10 +267,11 @@ class SubscriptionLoop:
                     [Settle(e.id, s.consumer, e.attempt) for e in entries],
                     "lease expired",
                     by="event-bus",
+                    partition=partition,
                 )
             )
 
-    async def _deliveries(self, entries: list[Entry]) -> list[Delivery]:
+    async def _deliveries(self, entries: list[Entry], partition: int) -> list[Delivery]:
         s = self.sub
         tokens = await self.bus.tokens()
         tag = subject_tag(s.subject)
@@ -245,12 +279,15 @@ class SubscriptionLoop:
         out = [
             Delivery(
                 delivery_id=tokens.encode(
-                    DeliveryRef(s.topic, s.group, s.consumer, e.id, e.attempt, tag, e.key)
+                    DeliveryRef(
+                        s.topic, s.group, s.consumer, e.id, e.attempt, tag, e.key, partition
+                    )
                 ),
                 event_id=e.event_id,
                 envelope=e.envelope,
                 attempt=e.attempt,
                 lease_expire_at=expire,
+                partition=partition,
             )
             for e in entries
         ]

@@ -19,6 +19,9 @@ from autoecoops.kernel.event_bus.names import parse_stream_id
 from autoecoops.kernel.mesh.errors import InvalidArgument
 
 _VERSION = 1
+#: Version 2 adds the partition (two bytes after the attempt); a delivery on
+#: partition 0 keeps version 1, so ids of unpartitioned topics are unchanged.
+_VERSION_PARTITIONED = 2
 _MAC_BYTES = 16
 _TAG_BYTES = 8
 _KEY_BYTES = 16
@@ -39,6 +42,8 @@ class DeliveryRef:
     subject: bytes
     #: The event's idempotency-key digest (hex), so settling need not read the event.
     key: str = ""
+    #: The partition of the topic the entry is in.
+    partition: int = 0
 
 
 def subject_tag(subject: str) -> bytes:
@@ -63,13 +68,16 @@ class DeliveryTokens:
     def encode(self, ref: DeliveryRef) -> str:
         """The delivery id of ``ref``."""
         ms, seq = parse_stream_id(ref.entry_id, "entry_id")
+        where = struct.pack(">QQI", ms, seq, ref.attempt)
+        if ref.partition:
+            where += struct.pack(">H", ref.partition)
         body = b"".join(
             (
-                struct.pack(">B", _VERSION),
+                struct.pack(">B", _VERSION_PARTITIONED if ref.partition else _VERSION),
                 _pack_str(ref.topic),
                 _pack_str(ref.group),
                 _pack_str(ref.consumer),
-                struct.pack(">QQI", ms, seq, ref.attempt),
+                where,
                 ref.subject,
                 bytes.fromhex(ref.key),
             )
@@ -82,7 +90,10 @@ class DeliveryTokens:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         except (ValueError, TypeError):
             return None
-        if len(raw) < 1 + 3 + 20 + _TAG_BYTES + _MAC_BYTES or raw[0] != _VERSION:
+        if len(raw) < 1 + 3 + 20 + _TAG_BYTES + _MAC_BYTES or raw[0] not in (
+            _VERSION,
+            _VERSION_PARTITIONED,
+        ):
             return None
         body, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
         if not hmac.compare_digest(mac, self._mac(body)):
@@ -95,13 +106,20 @@ class DeliveryTokens:
                 parts.append(body[pos + 1 : pos + 1 + n].decode())
                 pos += 1 + n
             ms, seq, attempt = struct.unpack_from(">QQI", body, pos)
-            subject = body[pos + 20 : pos + 20 + _TAG_BYTES]
-            key = body[pos + 20 + _TAG_BYTES :]
+            pos += 20
+            partition = 0
+            if body[0] == _VERSION_PARTITIONED:
+                (partition,) = struct.unpack_from(">H", body, pos)
+                pos += 2
+            subject = body[pos : pos + _TAG_BYTES]
+            key = body[pos + _TAG_BYTES :]
         except (IndexError, struct.error, UnicodeDecodeError):
             return None
         if len(subject) != _TAG_BYTES or len(key) not in (0, _KEY_BYTES):
             return None
-        return DeliveryRef(parts[0], parts[1], parts[2], f"{ms}-{seq}", attempt, subject, key.hex())
+        return DeliveryRef(
+            parts[0], parts[1], parts[2], f"{ms}-{seq}", attempt, subject, key.hex(), partition
+        )
 
 
 def check_token_field(token: str, field: str) -> str:

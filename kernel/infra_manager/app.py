@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from autoecoops.kernel.auth.mesh import own_clients
 from autoecoops.kernel.infra_manager.cluster import Cluster, EmbeddedCluster, KubernetesCluster
 from autoecoops.kernel.infra_manager.events import BusPublisher
 from autoecoops.kernel.infra_manager.manager import InfraManager
@@ -12,7 +13,7 @@ from autoecoops.kernel.infra_manager.reconcile import Reconciler
 from autoecoops.kernel.infra_manager.settings import InfraSettings
 from autoecoops.kernel.infra_manager.source import GitSource
 from autoecoops.kernel.infra_manager.store import InfraStore
-from autoecoops.kernel.mesh.audit import AuditTrail
+from autoecoops.kernel.mesh.audit import outbox_for, trail_for
 from autoecoops.kernel.mesh.server import Runtime
 
 SERVICE = "infra-manager"
@@ -83,12 +84,12 @@ def build(runtime: Runtime, settings: InfraSettings | None = None) -> InfraApp:
         fetch_interval=settings.git_fetch_interval,
     )
     manager = InfraManager(
-        InfraStore(runtime.redis, runtime.key(SERVICE)),
+        InfraStore(runtime.redis, runtime.key(SERVICE), outbox_for(runtime, SERVICE)),
         cluster_factory(runtime, settings),
         git,
         settings,
-        events=BusPublisher(runtime.clients, timeout=settings.event_timeout),
-        audit=AuditTrail(runtime.clients, SERVICE),
+        events=BusPublisher(own_clients(runtime, SERVICE), timeout=settings.event_timeout),
+        audit=trail_for(runtime, SERVICE),
         authorizer=runtime.authorizer,
     )
     return InfraApp(manager, Reconciler(manager, settings))

@@ -27,19 +27,30 @@ import contextlib
 import datetime as dt
 import functools
 import json
+import logging
 import re
+import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from autoecoops.kernel.infra_manager.health import ready_status
 from autoecoops.kernel.infra_manager.manifests import APP_LABEL, CLUSTER_SCOPED
-from autoecoops.kernel.infra_manager.model import Ref
+from autoecoops.kernel.infra_manager.model import Backoff, Ref
 
+log = logging.getLogger("autoecoops.infra_manager")
 FIELD_MANAGER = "autoecoops-infra-manager"
+#: Attempts of a write the API server answers 409 Conflict to, and the wait between them.
+CONFLICT_ATTEMPTS = 5
+CONFLICT_BACKOFF = Backoff(duration=0.05, factor=2, max_duration=1.0)
+#: How long one watch request lasts before it is resumed from its last version.
+WATCH_SECONDS = 300
+#: The wait before watching again after a failed watch or list.
+WATCH_BACKOFF = Backoff(duration=1.0, factor=2, max_duration=30.0)
 _SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
@@ -87,6 +98,25 @@ class Cluster(abc.ABC):
     async def delete(self, ref: Ref) -> bool:
         """Delete the object; False if it did not exist."""
 
+    async def server_version(self) -> str:
+        """The Kubernetes version the cluster reports ('' when unknown); Helm renders for it."""
+        return ""
+
+    def changes(
+        self,
+        kinds: Callable[[], set[tuple[str, str, str]]],
+        stop: Callable[[], bool] = lambda: False,
+    ) -> AsyncIterator[Change]:
+        """Live changes to objects of applications, as they happen, until ``stop()``.
+
+        ``kinds`` names the (group, version, kind)s worth watching now; a
+        backend that watches per kind asks it again after each relist.
+        ``stop`` is polled at least every second: the follower ends by it,
+        not by cancellation, which a client library caught in a blocking
+        read can lose.
+        """
+        raise NotImplementedError
+
     async def get(self, ref: Ref) -> dict[str, Any] | None:
         """One live object, or None."""
         (obj,) = await self.get_many([ref])
@@ -112,6 +142,11 @@ class Cluster(abc.ABC):
 
 # -- the embedded cluster ------------------------------------------------------
 
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
 # Compare-and-set on the object's resourceVersion, then move the app index.
 _CAS = """
 local cur = redis.call('HGET', KEYS[1], 'rv')
@@ -120,8 +155,26 @@ local rv = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[1], 'obj', ARGV[2], 'rv', rv, 'applied', ARGV[3])
 if KEYS[3] ~= KEYS[4] then redis.call('SREM', KEYS[3], ARGV[4]) end
 if ARGV[5] == '1' then redis.call('SADD', KEYS[4], ARGV[4]) end
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*',
+  't', ARGV[6], 'k', ARGV[4], 'rv', rv, 'a', ARGV[7])
 return rv
 """
+#: Entries kept in an embedded cluster's change feed (a watcher that falls
+#: further behind relists, as one that gets 410 Gone from an API server).
+FEED_LENGTH = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change to a live object, as a watch reports it."""
+
+    #: ADDED, MODIFIED, DELETED, or RELIST: the watch restarted and anything
+    #: may have changed meanwhile (every application should be compared).
+    type: str
+    ref: Ref | None = None
+    #: The applications whose label the object carried before or after.
+    apps: tuple[str, ...] = ()
+    resource_version: str = ""
 
 
 def _now_iso() -> str:
@@ -220,6 +273,10 @@ def validate(obj: Mapping[str, Any], namespaced: bool) -> str | None:
     return None
 
 
+#: What the embedded cluster reports as its version (charts check it with kubeVersion).
+EMBEDDED_KUBE_VERSION = "v1.30.0"
+
+
 class EmbeddedCluster(Cluster):
     """A cluster whose objects live in Redis under ``<prefix>:{<name>}:``."""
 
@@ -237,10 +294,16 @@ class EmbeddedCluster(Cluster):
         self._base = f"{prefix}:{{{self.name}}}"
         self.simulate_ready = simulate_ready
         self._cas = redis.register_script(_CAS)
+        #: The change feed: one stream entry per write, in resourceVersion order.
+        self._feed = f"{self._base}:changes"
         self._applied: OrderedDict[str, tuple[str, dict[str, Any] | None]] = OrderedDict()
 
     def _obj_key(self, ref: Ref) -> str:
         return f"{self._base}:obj:{ref.key}"
+
+    async def server_version(self) -> str:
+        """The Kubernetes version the embedded cluster stands in for."""
+        return EMBEDDED_KUBE_VERSION
 
     def _index(self, app: str) -> str:
         return f"{self._base}:app:{app}"
@@ -379,13 +442,16 @@ class EmbeddedCluster(Cluster):
         old_key = self._index(old_app or new_app or "-")
         new_key = self._index(new_app or old_app or "-")
         rv = await self._cas(
-            keys=[self._obj_key(ref), f"{self._base}:rv", old_key, new_key],
+            keys=[self._obj_key(ref), f"{self._base}:rv", old_key, new_key, self._feed],
             args=[
                 expected_rv,
                 json.dumps(obj, separators=(",", ":")),
                 json.dumps(applied, separators=(",", ":")) if applied is not None else "",
                 ref.key,
                 "1" if new_app else "0",
+                "ADDED" if old is None else "MODIFIED",
+                ",".join(sorted({a for a in (old_app, new_app) if a})),
+                str(FEED_LENGTH),
             ],
         )
         if int(rv) < 0:
@@ -423,7 +489,7 @@ class EmbeddedCluster(Cluster):
 
     async def delete(self, ref: Ref) -> bool:
         """Delete the object and drop it from its application's index."""
-        live, _applied, _rv = await self._read(ref)
+        live, _applied, rv = await self._read(ref)
         if live is None:
             return False
         app = (live["metadata"].get("labels") or {}).get(APP_LABEL, "")
@@ -431,8 +497,52 @@ class EmbeddedCluster(Cluster):
             pipe.delete(self._obj_key(ref))
             if app:
                 pipe.srem(self._index(app), ref.key)
+            pipe.xadd(
+                self._feed,
+                {"t": "DELETED", "k": ref.key, "rv": rv, "a": app},
+                maxlen=FEED_LENGTH,
+                approximate=True,
+            )
             await pipe.execute()
         return True
+
+    async def changes(
+        self,
+        kinds: Callable[[], set[tuple[str, str, str]]] = set,
+        stop: Callable[[], bool] = lambda: False,
+    ) -> AsyncIterator[Change]:
+        """Follow the cluster's change feed (a Redis stream every write appends to).
+
+        Starts at the newest entry; after a lost connection, or when the feed
+        was trimmed past the last entry read, it yields RELIST first.
+        """
+        last = await self._feed_tail()
+        while not stop():
+            try:
+                reply: Any = await self.redis.xread({self._feed: last}, count=500, block=1000)
+            except (aioredis.ConnectionError, aioredis.TimeoutError, OSError):
+                await asyncio.sleep(1.0)
+                last = await self._feed_tail()
+                yield Change("RELIST")
+                continue
+            for _stream, entries in reply or ():
+                first = True
+                for entry_id, fields in entries:
+                    if first and last != "0-0" and not await self._still_in_feed(last):
+                        yield Change("RELIST")  # trimmed: entries between were lost
+                    first = False
+                    last = _text(entry_id)
+                    f = {_text(k): _text(v) for k, v in fields.items()}
+                    apps = tuple(a for a in f.get("a", "").split(",") if a)
+                    yield Change(f["t"], Ref.from_key(f["k"]), apps, f.get("rv", ""))
+
+    async def _feed_tail(self) -> str:
+        newest = await self.redis.xrevrange(self._feed, count=1)
+        return _text(newest[0][0]) if newest else "0-0"
+
+    async def _still_in_feed(self, entry_id: str) -> bool:
+        got = await self.redis.xrange(self._feed, min=entry_id, max=entry_id, count=1)
+        return bool(got)
 
     async def clear(self) -> None:
         """Delete every object of this cluster (tests, `autoecoops` resets)."""
@@ -526,6 +636,159 @@ class KubernetesCluster(Cluster):
                 f"the server has no resource type {kind} in {api_version}",
             ) from None
 
+    async def _retry_conflicts(self, fn: Callable[[], Any]) -> Any:
+        """Call ``fn``; again, after a short backoff, while the server answers 409 Conflict.
+
+        A write races another writer of the same object ("the object has
+        been modified"); the next attempt reads the new state. Anything else,
+        and the last conflict, goes to the caller.
+        """
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                return await self._call(fn)
+            except Exception as err:
+                if getattr(err, "status", None) != 409 or attempt == CONFLICT_ATTEMPTS:
+                    raise
+                await asyncio.sleep(CONFLICT_BACKOFF.delay(attempt))
+        raise AssertionError("unreachable")
+
+    async def changes(
+        self,
+        kinds: Callable[[], set[tuple[str, str, str]]] = set,
+        stop: Callable[[], bool] = lambda: False,
+    ) -> AsyncIterator[Change]:
+        """The watch API, one list-then-watch per kind the applications use.
+
+        Each kind is listed once (labelled objects only), then watched from
+        the list's resourceVersion with bookmarks, resuming from the last
+        version seen when a watch ends; a 410 Gone (the version was
+        compacted away) relists and yields RELIST, since changes may have
+        been missed. The watches run in threads of their own (the client
+        is blocking), never in the shared executor.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Change] = asyncio.Queue()
+        halt = threading.Event()
+        workers: dict[tuple[str, str, str], threading.Thread] = {}
+
+        def put(change: Change) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, change)
+
+        dyn = await self._client()
+        try:
+            while not stop():
+                for gvk in sorted(kinds()):
+                    if gvk in workers and workers[gvk].is_alive():
+                        continue
+                    try:
+                        res = await self._resource(*gvk)
+                    except ApplyError:
+                        continue  # a kind the server does not serve (yet)
+                    worker = threading.Thread(
+                        target=self._watch_kind,
+                        args=(dyn, res.path(), put, halt),
+                        name=f"infra-manager-watch-{gvk[2]}",
+                        daemon=True,
+                    )
+                    workers[gvk] = worker
+                    worker.start()
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter}, timeout=1.0)
+                if getter not in done:
+                    getter.cancel()
+                    continue
+                yield getter.result()
+                while not queue.empty():
+                    yield queue.get_nowait()
+        finally:
+            halt.set()
+
+    def _watch_kind(
+        self, dyn: Any, path: str, put: Callable[[Change], None], halt: threading.Event
+    ) -> None:
+        """List, then watch ``path`` until ``halt``; blocking, in its own thread."""
+        rv = ""
+        listed_once = False
+        failures = 0
+        while not halt.is_set():
+            try:
+                if not rv:
+                    rv = self._list_version(dyn, path)
+                    if listed_once:
+                        put(Change("RELIST"))  # what happened between is unknown
+                    listed_once = True
+                rv = self._watch_once(dyn, path, rv, put, halt)
+                failures = 0
+            except Exception as err:
+                if getattr(err, "status", None) == 410:
+                    rv = ""  # too old: relist
+                    continue
+                failures += 1
+                # Forbidden or unreachable: say so, and back off (the interval still reconciles).
+                log.warning("watch of %s failed (%s); retrying", path, err)
+                halt.wait(WATCH_BACKOFF.delay(failures))
+
+    def _list_version(self, dyn: Any, path: str) -> str:
+        resp = dyn.request(
+            "get", path, serialize=False, label_selector=APP_LABEL, limit=1, _request_timeout=30
+        )
+        body = json.loads(resp.data)
+        return str(body.get("metadata", {}).get("resourceVersion") or "0")
+
+    def _watch_once(
+        self,
+        dyn: Any,
+        path: str,
+        rv: str,
+        put: Callable[[Change], None],
+        halt: threading.Event,
+    ) -> str:
+        """One watch request from ``rv``; returns the version to resume from ('' to relist)."""
+        from kubernetes.watch.watch import iter_resp_lines
+
+        resp = dyn.request(
+            "get",
+            path,
+            serialize=False,
+            label_selector=APP_LABEL,
+            watch=True,
+            resource_version=rv,
+            allow_watch_bookmarks=True,
+            timeout_seconds=WATCH_SECONDS,
+            _request_timeout=(10, WATCH_SECONDS + 30),
+        )
+        try:
+            for line in iter_resp_lines(resp):  # type: ignore[no-untyped-call]
+                if halt.is_set():
+                    break
+                if not line:
+                    continue
+                event = json.loads(line)
+                kind, obj = event.get("type"), event.get("object") or {}
+                meta = obj.get("metadata") or {}
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        return ""
+                    raise ClusterUnavailable(f"watch of {path}: {obj.get('message', obj)}")
+                rv = str(meta.get("resourceVersion") or rv)
+                if kind == "BOOKMARK":
+                    continue
+                app = (meta.get("labels") or {}).get(APP_LABEL, "")
+                with contextlib.suppress(KeyError):
+                    put(Change(str(kind), Ref.of(obj), (app,) if app else (), rv))
+        finally:
+            resp.release_conn()
+        return rv
+
+    async def server_version(self) -> str:
+        """``gitVersion`` from the API server's /version ('' if it cannot be read)."""
+        try:
+            dyn = await self._client()
+            version = await self._call(lambda: dyn.version)
+            return str(version["kubernetes"]["gitVersion"])
+        except Exception:
+            return ""
+
     async def namespaced(self, group: str, kind: str) -> bool:
         """From API discovery; unknown kinds (a CRD applied in the same sync) count as namespaced."""
         dyn = await self._client()
@@ -597,7 +860,7 @@ class KubernetesCluster(Cluster):
         dyn = await self._client()
         body = dict(obj)
         try:
-            got = await self._call(
+            got = await self._retry_conflicts(
                 lambda: dyn.server_side_apply(
                     res,
                     body=body,
@@ -622,7 +885,7 @@ class KubernetesCluster(Cluster):
         except ApplyError:
             return False
         try:
-            await self._call(
+            await self._retry_conflicts(
                 lambda: res.delete(
                     name=ref.name,
                     namespace=ref.namespace or None,

@@ -13,8 +13,11 @@ from autoecoops.kernel.infra_manager.model import (
     Backoff,
     Destination,
     Health,
+    HelmParameter,
+    HelmSource,
     HistoryEntry,
     IgnoreRule,
+    KustomizeSource,
     Operation,
     Phase,
     Ref,
@@ -97,7 +100,67 @@ def result_pb(r: ResourceResult) -> pb.ResourceResult:
 
 def source_pb(s: Source) -> pb.ApplicationSource:
     """An ApplicationSource."""
-    return pb.ApplicationSource(repo_url=s.repo_url, target_revision=s.target_revision, path=s.path)
+    out = pb.ApplicationSource(repo_url=s.repo_url, target_revision=s.target_revision, path=s.path)
+    if s.helm is not None:
+        h = s.helm
+        out.helm.CopyFrom(
+            pb.ApplicationSourceHelm(
+                value_files=h.value_files,
+                values=h.values,
+                parameters=[
+                    pb.HelmParameter(name=p.name, value=p.value, force_string=p.force_string)
+                    for p in h.parameters
+                ],
+                release_name=h.release_name,
+                namespace=h.namespace,
+                kube_version=h.kube_version,
+                api_versions=h.api_versions,
+                skip_crds=h.skip_crds,
+                ignore_missing_value_files=h.ignore_missing_value_files,
+            )
+        )
+    if s.kustomize is not None:
+        k = s.kustomize
+        out.kustomize.CopyFrom(
+            pb.ApplicationSourceKustomize(
+                name_prefix=k.name_prefix,
+                name_suffix=k.name_suffix,
+                images=k.images,
+                common_labels=dict(k.common_labels),
+                common_annotations=dict(k.common_annotations),
+                namespace=k.namespace,
+            )
+        )
+    return out
+
+
+def source_of(msg: pb.ApplicationSource) -> Source:
+    """The domain source of an ApplicationSource."""
+    helm = kustomize = None
+    if msg.HasField("helm"):
+        h = msg.helm
+        helm = HelmSource(
+            value_files=tuple(h.value_files),
+            values=h.values,
+            parameters=tuple(HelmParameter(p.name, p.value, p.force_string) for p in h.parameters),
+            release_name=h.release_name,
+            namespace=h.namespace,
+            kube_version=h.kube_version,
+            api_versions=tuple(h.api_versions),
+            skip_crds=h.skip_crds,
+            ignore_missing_value_files=h.ignore_missing_value_files,
+        )
+    if msg.HasField("kustomize"):
+        k = msg.kustomize
+        kustomize = KustomizeSource(
+            name_prefix=k.name_prefix,
+            name_suffix=k.name_suffix,
+            images=tuple(k.images),
+            common_labels=tuple(sorted(k.common_labels.items())),
+            common_annotations=tuple(sorted(k.common_annotations.items())),
+            namespace=k.namespace,
+        )
+    return Source(msg.repo_url, msg.target_revision, msg.path, helm, kustomize)
 
 
 def application_of(msg: pb.Application) -> Application:
@@ -124,7 +187,7 @@ def application_of(msg: pb.Application) -> Application:
     return Application(
         name=msg.name,
         project=msg.project or "default",
-        source=Source(msg.source.repo_url, msg.source.target_revision, msg.source.path),
+        source=source_of(msg.source),
         destination=Destination(msg.destination.namespace, msg.destination.cluster),
         sync_policy=SyncPolicy(automated, retry, sp.detect_only),
         ignore_differences=tuple(

@@ -18,7 +18,6 @@ import difflib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import yaml
@@ -86,17 +85,6 @@ KNOWN_DEFAULTS: Mapping[tuple[str, str], Mapping[str, object]] = {
     },
 }
 _QUANTITY_PARENTS = ("limits", "requests", "capacity", "hard")
-_SUFFIX = {
-    "m": Decimal("0.001"),
-    "k": Decimal(10) ** 3,
-    "M": Decimal(10) ** 6,
-    "G": Decimal(10) ** 9,
-    "T": Decimal(10) ** 12,
-    "Ki": Decimal(2) ** 10,
-    "Mi": Decimal(2) ** 20,
-    "Gi": Decimal(2) ** 30,
-    "Ti": Decimal(2) ** 40,
-}
 
 
 def ident(ref: Ref) -> tuple[str, str, str, str]:
@@ -169,16 +157,12 @@ def quantity(value: Any) -> Any:
     """A Kubernetes quantity as a number, so '500m' equals '0.5' and '1Gi' equals '1024Mi'."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         return value
-    text = str(value).strip()
-    for suffix in sorted(_SUFFIX, key=len, reverse=True):
-        if text.endswith(suffix):
-            try:
-                return str((Decimal(text[: -len(suffix)]) * _SUFFIX[suffix]).normalize())
-            except InvalidOperation:
-                return value
+    # Imported here: the kubernetes package costs a third of a second to import.
+    from kubernetes.utils.quantity import parse_quantity
+
     try:
-        return str(Decimal(text).normalize())
-    except InvalidOperation:
+        return str(parse_quantity(value).normalize())  # type: ignore[no-untyped-call]
+    except (ValueError, ArithmeticError):
         return value
 
 
@@ -194,8 +178,13 @@ def _quantities(node: Any, parent: str = "") -> None:
             _quantities(item, parent)
 
 
-def normalize(obj: Mapping[str, Any], rules: Sequence[IgnoreRule] = ()) -> dict[str, Any]:
-    """A copy of ``obj`` without what never counts as drift."""
+def normalize(
+    obj: Mapping[str, Any], rules: Sequence[IgnoreRule] = (), *, quantities: bool = True
+) -> dict[str, Any]:
+    """A copy of ``obj`` without what never counts as drift.
+
+    ``quantities`` False keeps quantities as written: the copy a diff shows.
+    """
     out: dict[str, Any] = json.loads(json.dumps(obj))
     out.pop("status", None)
     meta = out.get("metadata")
@@ -209,13 +198,34 @@ def normalize(obj: Mapping[str, Any], rules: Sequence[IgnoreRule] = ()) -> dict[
                     values.pop(a, None)
             if not values:
                 meta.pop(key, None)
-    _quantities(out)
+    if quantities:
+        _quantities(out)
     ref = Ref.of(out)
     for rule in rules:
         if rule.matches(ref):
             for pointer in rule.json_pointers:
                 remove_pointer(out, pointer)
     return out
+
+
+def align_quantities(target: Any, source: Any, parent: str = "") -> None:
+    """Where a quantity in ``target`` equals ``source``'s by value, write it as ``source`` does.
+
+    So a diff shows ``cpu: 500m`` as written in Git on both sides, and never
+    a line for ``0.5`` versus ``500m``, which are the same amount.
+    """
+    if isinstance(target, dict) and isinstance(source, dict):
+        for k, v in target.items():
+            if k not in source:
+                continue
+            if parent in _QUANTITY_PARENTS and not isinstance(v, (dict, list)):
+                if quantity(v) == quantity(source[k]):
+                    target[k] = source[k]
+            else:
+                align_quantities(v, source[k], k)
+    elif isinstance(target, list) and isinstance(source, list):
+        for t, src in zip(target, source, strict=False):
+            align_quantities(t, src, parent)
 
 
 def strip_defaults(live: dict[str, Any], desired: Mapping[str, Any]) -> None:
@@ -266,12 +276,17 @@ class ResourceDiff:
     #: The live object as read (for health), and the manifest (for waves/hooks).
     raw_live: Mapping[str, Any] | None = None
     manifest: Manifest | None = None
+    #: What the diff shows: the same, with quantities as written (None: ``live``/``desired``).
+    shown_live: dict[str, Any] | None = None
+    shown_desired: dict[str, Any] | None = None
 
     def text(self) -> str:
         """The unified diff; '' when synced."""
         if self.status is ResourceSync.SYNCED:
             return ""
-        return unified(self.ref, self.live, self.desired)
+        live = self.shown_live if self.shown_live is not None else self.live
+        desired = self.shown_desired if self.shown_desired is not None else self.desired
+        return unified(self.ref, live, desired)
 
 
 def compare(
@@ -287,19 +302,40 @@ def compare(
     """
     if live is None:
         return ResourceDiff(
-            manifest.ref, ResourceSync.MISSING, None, normalize(manifest.obj, rules), None, manifest
+            manifest.ref,
+            ResourceSync.MISSING,
+            None,
+            normalize(manifest.obj, rules),
+            None,
+            manifest,
+            shown_desired=normalize(manifest.obj, rules, quantities=False),
         )
-    want = normalize(predicted if predicted is not None else manifest.obj, rules)
+    source = predicted if predicted is not None else manifest.obj
+    want = normalize(source, rules)
     have = normalize(live, rules)
     strip_defaults(have, want)
     status = ResourceSync.SYNCED if have == want else ResourceSync.OUT_OF_SYNC
-    return ResourceDiff(manifest.ref, status, have, want, live, manifest)
+    if status is ResourceSync.SYNCED:
+        return ResourceDiff(manifest.ref, status, have, want, live, manifest)
+    # Normalised only to compare: the diff shows the desired side as written in Git.
+    shown_want = normalize(source, rules, quantities=False)
+    align_quantities(shown_want, normalize(manifest.obj, rules, quantities=False))
+    shown_have = normalize(live, rules, quantities=False)
+    strip_defaults(shown_have, shown_want)
+    align_quantities(shown_have, shown_want)
+    return ResourceDiff(manifest.ref, status, have, want, live, manifest, shown_have, shown_want)
 
 
 def extraneous(live: Mapping[str, Any], rules: Sequence[IgnoreRule] = ()) -> ResourceDiff:
     """A live object of the application that Git no longer declares."""
     return ResourceDiff(
-        Ref.of(dict(live)), ResourceSync.EXTRANEOUS, normalize(live, rules), None, live, None
+        Ref.of(dict(live)),
+        ResourceSync.EXTRANEOUS,
+        normalize(live, rules),
+        None,
+        live,
+        None,
+        shown_live=normalize(live, rules, quantities=False),
     )
 
 

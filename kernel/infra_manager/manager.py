@@ -11,7 +11,9 @@ a repository or revision that does not resolve, manifests that do not
 parse, a namespace the caller may not deploy to, or an unknown history
 entry. Sync and Rollback then return at once with a RUNNING operation; the
 operation runs in the background, one at a time per application (a lease
-in Redis, so two replicas never sync the same application at once).
+in Redis, so two replicas never sync the same application at once; its
+writes carry the lease's fencing token, so an operation whose lease moved
+cannot record anything more).
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ from autoecoops.kernel.infra_manager.manifests import (
     ManifestError,
     build,
     digest,
-    parse_files,
     to_documents,
 )
 from autoecoops.kernel.infra_manager.model import (
@@ -59,6 +60,7 @@ from autoecoops.kernel.infra_manager.model import (
     ResourceSync,
     SyncCode,
 )
+from autoecoops.kernel.infra_manager.render import Renderer, ToolMissing, Tools
 from autoecoops.kernel.infra_manager.settings import InfraSettings
 from autoecoops.kernel.infra_manager.source import GitError, GitSource
 from autoecoops.kernel.infra_manager.store import InfraStore
@@ -78,12 +80,15 @@ from autoecoops.kernel.mesh.errors import (
     PermissionDenied,
 )
 from autoecoops.kernel.mesh.interceptors import current_deadline
+from autoecoops.kernel.mesh.lease import Lease
 
 log = logging.getLogger("autoecoops.infra_manager")
 #: Held in each target namespace (cluster-wide for cluster-scoped objects) to deploy there.
 DEPLOY_PERMISSION = "infra.destinations.deploy"
-#: The operation lease; renewed while the operation runs.
-LOCK_TTL = 60.0
+#: Seconds a terminate request waits for the process running the operation to see it.
+TERMINATE_TTL = 60.0
+#: How often a running operation looks for a terminate request from another replica.
+TERMINATE_POLL = 0.5
 _SYSTEM = Principal("system:infra-manager")
 
 
@@ -115,6 +120,21 @@ class Desired:
     def resources(self) -> list[Manifest]:
         """The managed resources (hooks excluded)."""
         return [m for m in self.manifests if not m.is_hook]
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """One rendered object as GetManifests shows it."""
+
+    ref: Ref
+    #: The file it came from (for Helm, the template).
+    source_path: str
+    #: Its position among that file's documents, from 0.
+    document_index: int
+    #: The 1-based line where it starts; 0 when the file's lines do not map to it.
+    line: int
+    #: The YAML as written in Git or as rendered.
+    yaml: str
 
 
 @dataclass(slots=True)
@@ -151,6 +171,8 @@ class _Job:
     rollback: HistoryEntry | None
     #: The revision deployed before a rollback ('' otherwise).
     previous_revision: str
+    #: The operation's lease (its owner is the operation id).
+    lease: Lease
 
 
 @dataclass(slots=True)
@@ -201,7 +223,15 @@ class InfraManager:
         self._sleep = sleep
         self.hooks = Hooks()
         self._running: dict[str, _Running] = {}
-        self._docs: OrderedDict[tuple[str, str, str], list[Document]] = OrderedDict()
+        #: Operation id -> who terminated it, while its task is being cancelled.
+        self._terminated: dict[str, str] = {}
+        #: Operations recording their terminated end (not to be cancelled again).
+        self._ending: set[str] = set()
+        self.renderer = Renderer(
+            git,
+            Tools(settings.helm, settings.kubectl, settings.kustomize, settings.render_timeout),
+        )
+        self._docs: OrderedDict[tuple[str, ...], list[Document]] = OrderedDict()
         self._built: OrderedDict[tuple[str, ...], list[Manifest]] = OrderedDict()
 
     # -- desired state -------------------------------------------------------------
@@ -220,14 +250,8 @@ class InfraManager:
     ) -> Desired:
         """The manifests of ``app`` at ``commit`` (cached per commit); Git/Manifest errors raise."""
         if docs is None:
-            key = (app.source.repo_url, commit, app.source.path)
-            docs = self._docs.get(key)
-            if docs is None:
-                files = await asyncio.to_thread(
-                    self.git.read, app.source.repo_url, commit, app.source.path
-                )
-                docs = await asyncio.to_thread(parse_files, files)
-                _remember(self._docs, key, docs)
+            key = self._docs_key(app, commit)
+            docs = await self.documents(app, commit)
             built_key: tuple[str, ...] = (
                 *key,
                 app.name,
@@ -240,6 +264,60 @@ class InfraManager:
                 _remember(self._built, built_key, manifests)
             return Desired(commit, manifests)
         return Desired(commit, await self._build(app, docs))
+
+    @staticmethod
+    def _docs_key(app: Application, commit: str) -> tuple[str, ...]:
+        # Everything a render depends on: Helm's release name and namespace
+        # default to the application's name and destination.
+        s = app.source
+        return (
+            s.repo_url,
+            commit,
+            s.path,
+            repr(s.helm),
+            repr(s.kustomize),
+            app.name if s.helm or not s.kustomize else "",
+            app.destination.namespace,
+            app.destination.cluster,
+        )
+
+    async def documents(self, app: Application, commit: str) -> list[Document]:
+        """The source's documents at ``commit``, as written or rendered (cached per commit).
+
+        ``ToolMissing`` when the source needs a tool this server does not have.
+        """
+        key = self._docs_key(app, commit)
+        docs = self._docs.get(key)
+        if docs is None:
+            version = await self.clusters(app.destination.cluster).server_version()
+            docs = await asyncio.to_thread(
+                self.renderer.documents,
+                app.source,
+                commit,
+                release=app.name,
+                namespace=app.destination.namespace,
+                kube_version=version,
+            )
+            _remember(self._docs, key, docs)
+        return docs
+
+    async def manifests(self, name: str, revision: str = "") -> tuple[str, list[Rendered]]:
+        """The rendered manifests of ``name`` at ``revision`` (default: the target), in source order.
+
+        One entry per object that would be deployed (hooks included; ``Skip``
+        ones left out, as they never are), its identity as deployed (the
+        destination namespace filled in) and its YAML as the source produced it.
+        """
+        app = await self.store.get(name)
+        desired = await self._requested(app, revision)
+        by_where = {d.where: d for d in await self.documents(app, desired.revision)}
+        out = []
+        for m in desired.manifests:
+            doc = by_where.get(m.where)
+            if doc is None:  # cannot happen: every manifest is built from a document
+                continue
+            out.append(Rendered(m.ref, doc.path, doc.index, doc.line, doc.text))
+        return desired.revision, out
 
     def forget_rendered(self) -> None:
         """Drop every cached parse and render (a hard refresh)."""
@@ -311,6 +389,21 @@ class InfraManager:
             conditions=tuple(conditions),
         )
 
+    async def shared(self, app: Application, desired: Desired) -> Condition | None:
+        """A SharedResourceWarning when other applications declare some of the same objects."""
+        idents = {"/".join(differ.ident(m.ref)): m.ref for m in desired.resources}
+        shared = await self.store.declare(
+            app.name, self.clusters(app.destination.cluster).name, idents
+        )
+        if not shared:
+            return None
+        parts = [
+            f"{idents[i]} is part of applications {' and '.join(sorted([app.name, *others]))}"
+            for i, others in sorted(shared.items())
+        ]
+        more = f" (and {len(parts) - 5} more)" if len(parts) > 5 else ""
+        return Condition("SharedResourceWarning", "; ".join(parts[:5]) + more, self.clock())
+
     # -- permission ----------------------------------------------------------------
 
     async def check_deploy(
@@ -359,6 +452,8 @@ class InfraManager:
             raise source_error(err, InvalidArgument, "application.source") from None
         except ManifestError as err:
             raise manifest_error(err, InvalidArgument) from None
+        except ToolMissing as err:
+            raise tool_error(err) from None
         await self.check_deploy(
             principal,
             self.target_namespaces(desired, app),
@@ -370,10 +465,12 @@ class InfraManager:
     async def create(self, app: Application, principal: Principal) -> Application:
         """Validate everything, then store; nothing is stored when anything is wrong."""
         app.validate()
-        await self.validate_source(app, principal)
+        desired = await self.validate_source(app, principal)
         now = self.clock()
         app = replace(app, create_time=now, update_time=now, owner=owner_of(principal))
         await self.store.create(app)
+        # Declared from the start, so an application sharing an object hears of it.
+        await self.shared(app, desired)
         self.hooks.changed(app.name)
         return app
 
@@ -387,8 +484,9 @@ class InfraManager:
             owner=owner_of(principal),
         )
         app.validate()
-        await self.validate_source(app, principal)
+        desired = await self.validate_source(app, principal)
         await self.store.put(app)
+        await self.shared(app, desired)
         self.hooks.changed(app.name)
         return app
 
@@ -415,6 +513,7 @@ class InfraManager:
                 details={"pruned": [str(r) for r in pruned]},
                 actor=principal,
             )
+        await self.store.undeclare(name, self.clusters(app.destination.cluster).name)
         await self.store.delete(name)
         return pruned
 
@@ -438,6 +537,8 @@ class InfraManager:
             raise source_error(err, FailedPrecondition, "application.source") from None
         except ManifestError as err:
             raise manifest_error(err, FailedPrecondition) from None
+        except ToolMissing as err:
+            raise tool_error(err) from None
 
     async def diff(self, name: str, revision: str = "") -> Comparison:
         """Compare Git at ``revision`` (default: the target) with the live state."""
@@ -474,6 +575,22 @@ class InfraManager:
         app = await self.store.get(name)
         # A person's sync fetches first; the reconciler's has just compared.
         desired = await self._requested(app, revision, refresh=not initiated_by)
+        if revision and not initiated_by and not dry_run and app.automated is not None:
+            # The next automated sync would undo it within a tick (Argo CD refuses it too).
+            target = (await self._requested(app, "")).revision
+            if desired.revision != target:
+                wanted = app.source.target_revision or "HEAD"
+                raise FailedPrecondition(
+                    f"cannot sync application {name!r} to {revision}: automated sync is on "
+                    f"and keeps it at {wanted} ({target[:12]}); turn automated sync off first",
+                    reason="AUTO_SYNC_ENABLED",
+                    metadata={"target_revision": wanted, "revision": revision},
+                    field_violations=[
+                        FieldViolation(
+                            "revision", f"differs from the auto-synced target revision {wanted}"
+                        )
+                    ],
+                )
         await self.check_deploy(
             principal, self.target_namespaces(desired, app), FailedPrecondition, "name"
         )
@@ -548,7 +665,7 @@ class InfraManager:
             principal, self.target_namespaces(desired, app), FailedPrecondition, "name"
         )
         if disable_auto_sync and app.automated is not None and not dry_run:
-            if name in self._running or await self.store.locked_by(name):
+            if not await self._idle(name, lambda: self.store.locked_by(name)):
                 raise _in_progress(name)
             app = app.without_auto_sync()
             app = replace(app, update_time=self.clock())
@@ -589,20 +706,47 @@ class InfraManager:
             prune=prune,
             rollback_history_id=rollback.id if rollback else 0,
         )
-        if app.name in self._running or not await self.store.lock(app.name, op.id, LOCK_TTL):
+        lease = Lease(
+            self.store.redis, self.store.operation_lease(app.name), op.id, self.settings.lease
+        )
+        if not await self._idle(app.name, lease.acquire, free=True):
             raise _in_progress(app.name)
         try:
-            await self.store.set_operation(app.name, op)
+            await self.store.set_operation(app.name, op, lease.fence)
         except BaseException:
-            await self.store.unlock(app.name, op.id)
+            await lease.release()
             raise
+        job = _Job(app, desired, op, principal, only, rollback, previous_revision, lease)
         task = asyncio.create_task(
-            self._operate(_Job(app, desired, op, principal, only, rollback, previous_revision)),
+            self._operate(job),
             name=f"infra-manager:{app.name}:{op.id}",
         )
         self._running[app.name] = _Running(task, op)
         task.add_done_callback(functools.partial(self._done, app.name, op.id))
         return op
+
+    async def _idle(
+        self, name: str, probe: Callable[[], Awaitable[Any]], *, free: bool = False
+    ) -> bool:
+        """Whether no operation of ``name`` runs: ``probe`` is ``lease.acquire`` (``free``:
+        it answers True when the lease was taken) or ``locked_by`` (it answers the holder).
+
+        An operation records its end and then gives up its lease (a Redis
+        round trip later, in whichever replica ran it). A caller that saw the
+        end (GetApplication, iaops waiting for its sync) and at once asks for
+        the next operation would be refused as "in progress" for that moment;
+        so while the stored operation has ended, wait for the release (up to
+        ``ENDING_GRACE`` seconds) instead of refusing.
+        """
+        deadline = time.monotonic() + ENDING_GRACE
+        while True:
+            if name not in self._running and bool(await probe()) == free:
+                return True
+            stored = await self.store.operation(name)
+            ended = stored is not None and stored.phase not in (Phase.RUNNING, Phase.TERMINATING)
+            if not ended or time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
 
     def _done(self, name: str, op_id: str, _task: object = None) -> None:
         run = self._running.get(name)
@@ -613,32 +757,125 @@ class InfraManager:
     async def _operate(self, job: _Job) -> Operation:
         # The request's deadline was copied into this task; the operation outlives it.
         current_deadline.set(None)
+        # The lease is renewed while the operation runs and released after its end
+        # is recorded. If it is lost (this process was paused past its TTL, or
+        # Redis was unreachable that long) the operation is cancelled: another
+        # replica may be syncing now, and every write this one would still make
+        # is refused by the fence anyway.
+        async with job.lease.kept():
+            # Logged while the lease is held (the end before it is released), so the
+            # lines of all replicas show that operations of one application never
+            # overlap (the e2e test of replicas checks it from them).
+            token = job.lease.token
+            log.info("operation %s of %s started (fence %d)", job.op.id, job.app.name, token)
+            try:
+                return await self._operate_held(job)
+            finally:
+                log.info(
+                    "operation %s of %s ended (fence %d%s)",
+                    job.op.id,
+                    job.app.name,
+                    token,
+                    "" if job.lease.token else ", lease lost",
+                )
+
+    async def _operate_held(self, job: _Job) -> Operation:
         name, op = job.app.name, job.op
-        lease = asyncio.create_task(self._keep_lease(name, op.id))
+        watch = asyncio.create_task(self._watch_terminate(name, op.id))
         try:
             return await self._attempts(job)
+        except asyncio.CancelledError:
+            by = self._terminated.get(op.id)
+            if by is None:
+                raise  # the server is stopping, not a user's terminate
+            self._ending.add(op.id)  # no more cancels while the end is recorded
+            task = asyncio.current_task()
+            while task is not None and task.cancelling():
+                task.uncancel()
+            stored = await self.store.operation(name)
+            current = stored if stored is not None and stored.id == op.id else op
+            # What was applied stays applied; SyncFail hooks are not run (Argo CD's terminate).
+            result = SyncResult(Phase.FAILED, f"terminated by {by}", list(current.results))
+            return await self._finish(job, replace(current, phase=Phase.RUNNING), result)
         except Exception as err:  # a bug must not leave the operation RUNNING for ever
             log.exception("operation %s of %s failed unexpectedly", op.id, name)
             op = replace(
                 op, phase=Phase.ERROR, message=f"internal error: {err}", end_time=self.clock()
             )
             with contextlib.suppress(Exception):
-                await self.store.set_operation(name, op)
+                await self.store.set_operation(name, op, job.lease.fence)
             return op
         finally:
-            lease.cancel()
-            with contextlib.suppress(Exception):
-                await self.store.unlock(name, op.id)
+            watch.cancel()
+            self._terminated.pop(op.id, None)
+            self._ending.discard(op.id)
 
-    async def _keep_lease(self, name: str, op_id: str) -> None:
+    async def terminate(self, name: str, principal: Principal) -> Operation:
+        """Stop the running operation of ``name``; it ends FAILED "terminated by <caller>".
+
+        Works across replicas: the request is stored beside the lease, and the
+        process running the operation watches for it.
+        """
+        await self.store.get(name)
+        run = self._running.get(name)
+        holder = await self.store.locked_by(name)
+        op_id = run.op.id if run is not None else holder
+        stored = await self.store.operation(name)
+        # An operation whose end is already stored is over, though its lease
+        # is released a moment later.
+        if not op_id or (stored is not None and stored.id == op_id and stored.done):
+            raise FailedPrecondition(
+                f"application {name!r} has no operation running",
+                reason="NO_OPERATION_RUNNING",
+                resource_type="autoecoops.infra.v1.Application",
+                resource_name=name,
+            )
+        base = stored if stored is not None and stored.id == op_id else (run.op if run else None)
+        if base is None:
+            base = Operation(op_id, Phase.RUNNING, "", "", self.clock())
+        stopping = replace(
+            base, phase=Phase.TERMINATING, message=f"terminating (requested by {principal.subject})"
+        )
+        await self.store.set_operation(name, stopping)
+        await self.store.request_terminate(name, op_id, principal.subject, TERMINATE_TTL)
+        if run is not None:
+            self._stop(name, op_id, principal.subject)
+        return stopping
+
+    def _stop(self, name: str, op_id: str, by: str) -> None:
+        run = self._running.get(name)
+        if (
+            run is not None
+            and run.op.id == op_id
+            and op_id not in self._terminated
+            and op_id not in self._ending
+        ):
+            self._terminated[op_id] = by
+            run.task.cancel()
+
+    async def _watch_terminate(self, name: str, op_id: str) -> None:
+        """Stop this operation when another replica stored a terminate request for it.
+
+        Once terminated it cancels again each poll until the operation ends: a
+        library that swallows one cancellation (a Redis call caught mid-read)
+        must not keep the operation running until its wave times out.
+        """
         while True:
-            await asyncio.sleep(LOCK_TTL / 3)
+            await asyncio.sleep(TERMINATE_POLL)
+            if op_id in self._ending:
+                return
+            if op_id in self._terminated:
+                run = self._running.get(name)
+                if run is not None and run.op.id == op_id and not run.task.done():
+                    run.task.cancel()
+                continue
             with contextlib.suppress(Exception):
-                await self.store.renew(name, op_id, LOCK_TTL)
+                by = await self.store.terminate_requested(name, op_id)
+                if by:
+                    self._stop(name, op_id, by)
 
     async def _attempts(self, job: _Job) -> Operation:
         app, desired, op, only = job.app, job.desired, job.op, job.only
-        principal, rollback, previous_revision = job.principal, job.rollback, job.previous_revision
         name = app.name
         cluster = self.clusters(app.destination.cluster)
         engine = SyncEngine(
@@ -666,8 +903,10 @@ class InfraManager:
             plan = SyncPlan(name, desired.manifests, live, op.prune, op.dry_run, only)
 
             async def progress(results: list[Any], op: Operation = op) -> None:
+                if op.id in self._terminated:
+                    return  # TERMINATING stays what a reader sees
                 await self.store.set_operation(
-                    name, replace(op, message="running", results=tuple(results))
+                    name, replace(op, message="running", results=tuple(results)), job.lease.fence
                 )
 
             result = await engine.run(plan, progress)
@@ -687,8 +926,16 @@ class InfraManager:
                 results=tuple(result.results),
                 message=f"{result.message}; retrying in {delay:g}s (retry {op.retry_count + 1})",
             )
-            await self.store.set_operation(name, op)
+            await self.store.set_operation(name, op, job.lease.fence)
             await self._sleep(delay)
+        # Ending on its own: a terminate arriving now no longer cancels it.
+        self._ending.add(op.id)
+        return await self._finish(job, op, result)
+
+    async def _finish(self, job: _Job, op: Operation, result: SyncResult) -> Operation:
+        """Record how an operation ended: history, operation, events, audit."""
+        app, desired, principal = job.app, job.desired, job.principal
+        rollback, previous_revision, name = job.rollback, job.previous_revision, job.app.name
         op = finished(op, result, self.clock())
         history_id = 0
         if result.phase is Phase.SUCCEEDED and not op.dry_run:
@@ -704,9 +951,10 @@ class InfraManager:
                 ),
                 to_documents(desired.manifests),
                 app.history_limit(self.settings.default_history_limit),
+                job.lease.fence,
             )
             history_id = entry.id
-        await self.store.set_operation(name, op)
+        await self.store.set_operation(name, op, job.lease.fence)
         if not op.dry_run:
             await self.store.set_auto(
                 name,
@@ -716,6 +964,7 @@ class InfraManager:
                     "end_time": op.end_time,
                     "automated": op.initiated_by == AUTOMATED,
                 },
+                job.lease.fence,
             )
         if result.phase is Phase.SUCCEEDED:
             await self.events.publish(
@@ -843,7 +1092,8 @@ class InfraManager:
         return await self.store.history(name)
 
     async def close(self) -> None:
-        """Cancel running operations (they stay RUNNING in the store until the lease lapses)."""
+        """Cancel running operations; their leases are released, so the next reconcile (of
+        any replica) marks them interrupted."""
         tasks = [r.task for r in self._running.values()]
         for t in tasks:
             t.cancel()
@@ -857,6 +1107,10 @@ def _remember(cache: OrderedDict[Any, Any], key: Any, value: Any, size: int = 25
     cache.move_to_end(key)
     while len(cache) > size:
         cache.popitem(last=False)
+
+
+#: Seconds a new operation waits for the lease of one whose end is already stored.
+ENDING_GRACE = 2.0
 
 
 def _in_progress(name: str) -> FailedPrecondition:
@@ -897,6 +1151,15 @@ def source_error(err: GitError, error: type[AutoEcoOpsError], prefix: str) -> Au
     field_name = f"{prefix}.{leaf}" if prefix else "revision"
     return error(
         err.message, reason=reason, field_violations=[FieldViolation(field_name, err.message)]
+    )
+
+
+def tool_error(err: ToolMissing) -> FailedPrecondition:
+    """FAILED_PRECONDITION naming the rendering tool this server lacks."""
+    return FailedPrecondition(
+        str(err),
+        reason="TOOL_NOT_FOUND",
+        metadata={"tool": err.tool, "setting": err.setting, "source_kind": err.kind.value},
     )
 
 

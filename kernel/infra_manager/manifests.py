@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -97,6 +98,14 @@ class Document:
 
     where: str
     obj: dict[str, Any]
+    #: The file it came from (for Helm, the template named by ``# Source:``).
+    path: str = ""
+    #: Its position among that file's documents, from 0.
+    index: int = 0
+    #: The 1-based line where it starts in the file; 0 when unknown (rendered output).
+    line: int = 0
+    #: The document as written (or rendered): what GetManifests shows.
+    text: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,59 +138,142 @@ def annotation(obj: Mapping[str, Any], name: str) -> str | None:
     return None
 
 
+def split_documents(text: str) -> list[tuple[int, str]]:
+    """The documents of a YAML stream as ``(first line, text)``, in order, lines 1-based.
+
+    Split on ``---`` (and ``...``) lines the way a YAML parser counts
+    documents, so the n-th chunk is ``load_all``'s n-th document: comments
+    before the first ``---`` are no document, an explicit empty one is. Each
+    chunk keeps its text as written, so a reader sees the manifest exactly as
+    it is in Git (or as Helm rendered it) and errors point at real lines.
+    """
+    lines = text.splitlines(keepends=True)
+    out: list[tuple[int, str]] = []
+    start, explicit = 0, False
+    current: list[str] = []
+
+    def push() -> None:
+        if explicit or any(_content(line) for line in current):
+            body = list(current)
+            first = start
+            while body and not body[0].strip():  # the document starts at its first text
+                body.pop(0)
+                first += 1
+            out.append((first + 1, "".join(body)))
+
+    for i, line in enumerate(lines):
+        bare = line.rstrip("\r\n")
+        if _SEPARATOR.match(bare):
+            push()
+            rest = bare[3:]
+            # '--- {a: 1}' or '--- !!map': the document begins on the separator's line.
+            current = (
+                [rest.lstrip() + "\n"] if rest.strip() and not rest.strip().startswith("#") else []
+            )
+            start, explicit = (i if current else i + 1), True
+        elif _DOC_END.match(bare):
+            push()
+            start, current, explicit = i + 1, [], False
+        else:
+            current.append(line)
+    push()
+    return out
+
+
+_SEPARATOR = re.compile(r"^---(?:[ \t].*)?$")
+_DOC_END = re.compile(r"^\.\.\.[ \t]*(?:#.*)?$")
+
+
+def _content(line: str) -> bool:
+    text = line.strip()
+    return bool(text) and not text.startswith(("#", "%"))
+
+
 def parse_files(files: Mapping[str, bytes]) -> list[Document]:
     """Every document of every file, in path order; ``ManifestError`` naming each bad one."""
     bad: list[FieldViolation] = []
     docs: list[Document] = []
     for path in sorted(files):
-        if path.rsplit("/", 1)[-1] in ("kustomization.yaml", "kustomization.yml", "Chart.yaml"):
-            bad.append(
-                FieldViolation(
-                    path, "Kustomize and Helm sources are not supported: plain manifests only"
-                )
-            )
-            continue
         try:
             text = files[path].decode("utf-8")
         except UnicodeDecodeError:
             bad.append(FieldViolation(path, "not UTF-8 text"))
             continue
-        try:
-            loaded = list(yaml.load_all(text, Loader=_Loader))
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            bad.append(FieldViolation(path, f"invalid YAML{where}: {problem}"))
-            continue
-        for i, doc in enumerate(loaded):
-            where = f"{path}#{i}"
-            if doc is None:
-                continue  # an empty document between two '---' is allowed
-            if (
-                isinstance(doc, dict)
-                and doc.get("kind") == "List"
-                and isinstance(doc.get("items"), list)
-            ):
-                for j, item in enumerate(doc["items"]):
-                    _collect(f"{where}.items[{j}]", item, docs, bad)
-                continue
-            _collect(where, doc, docs, bad)
+        parse_stream(path, text, docs, bad)
     if bad:
         raise ManifestError(bad)
     return docs
 
 
-def _collect(where: str, doc: object, docs: list[Document], bad: list[FieldViolation]) -> None:
-    if not isinstance(doc, dict):
-        bad.append(FieldViolation(where, f"a manifest must be a mapping, not {type(doc).__name__}"))
+def parse_stream(
+    path: str,
+    text: str,
+    docs: list[Document],
+    bad: list[FieldViolation],
+    *,
+    lines: bool = True,
+    counters: dict[str, int] | None = None,
+) -> None:
+    """Append the documents of one YAML stream from ``path``; a bad one goes to ``bad``.
+
+    ``lines`` False when the stream's lines are not the file's (rendered
+    output): errors then name the document only, and ``line`` stays 0.
+    ``counters`` numbers documents per ``path`` across calls (Helm renders
+    one template's documents one after another).
+    """
+    for n, (line, chunk) in enumerate(split_documents(text)):
+        index = n if counters is None else counters.get(path, 0)
+        if counters is not None:
+            counters[path] = index + 1
+        where = f"{path}#{index}"
+        try:
+            doc = yaml.load(chunk, Loader=_Loader)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = ""
+            if mark is not None:
+                at = (
+                    f" at line {line + mark.line}, column {mark.column + 1}"
+                    if lines
+                    else f" at line {mark.line + 1} of the document, column {mark.column + 1}"
+                )
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            bad.append(FieldViolation(where, f"invalid YAML{at}: {problem}"))
+            continue
+        if doc is None:
+            continue  # an empty document between two '---' is allowed
+        at_line = line if lines else 0
+        if (
+            isinstance(doc, dict)
+            and doc.get("kind") == "List"
+            and isinstance(doc.get("items"), list)
+        ):
+            for j, item in enumerate(doc["items"]):
+                item_text = (
+                    yaml.safe_dump(item, sort_keys=False, default_flow_style=False)
+                    if isinstance(item, dict)
+                    else ""
+                )
+                _collect(
+                    Document(f"{where}.items[{j}]", item, path, index, at_line, item_text),
+                    docs,
+                    bad,
+                )
+            continue
+        _collect(Document(where, doc, path, index, at_line, chunk), docs, bad)
+
+
+def _collect(doc: Document, docs: list[Document], bad: list[FieldViolation]) -> None:
+    where, obj = doc.where, doc.obj
+    if not isinstance(obj, dict):
+        bad.append(FieldViolation(where, f"a manifest must be a mapping, not {type(obj).__name__}"))
         return
     problems = []
-    if not isinstance(doc.get("apiVersion"), str) or not doc["apiVersion"]:
+    if not isinstance(obj.get("apiVersion"), str) or not obj["apiVersion"]:
         problems.append("no apiVersion")
-    if not isinstance(doc.get("kind"), str) or not doc["kind"]:
+    if not isinstance(obj.get("kind"), str) or not obj["kind"]:
         problems.append("no kind")
-    meta = doc.get("metadata")
+    meta = obj.get("metadata")
     if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
         problems.append("no metadata.name")
     elif meta.get("namespace") is not None and not isinstance(meta["namespace"], str):
@@ -189,7 +281,7 @@ def _collect(where: str, doc: object, docs: list[Document], bad: list[FieldViola
     if problems:
         bad.append(FieldViolation(where, "; ".join(problems)))
         return
-    docs.append(Document(where, doc))
+    docs.append(doc)
 
 
 def build(

@@ -11,12 +11,18 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
+from autoecoops.kernel.mesh.backoff import exponential_delay
 from autoecoops.kernel.mesh.errors import FieldViolation, InvalidArgument
 
 #: Application names: DNS-label-like, so they are safe in keys, labels and URLs.
 _APP_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 #: Kubernetes namespace names (RFC 1123 labels).
 _NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+#: Helm release names (helm's own limit is 53 characters).
+_RELEASE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,51}[a-z0-9])?$")
+_KUBE_VERSION = re.compile(r"^v?\d+\.\d+(\.\d+)?([-+][0-9A-Za-z.-]+)?$")
+#: ``kustomize edit set image`` arguments.
+_IMAGE = re.compile(r"^[^\s=]+(=[^\s=]+)?$")
 #: What the reconciler calls itself in ``initiated_by``.
 AUTOMATED = "automated"
 
@@ -114,12 +120,125 @@ class Ref:
 
 
 @dataclass(frozen=True, slots=True)
+class HelmParameter:
+    """One ``--set`` (or ``--set-string``) value of ``helm template``."""
+
+    name: str
+    value: str = ""
+    force_string: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HelmSource:
+    """How a Helm chart is rendered (the options of ``helm template``)."""
+
+    #: ``-f`` files in order, relative to the chart; a leading ``/`` means the repository root.
+    value_files: tuple[str, ...] = ()
+    #: Inline values (a YAML mapping), applied after the files.
+    values: str = ""
+    #: ``--set`` values, applied last.
+    parameters: tuple[HelmParameter, ...] = ()
+    #: ``.Release.Name``; '' means the application's name.
+    release_name: str = ""
+    #: ``.Release.Namespace``; '' means the destination namespace.
+    namespace: str = ""
+    #: ``--kube-version``; '' means helm's default.
+    kube_version: str = ""
+    #: ``--api-versions``.
+    api_versions: tuple[str, ...] = ()
+    skip_crds: bool = False
+    ignore_missing_value_files: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            **_fields(self),
+            "value_files": list(self.value_files),
+            "parameters": [_fields(p) for p in self.parameters],
+            "api_versions": list(self.api_versions),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HelmSource:
+        """Inverse of ``to_dict``."""
+        return cls(
+            **{
+                **d,
+                "value_files": tuple(d.get("value_files", ())),
+                "parameters": tuple(HelmParameter(**p) for p in d.get("parameters", ())),
+                "api_versions": tuple(d.get("api_versions", ())),
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class KustomizeSource:
+    """What is added on top of a Kustomize overlay (as ``kustomize edit`` would)."""
+
+    name_prefix: str = ""
+    name_suffix: str = ""
+    #: ``kustomize edit set image`` forms: ``name=new:tag``, ``name:tag``, ``name@digest``.
+    images: tuple[str, ...] = ()
+    #: Sorted (key, value) pairs, so the source stays hashable.
+    common_labels: tuple[tuple[str, str], ...] = ()
+    common_annotations: tuple[tuple[str, str], ...] = ()
+    namespace: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            **_fields(self),
+            "images": list(self.images),
+            "common_labels": dict(self.common_labels),
+            "common_annotations": dict(self.common_annotations),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> KustomizeSource:
+        """Inverse of ``to_dict``."""
+        return cls(
+            **{
+                **d,
+                "images": tuple(d.get("images", ())),
+                "common_labels": tuple(sorted((d.get("common_labels") or {}).items())),
+                "common_annotations": tuple(sorted((d.get("common_annotations") or {}).items())),
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Source:
-    """Where the desired state lives in Git."""
+    """Where the desired state lives in Git, and how it is rendered."""
 
     repo_url: str
     target_revision: str = ""
     path: str = ""
+    #: Helm options; a Chart.yaml in ``path`` makes it a chart too.
+    helm: HelmSource | None = None
+    #: Kustomize options; a kustomization.yaml in ``path`` makes it an overlay too.
+    kustomize: KustomizeSource | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "repo_url": self.repo_url,
+            "target_revision": self.target_revision,
+            "path": self.path,
+            "helm": self.helm.to_dict() if self.helm else None,
+            "kustomize": self.kustomize.to_dict() if self.kustomize else None,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Source:
+        """Inverse of ``to_dict`` (older records have no helm or kustomize)."""
+        helm, kustomize = d.get("helm"), d.get("kustomize")
+        return cls(
+            d["repo_url"],
+            d.get("target_revision", ""),
+            d.get("path", ""),
+            HelmSource.from_dict(helm) if helm else None,
+            KustomizeSource.from_dict(kustomize) if kustomize else None,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +268,7 @@ class Backoff:
 
     def delay(self, retry: int) -> float:
         """The wait before retry number ``retry`` (1-based)."""
-        return float(min(self.duration * self.factor ** (retry - 1), self.max_duration))
+        return exponential_delay(retry, self.duration, self.factor, self.max_duration)
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +367,64 @@ class Application:
                     "application.source.path", "must be relative and stay inside the repository"
                 )
             )
+        helm = self.source.helm
+        if helm is not None and self.source.kustomize is not None:
+            bad.append(FieldViolation("application.source", "set helm or kustomize, not both"))
+        if helm is not None:
+            for i, vf in enumerate(helm.value_files):
+                if not vf or ".." in vf.split("/") or "://" in vf:
+                    bad.append(
+                        FieldViolation(
+                            f"application.source.helm.value_files[{i}]",
+                            "a file in the repository (no '..', no URL)",
+                        )
+                    )
+            for i, p in enumerate(helm.parameters):
+                if not p.name or "=" in p.name:
+                    bad.append(
+                        FieldViolation(
+                            f"application.source.helm.parameters[{i}].name",
+                            "a value path like image.tag",
+                        )
+                    )
+            if helm.release_name and not _RELEASE.match(helm.release_name):
+                bad.append(
+                    FieldViolation(
+                        "application.source.helm.release_name",
+                        "lowercase letters, digits and '-', at most 53 characters",
+                    )
+                )
+            if helm.namespace and not _NAMESPACE.match(helm.namespace):
+                bad.append(
+                    FieldViolation(
+                        "application.source.helm.namespace", "not a valid Kubernetes namespace name"
+                    )
+                )
+            if helm.kube_version and not _KUBE_VERSION.match(helm.kube_version):
+                bad.append(
+                    FieldViolation(
+                        "application.source.helm.kube_version", "a version like 1.29 or v1.29.0"
+                    )
+                )
+            if helm.values:
+                bad.extend(_values_violations(helm.values))
+        kz = self.source.kustomize
+        if kz is not None:
+            if kz.namespace and not _NAMESPACE.match(kz.namespace):
+                bad.append(
+                    FieldViolation(
+                        "application.source.kustomize.namespace",
+                        "not a valid Kubernetes namespace name",
+                    )
+                )
+            for i, image in enumerate(kz.images):
+                if not _IMAGE.match(image):
+                    bad.append(
+                        FieldViolation(
+                            f"application.source.kustomize.images[{i}]",
+                            "name=new-name:tag, name:tag or name@digest",
+                        )
+                    )
         if not _NAMESPACE.match(self.destination.namespace):
             bad.append(
                 FieldViolation(
@@ -293,7 +470,7 @@ class Application:
         return {
             "name": self.name,
             "project": self.project,
-            "source": _fields(self.source),
+            "source": self.source.to_dict(),
             "destination": _fields(self.destination),
             "sync_policy": {
                 "automated": _fields(sp.automated) if sp.automated else None,
@@ -325,7 +502,7 @@ class Application:
         return cls(
             name=d["name"],
             project=d.get("project", "default"),
-            source=Source(**d["source"]),
+            source=Source.from_dict(d["source"]),
             destination=Destination(**d["destination"]),
             sync_policy=SyncPolicy(
                 automated=Automated(**sp["automated"]) if sp.get("automated") else None,
@@ -525,7 +702,7 @@ class HistoryEntry:
             "manifest_digest": self.manifest_digest,
             "deploy_time": self.deploy_time,
             "initiated_by": self.initiated_by,
-            "source": _fields(self.source),
+            "source": self.source.to_dict(),
         }
 
     @classmethod
@@ -537,8 +714,23 @@ class HistoryEntry:
             d["manifest_digest"],
             float(d["deploy_time"]),
             d["initiated_by"],
-            Source(**d["source"]),
+            Source.from_dict(d["source"]),
         )
+
+
+def _values_violations(text: str) -> list[FieldViolation]:
+    """Inline Helm values must be a YAML mapping."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return [FieldViolation("application.source.helm.values", f"invalid YAML{at}")]
+    if loaded is not None and not isinstance(loaded, dict):
+        return [FieldViolation("application.source.helm.values", "must be a YAML mapping")]
+    return []
 
 
 def _fields(obj: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from autoecoops.kernel.infra_manager.app import InfraApp, build
 from autoecoops.kernel.mesh import paging
 from autoecoops.kernel.mesh.auth import Principal, current_principal
 from autoecoops.kernel.mesh.errors import FieldViolation, InvalidArgument, Unauthenticated
+from autoecoops.kernel.mesh.fieldmask import merge_masked
 from autoecoops.kernel.mesh.server import Runtime
 
 DEFAULT_PAGE = 50
@@ -50,8 +51,6 @@ def merge_update(
             reason="INVALID_UPDATE_MASK",
             field_violations=[FieldViolation("update_mask", f"{p} is not writable") for p in bad],
         )
-    merged = pb.Application()
-    merged.CopyFrom(current)
     effective = field_mask_pb2.FieldMask(paths=paths)
     if not effective.IsValidForDescriptor(pb.Application.DESCRIPTOR):
         raise InvalidArgument(
@@ -59,8 +58,7 @@ def merge_update(
             reason="INVALID_UPDATE_MASK",
             field_violations=[FieldViolation("update_mask", "unknown field path")],
         )
-    effective.MergeMessage(patch, merged, replace_message_field=True, replace_repeated_field=True)
-    return merged
+    return merge_masked(current, patch, paths)
 
 
 class InfraServicer(infra_pb2_grpc.InfraServiceServicer):
@@ -72,7 +70,10 @@ class InfraServicer(infra_pb2_grpc.InfraServiceServicer):
     async def _view(self, name: str) -> pb.Application:
         m = self.app.manager
         application = await m.store.get(name)
-        op = m.running(name) or await m.store.operation(name)
+        # The stored operation is the one that progresses (results, messages,
+        # retries); the in-memory copy is only its start, kept for the moment
+        # before the first write lands.
+        op = await m.store.operation(name) or m.running(name)
         return convert.application_pb(application, await m.store.status(name), op)
 
     async def CreateApplication(
@@ -135,8 +136,9 @@ class InfraServicer(infra_pb2_grpc.InfraServiceServicer):
             )
         current = convert.application_pb(await self.app.manager.store.get(name))
         merged = merge_update(current, request.application, request.update_mask)
-        updated = await self.app.manager.update(convert.application_of(merged), _caller())
-        return pb.UpdateApplicationResponse(application=convert.application_pb(updated))
+        await self.app.manager.update(convert.application_of(merged), _caller())
+        # As stored: the new spec with the status and operation it already had.
+        return pb.UpdateApplicationResponse(application=await self._view(name))
 
     async def DeleteApplication(
         self, request: pb.DeleteApplicationRequest, context: grpc.aio.ServicerContext
@@ -154,6 +156,25 @@ class InfraServicer(infra_pb2_grpc.InfraServiceServicer):
             revision=cmp.desired.revision,
             sync_status=convert.SYNC_CODES[cmp.sync],
             resource_diffs=[convert.diff_pb(d) for d in cmp.diffs],
+        )
+
+    async def GetManifests(
+        self, request: pb.GetManifestsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetManifestsResponse:
+        """The manifests rendered at the revision, one entry per object."""
+        revision, rendered = await self.app.manager.manifests(request.name, request.revision)
+        return pb.GetManifestsResponse(
+            revision=revision,
+            manifests=[
+                pb.RenderedManifest(
+                    resource=convert.ref_pb(r.ref),
+                    source_path=r.source_path,
+                    document_index=r.document_index,
+                    line=r.line,
+                    yaml=r.yaml,
+                )
+                for r in rendered
+            ],
         )
 
     async def SyncApplication(
@@ -183,6 +204,13 @@ class InfraServicer(infra_pb2_grpc.InfraServiceServicer):
             disable_auto_sync=request.disable_auto_sync,
         )
         return pb.RollbackApplicationResponse(operation=convert.operation_pb(op))
+
+    async def TerminateOperation(
+        self, request: pb.TerminateOperationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TerminateOperationResponse:
+        """Stop the running operation; it ends FAILED, "terminated by <caller>"."""
+        op = await self.app.manager.terminate(request.name, _caller())
+        return pb.TerminateOperationResponse(operation=convert.operation_pb(op))
 
     async def ListApplicationHistory(
         self, request: pb.ListApplicationHistoryRequest, context: grpc.aio.ServicerContext
@@ -214,7 +242,8 @@ class InfraServicer(infra_pb2_grpc.InfraServiceServicer):
         await self.app.manager.store.get(request.name)
         if request.hard:
             self.app.manager.forget_rendered()
-        await self.app.reconciler.reconcile(request.name, refresh=True)
+        settings = self.app.reconciler.settings
+        await self.app.reconciler.reconcile(request.name, refresh=True, wait=2 * settings.lease.ttl)
         return pb.RefreshApplicationResponse(application=await self._view(request.name))
 
 
@@ -223,5 +252,5 @@ def register(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
     app = build(runtime)
     runtime.starters.append(app.start)
     runtime.closers.append(app.close)
-    infra_pb2_grpc.add_InfraServiceServicer_to_server(InfraServicer(app), server)
+    infra_pb2_grpc.add_InfraServiceServicer_to_server(InfraServicer(app), server)  # type: ignore[abstract]  # GetManifests: contract first, served next
     return [pb.DESCRIPTOR.services_by_name["InfraService"].full_name]

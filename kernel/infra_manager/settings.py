@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from autoecoops.kernel.mesh.config import MeshConfig, read_bool, read_int, read_seconds, read_str
+from autoecoops.kernel.mesh.errors import ConfigError
+from autoecoops.kernel.mesh.lease import LeaseSettings
 
 P = "AUTOECOOPS_INFRA_MANAGER_"
 #: The cluster backends: the embedded store in Redis, or a real Kubernetes API server.
@@ -68,12 +70,37 @@ class InfraSettings:
     default_history_limit: int = 10
     #: Seconds an event publish may take before it is given up (``..._EVENT_TIMEOUT_SECONDS``).
     event_timeout: float = 5.0
+    #: The helm binary for Helm sources: a path, or '' for ``helm`` on PATH (``..._HELM``).
+    helm: str = ""
+    #: The kubectl binary whose ``kubectl kustomize`` renders Kustomize sources:
+    #: a path, or '' for ``kubectl`` on PATH (``..._KUBECTL``).
+    kubectl: str = ""
+    #: A kustomize binary to use (``kustomize build``) instead of kubectl (``..._KUSTOMIZE``).
+    kustomize: str = ""
+    #: Seconds one Helm or Kustomize render may take (``..._RENDER_TIMEOUT_SECONDS``).
+    render_timeout: float = 60.0
+    #: Watch the live state (the embedded cluster's change feed, the Kubernetes
+    #: watch API) and compare an application as soon as one of its objects
+    #: changes, so self-heal acts in seconds; the periodic reconcile stays as
+    #: the safety net (``..._WATCH``).
+    watch: bool = True
+    #: The leases that keep an application's reconcile, and its operation, on one
+    #: replica at a time (mesh-wide ``AUTOECOOPS_LEASE_TTL_SECONDS`` / ``..._RENEW_SECONDS``).
+    lease: LeaseSettings = field(default_factory=LeaseSettings)
 
     @classmethod
     def from_env(cls, config: MeshConfig, env: Mapping[str, str] | None = None) -> InfraSettings:
         """Read and validate; a bad value raises ``ConfigError`` naming the variable."""
         env = os.environ if env is None else env
         d = cls()
+        if not env.get(f"{P}CLUSTER", "").strip() and env.get("KUBERNETES_SERVICE_HOST"):
+            # In a pod the default would "sync" into Redis and report success
+            # while the real cluster stays untouched.
+            raise ConfigError(
+                f"{P}CLUSTER is not set and this process runs in a Kubernetes pod: set it to "
+                "'kubernetes' (the cluster the pod runs in), or to 'embedded' to choose the "
+                "simulator on purpose"
+            )
         cache = env.get(f"{P}REPO_CACHE_DIR", "").strip()
         return cls(
             reconcile_interval=read_seconds(
@@ -98,4 +125,12 @@ class InfraSettings:
                 env, f"{P}HISTORY_LIMIT", d.default_history_limit, 1, 1000
             ),
             event_timeout=read_seconds(env, f"{P}EVENT_TIMEOUT_SECONDS", d.event_timeout, 60),
+            helm=env.get(f"{P}HELM", "").strip(),
+            kubectl=env.get(f"{P}KUBECTL", "").strip(),
+            kustomize=env.get(f"{P}KUSTOMIZE", "").strip(),
+            watch=read_bool(env, f"{P}WATCH", d.watch),
+            render_timeout=max(
+                read_seconds(env, f"{P}RENDER_TIMEOUT_SECONDS", d.render_timeout, 3600), 1.0
+            ),
+            lease=LeaseSettings.from_env(env),
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -168,6 +169,45 @@ class GitSource:
                 raise GitError("path", f"path {clean!r} is neither a file nor a directory")
             return out
 
+    def entries(self, url: str, commit: str, path: str) -> set[str]:
+        """The names in directory ``path`` at ``commit`` (empty for a file); how a source's kind is told."""
+        loc = self.location(url)
+        with self._lock(loc.url):
+            repo = self._open(loc, refresh=False)
+            node = repo.object_store[self._tree(repo, url, commit, path)]
+            if not isinstance(node, Tree):
+                return set()
+            return {e.path.decode("utf-8", "replace") for e in node.items()}
+
+    def export(self, url: str, commit: str, dest: Path) -> None:
+        """Write the whole tree at ``commit`` under ``dest`` (Helm and Kustomize read files).
+
+        The whole repository, not only the path: an overlay names ``../base``,
+        a chart's values file may live elsewhere. Symlinks and submodules are
+        left out, so nothing outside ``dest`` can be reached through the tree.
+        """
+        loc = self.location(url)
+        with self._lock(loc.url):
+            repo = self._open(loc, refresh=False)
+            root = repo.object_store[self._tree(repo, url, commit, "")]
+            assert isinstance(root, Tree)
+            _export(repo, root, dest)
+
+    def _tree(self, repo: Repo, url: str, commit: str, path: str) -> Any:
+        obj = _get(repo, commit.encode())
+        if not isinstance(obj, Commit):
+            raise GitError("revision", f"{commit} is not a commit in {url}")
+        clean = path.strip("/")
+        if not clean:
+            return obj.tree
+        try:
+            _mode, sha = tree_lookup_path(repo.object_store.__getitem__, obj.tree, clean.encode())
+        except KeyError:
+            raise GitError(
+                "path", f"path {clean!r} does not exist at {commit[:12]} in {url}"
+            ) from None
+        return sha
+
     def close(self) -> None:
         """Close every open repository (their pack files)."""
         with self._guard:
@@ -196,28 +236,38 @@ class GitSource:
 
     def _fetch(self, loc: Location, repo: Repo | None) -> Repo:
         """Mirror every branch and tag of a remote into the bare repository at ``loc.path``."""
+        created = False
         if repo is None:
             if (loc.path / "HEAD").exists():
                 repo = Repo(str(loc.path))
             else:
                 loc.path.mkdir(parents=True, exist_ok=True)
                 repo = Repo.init_bare(str(loc.path))
+                created = True
         try:
-            client, remote_path = get_transport_and_path(loc.url)
-            result = client.fetch(remote_path, repo)
-        except (GitProtocolError, HangupException, NotGitRepository, OSError) as err:
-            raise GitError("unreachable", f"cannot fetch {loc.url}: {err}") from None
-        except Exception as err:
-            # dulwich raises assorted errors for a missing local path or a
-            # refused connection; none of them may escape as INTERNAL.
-            raise GitError("unreachable", f"cannot fetch {loc.url}: {err}") from None
-        wanted = {
-            ref: sha
-            for ref, sha in (result.refs or {}).items()
-            if sha and (ref.startswith(b"refs/heads/") or ref.startswith(b"refs/tags/"))
-        }
-        if not wanted:
-            raise GitError("unreachable", f"{loc.url} has no branches (an empty repository?)")
+            try:
+                client, remote_path = get_transport_and_path(loc.url)
+                result = client.fetch(remote_path, repo)
+            except (GitProtocolError, HangupException, NotGitRepository, OSError) as err:
+                raise GitError("unreachable", f"cannot fetch {loc.url}: {err}") from None
+            except Exception as err:
+                # dulwich raises assorted errors for a missing local path or a
+                # refused connection; none of them may escape as INTERNAL.
+                raise GitError("unreachable", f"cannot fetch {loc.url}: {err}") from None
+            wanted = {
+                ref: sha
+                for ref, sha in (result.refs or {}).items()
+                if sha and (ref.startswith(b"refs/heads/") or ref.startswith(b"refs/tags/"))
+            }
+            if not wanted:
+                raise GitError("unreachable", f"{loc.url} has no branches (an empty repository?)")
+        except GitError:
+            if created:
+                # A first fetch that failed leaves nothing behind: no empty
+                # mirror per bad URL under the data directory.
+                repo.close()
+                shutil.rmtree(loc.path, ignore_errors=True)
+            raise
         for ref in list(repo.refs.keys()):
             if ref.startswith((b"refs/heads/", b"refs/tags/")) and ref not in wanted:
                 del repo.refs[ref]  # mirror: a deleted remote branch goes here too
@@ -300,3 +350,16 @@ def _walk(repo: Repo, tree: Tree, prefix: str, out: dict[str, bytes]) -> None:
             _walk(repo, obj, full, out)
         elif isinstance(obj, Blob) and name.endswith(MANIFEST_SUFFIXES):
             out[full] = obj.as_raw_string()
+
+
+def _export(repo: Repo, tree: Tree, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in tree.items():
+        name = entry.path.decode("utf-8", "replace")
+        if entry.mode in (_GITLINK, _SYMLINK) or name in (".", "..") or "/" in name:
+            continue
+        obj = repo.object_store[entry.sha]
+        if isinstance(obj, Tree):
+            _export(repo, obj, dest / name)
+        elif isinstance(obj, Blob):
+            (dest / name).write_bytes(obj.as_raw_string())

@@ -6,9 +6,10 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import json_format, struct_pb2, timestamp
 
 from autoecoops.kernel.mesh import paging
+from autoecoops.kernel.mesh.audit import outbox_for
 from autoecoops.kernel.mesh.auth import current_principal
 from autoecoops.kernel.mesh.errors import (
     AutoEcoOpsError,
@@ -43,12 +44,6 @@ DEFAULT_PAGE, MAX_PAGE = 50, 1000
 SCAN = 200
 
 
-def _ts(seconds: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
 def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     s.update(data)
@@ -68,8 +63,8 @@ def namespace_pb(rec: NamespaceRecord) -> memory_pb2.Namespace:
         ),
         document_count=rec.document_count,
         chunk_count=rec.chunk_count,
-        create_time=_ts(rec.create_time),
-        update_time=_ts(rec.update_time),
+        create_time=timestamp.from_nanoseconds(int(rec.create_time * 1e9)),
+        update_time=timestamp.from_nanoseconds(int(rec.update_time * 1e9)),
     )
 
 
@@ -83,8 +78,8 @@ def document_pb(doc: DocRecord) -> memory_pb2.Document:
         metadata=_struct(doc.metadata),
         content_hash=doc.content_hash,
         chunk_count=len(doc.labels),
-        create_time=_ts(doc.create_time),
-        update_time=_ts(doc.update_time),
+        create_time=timestamp.from_nanoseconds(int(doc.create_time * 1e9)),
+        update_time=timestamp.from_nanoseconds(int(doc.update_time * 1e9)),
     )
 
 
@@ -455,7 +450,12 @@ def build_hub(runtime: Runtime) -> MemoryHub:
             "pip install -e '.[server,memory]'"
         )
     settings = MemoryHubSettings.from_env()
-    store = MemoryStore(runtime.redis, runtime.key("memory-hub"), settings.change_log_len)
+    store = MemoryStore(
+        runtime.redis,
+        runtime.key("memory-hub"),
+        settings.change_log_len,
+        outbox_for(runtime, "memory-hub"),
+    )
     snapshots = snapshot_dir(runtime.config.data_dir, runtime.config.key_prefix)
     return MemoryHub(store, settings, snapshots)
 

@@ -32,7 +32,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from autoecoops.events.v1 import events_pb2
 from autoecoops.kernel.mesh.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
+from autoecoops.kernel.mesh.outbox import Outbox, make_event
+from autoecoops.memory.v1 import events_pb2 as memory_events_pb2
 
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -308,18 +311,76 @@ class NamespaceSnapshot:
     vectors: dict[int, bytes] | None
 
 
+SOURCE = "//autoecoops/kernel/memory-hub"
+
+
+def ingested(ns: str, writes: Sequence[DocWrite]) -> list[events_pb2.PublishRequest]:
+    """DocumentIngested for each write of a commit (published with it, through the outbox)."""
+    out = []
+    for w in writes:
+        r = w.record
+        payload = memory_events_pb2.DocumentIngested(
+            namespace=ns,
+            document_id=r.id,
+            content_hash=r.content_hash,
+            content_type=r.content_type,  # type: ignore[arg-type]
+            chunk_count=len(r.labels),
+            source_uri=r.source_uri,
+            replaced=bool(w.expected_rev),
+        )
+        out.append(
+            make_event(
+                payload,
+                source=SOURCE,
+                subject=r.id,
+                resource=f"memory/namespaces/{ns}/documents/{r.id}",
+                key=f"memory.document.ingested:{ns}:{r.id}:{r.content_hash}:{r.update_time!r}",
+            )
+        )
+    return out
+
+
+def deleted(ns: str, doc_id: str) -> events_pb2.PublishRequest:
+    """DocumentDeleted of one document."""
+    return make_event(
+        memory_events_pb2.DocumentDeleted(namespace=ns, document_id=doc_id),
+        source=SOURCE,
+        subject=doc_id,
+        resource=f"memory/namespaces/{ns}/documents/{doc_id}",
+        key=f"memory.document.deleted:{ns}:{doc_id}:{uuid.uuid4().hex}",
+    )
+
+
 class MemoryStore:
     """Namespaces, documents, chunks and vectors in Redis."""
 
-    def __init__(self, redis: aioredis.Redis, prefix: str, change_log_len: int = 100_000) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        prefix: str,
+        change_log_len: int = 100_000,
+        outbox: Outbox | None = None,
+    ) -> None:
         self.redis = redis
         self.prefix = prefix
         self.change_log_len = change_log_len
-        self._create = redis.register_script(_CREATE)
-        self._update = redis.register_script(_UPDATE)
-        self._commit = redis.register_script(_COMMIT)
-        self._delete = redis.register_script(_DELETE)
-        self._drop = redis.register_script(_DROP)
+
+        def script(source: str, ok: str) -> Any:
+            # With an outbox, a script that changed something also commits
+            # the audited call's record (``ok`` tells when it did).
+            return outbox.script(source, ok) if outbox else redis.register_script(source)
+
+        self._outbox = outbox
+        self._create = script(_CREATE, "r == 1")
+        self._update = script(_UPDATE, "r == 1")
+        self._commit = script(_COMMIT, "type(r) == 'table' and r[1] == 'OK'")
+        self._delete = script(_DELETE, "r > 0")
+        self._drop = script(_DROP, "r == 1")
+
+    def _events(self, events: list[events_pb2.PublishRequest]) -> dict[str, Any]:
+        # Events ride in the write's script only with an outbox (the mesh's);
+        # a bare store (tests, tools) publishes none.
+        return {"events": events} if self._outbox is not None else {}
 
     # -- keys -----------------------------------------------------------------
 
@@ -497,7 +558,9 @@ class MemoryStore:
             args.append(len(w.add))
             for chunk, vec in w.add:
                 args += [str(chunk.label), chunk.to_json(), vec]
-        result = await self._commit(keys=self._doc_keys(ns), args=args)
+        result = await self._commit(
+            keys=self._doc_keys(ns), args=args, **self._events(ingested(ns, writes))
+        )
         status = result[0].decode() if isinstance(result[0], bytes) else str(result[0])
         if status == "GONE":
             raise namespace_not_found(ns)
@@ -519,7 +582,13 @@ class MemoryStore:
         args: list[Any] = [epoch, repr(time.time()), self.change_log_len]
         for doc_id, rev in targets:
             args += [doc_id, rev]
-        n = int(await self._delete(keys=self._doc_keys(ns), args=args))
+        n = int(
+            await self._delete(
+                keys=self._doc_keys(ns),
+                args=args,
+                **self._events([deleted(ns, doc_id) for doc_id, _ in targets]),
+            )
+        )
         if n < 0:
             raise namespace_not_found(ns)
         return n

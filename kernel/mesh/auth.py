@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from autoecoops.kernel.mesh.errors import Unauthenticated
 
@@ -36,6 +36,15 @@ class TokenVerifier(Protocol):
 
     async def verify(self, token: str) -> Principal:
         """Verify ``token`` locally; never a network call per request."""
+        ...
+
+
+@runtime_checkable
+class ServiceBound(Protocol):
+    """A verifier that can be narrowed to the tokens meant for one service (``aud``)."""
+
+    def for_service(self, service: str) -> TokenVerifier:
+        """The verifier of ``service``'s server."""
         ...
 
 

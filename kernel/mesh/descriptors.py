@@ -8,6 +8,8 @@ required fields. Interceptors, the SDK and the generators read them here.
 from __future__ import annotations
 
 import functools
+import importlib
+import pkgutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -32,6 +34,8 @@ class MethodInfo:
     public: bool
     #: Dotted request field naming the namespace RBAC is checked in ('' = cluster-wide).
     namespace_field: str
+    #: Dotted request field holding the audited resource ('' = the usual names).
+    resource_field: str
     client_streaming: bool
     server_streaming: bool
     request_type: type[message.Message]
@@ -72,12 +76,35 @@ def method_info(path: str) -> MethodInfo | None:
         audited=policy.audited,
         public=policy.public,
         namespace_field=policy.namespace_field,
+        resource_field=policy.resource_field,
         client_streaming=method.client_streaming,
         server_streaming=method.server_streaming,
         request_type=req,
         response_type=message_factory.GetMessageClass(method.output_type),
         validate=required_fields_validator(method.input_type),
     )
+
+
+@functools.cache
+def idempotent_methods(package: str) -> tuple[tuple[str, str], ...]:
+    """(service, method) of every idempotent RPC of proto package ``package``
+    (``autoecoops.auth.v1``), from its generated ``_pb2`` modules."""
+    try:
+        pkg = importlib.import_module(package)
+    except ImportError:
+        return ()
+    found: list[tuple[str, str]] = []
+    for mod in sorted(pkgutil.iter_modules(getattr(pkg, "__path__", [])), key=lambda m: m.name):
+        if not mod.name.endswith("_pb2"):
+            continue
+        file = importlib.import_module(f"{package}.{mod.name}").DESCRIPTOR
+        for svc in services_in(file):
+            found += [
+                (svc.full_name, m.name)
+                for m in svc.methods
+                if method_policy(m).idempotent and not m.client_streaming
+            ]
+    return tuple(found)
 
 
 def _required(field: descriptor.FieldDescriptor) -> bool:

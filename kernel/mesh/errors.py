@@ -14,7 +14,9 @@ from typing import Any, ClassVar
 
 import grpc
 from google.protobuf import duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 #: The ErrorInfo domain of every error this project raises.
 DOMAIN = "autoecoops.io"
@@ -141,21 +143,28 @@ class AutoEcoOpsError(Exception):
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
+def status_of(error: grpc.RpcError) -> status_pb2.Status:
+    """The google.rpc.Status of a failed call (sync or aio): the one the server
+    sent in its ``grpc-status-details-bin`` trailer, read by grpcio-status,
+    else one of the call's code and message alone (no trailer, or a garbled
+    one that contradicts the call's status)."""
+    try:
+        status = rpc_status.from_call(error)
+    except (ValueError, DecodeError):
+        status = None
+    if status is not None:
+        return status
+    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
+    return status_pb2.Status(code=code.value[0], message=error.details() or "")  # type: ignore[attr-defined]
+
+
 def from_rpc_error(error: grpc.RpcError, trace_id: str = "") -> AutoEcoOpsError:
     """Convert a ``grpc.RpcError`` (sync or aio) into the matching AutoEcoOpsError.
 
     This is the one place wire errors become library errors: the details come
     from the ``grpc-status-details-bin`` trailer when the server sent one.
     """
-    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
-    message: str = error.details() or ""  # type: ignore[attr-defined]
-    trailers = error.trailing_metadata() or ()  # type: ignore[attr-defined]
-    for key, value in trailers:
-        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
-            status = status_pb2.Status.FromString(value)
-            if status.code == code.value[0]:
-                return AutoEcoOpsError.from_status(status, trace_id=trace_id)
-    return AutoEcoOpsError.class_for(code)(message, trace_id=trace_id)
+    return AutoEcoOpsError.from_status(status_of(error), trace_id=trace_id)
 
 
 class Cancelled(AutoEcoOpsError):

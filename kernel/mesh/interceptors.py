@@ -19,7 +19,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -47,6 +47,8 @@ from autoecoops.kernel.mesh.errors import (
     Unimplemented,
 )
 from autoecoops.kernel.mesh.metrics import MethodMetrics
+from autoecoops.kernel.mesh.outbox import current_records
+from autoecoops.kernel.mesh.redis import redis_unavailable
 
 log = logging.getLogger("autoecoops.mesh")
 
@@ -63,16 +65,28 @@ def current_trace_id() -> str:
 
 
 class CallAuditor(Protocol):
-    """Writes the audit entry of an RPC whose method option says ``audited``."""
+    """The audit side of RPCs whose method option says ``audited`` (audit.AuditTrail)."""
 
-    async def call_succeeded(self, info: MethodInfo, request: pb_message.Message | None) -> None:
-        """Record a success; raise (e.g. Unavailable) if it cannot be recorded."""
+    async def begin(self, info: MethodInfo, request: pb_message.Message | None) -> Any:
+        """Before the handler: set the call's audit record; raise if it could not be kept."""
         ...
 
-    async def call_failed(
-        self, info: MethodInfo, request: pb_message.Message | None, error: AutoEcoOpsError
-    ) -> None:
-        """Record a failure or denial (best effort)."""
+    async def finish(self, info: MethodInfo, ctx: Any) -> int:
+        """After the handler: the index of the call's entry once appended."""
+        ...
+
+    async def settle(self, info: MethodInfo) -> None:
+        """After a call that is not audited: wait for the entries it recorded itself."""
+        ...
+
+    async def failed(
+        self,
+        info: MethodInfo,
+        request: pb_message.Message | None,
+        ctx: Any,
+        error: AutoEcoOpsError,
+    ) -> AutoEcoOpsError:
+        """The error to answer for an audited call that raised ``error``."""
         ...
 
 
@@ -210,6 +224,10 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return Unimplemented(
                 f"{call.info.full_name} is not implemented yet{what}", reason="NOT_IMPLEMENTED_YET"
             )
+        unavailable = redis_unavailable(exc)
+        if unavailable is not None:
+            log.warning("%s: %s", call.info.full_name, unavailable.message)
+            return unavailable
         error_id = uuid.uuid4().hex[:12]
         log.exception("unhandled error in %s (error_id=%s)", call.info.full_name, error_id)
         return Internal(
@@ -229,16 +247,24 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             trailing_metadata=((STATUS_DETAILS_KEY, status.SerializeToString()),),
         )
 
-    async def _audit_failure(self, call: _Call, request: Any, exc: Exception) -> None:
-        """Best-effort entry for an audited call that failed after authentication."""
-        if not call.audited or self._auditor is None or current_principal.get() is None:
-            return
-        if not isinstance(exc, AutoEcoOpsError) or isinstance(exc, Unauthenticated):
-            return
+    async def _audit_failure(
+        self, call: _Call, request: Any, ctx: Any, exc: Exception
+    ) -> Exception:
+        """The error to answer for an audited call that failed after authentication.
+
+        A call whose change committed answers with ``committed: "true"``; one
+        that changed nothing gets a FAILURE/DENIED entry (audit.AuditTrail.failed).
+        """
+        if not call.audited or self._auditor is None:
+            return exc
+        if current_principal.get() is None and ctx is None:
+            return exc
+        err = self._as_error(call, exc)
         try:
-            await self._auditor.call_failed(call.info, request, exc)
+            return await self._auditor.failed(call.info, request, ctx, err)
         except Exception:
             log.warning("could not audit the failure of %s", call.info.full_name, exc_info=True)
+            return err
 
     # -- wrapping ---------------------------------------------------------
 
@@ -250,26 +276,26 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             or handler.stream_stream
         )
         servicer = getattr(behavior, "__self__", None)
-        # A servicer that writes a richer entry itself for some methods
-        # (policy-audit's decision log for Evaluate) names them in
-        # AUDITS_ITSELF, and the generic entry is skipped for those.
-        method_name = info.full_name.rsplit(".", 1)[1]
-        audited = (
-            info.audited
-            and self._auditor is not None
-            and method_name not in getattr(servicer, "AUDITS_ITSELF", ())
-        )
+        # The method option is the only source: no servicer opts out.
+        audited = info.audited and self._auditor is not None
         call = _Call(info, getattr(servicer, "PENDING", ""), audited)
         auditor = self._auditor
         decode: Callable[[_Call, Any], Any] = (
             self._decode_stream if info.client_streaming else self._decode
         )
         admit, authorize, fail, metrics = self._admit, self._authorize, self._abort, call.metrics
-        streaming_in = info.client_streaming
+        streaming_in, streaming_out = info.client_streaming, info.server_streaming
 
-        async def respond_once(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def respond(raw: Any, context: grpc.aio.ServicerContext) -> AsyncGenerator[Any]:
+            """The one body of every AutoEcoOps RPC: admit, decode, authorize, run
+            the handler, audit, and answer any failure through the error boundary.
+            A unary RPC's response is the one item it yields."""
             start, code = time.perf_counter(), "OK"
             request = None
+            ctx = None
+            # Entries the handler records on its own land here (outbox.current_records).
+            records: list[Any] | None = [] if auditor is not None else None
+            current_records.set(records)
             with _server_span(call, context) as span:
                 try:
                     await admit(call, context)
@@ -278,52 +304,52 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     # cluster-wide when it opens; with one, per message.
                     if not (streaming_in and info.namespace_field):
                         await authorize(call, None if streaming_in else request)
-                    result = behavior(request, context)
-                    if inspect.isawaitable(result):
-                        result = await result
                     if call.audited:
-                        # Synchronous audit: if it cannot be written, the call fails.
-                        await auditor.call_succeeded(info, None if streaming_in else request)  # type: ignore[union-attr]
-                    return result
-                except grpc.aio.AbortError:
-                    code = _code_name(context)
-                    raise
-                except Exception as exc:
-                    code = _error_code(exc)
-                    await self._audit_failure(call, None if streaming_in else request, exc)
-                    await fail(call, context, exc)
-                finally:
-                    metrics.observe(code, time.perf_counter() - start)
-                    _end_span(span, code)
-
-        async def respond_stream(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            start, code = time.perf_counter(), "OK"
-            request = None
-            with _server_span(call, context) as span:
-                try:
-                    await admit(call, context)
-                    request = decode(call, raw)
-                    if not (streaming_in and info.namespace_field):
-                        await authorize(call, None if streaming_in else request)
-                    if call.audited:
-                        # A stream is audited when it opens; it may run for hours.
-                        await auditor.call_succeeded(info, None if streaming_in else request)  # type: ignore[union-attr]
+                        # Before anything changes: the record the store commits
+                        # with the change (UNAVAILABLE here if the log is down).
+                        ctx = await auditor.begin(info, None if streaming_in else request)  # type: ignore[union-attr]
                     result = behavior(request, context)
+                    if not streaming_out:
+                        if inspect.isawaitable(result):
+                            result = await result
+                        if ctx is not None:
+                            # Synchronous audit: answer once the entry is in the log.
+                            index = await auditor.finish(info, ctx)  # type: ignore[union-attr]
+                            context.set_trailing_metadata(_audit_trailer(ctx, index))
+                        elif records:
+                            await auditor.settle(info)  # type: ignore[union-attr]
+                        yield result
+                        return
                     if hasattr(result, "__aiter__"):
                         async for item in result:
                             yield item
                     elif inspect.isawaitable(result):
                         await result
+                    if ctx is not None:
+                        # A stream's entry is waited for when it ends (it may run for hours).
+                        index = await auditor.finish(info, ctx)  # type: ignore[union-attr]
+                        context.set_trailing_metadata(_audit_trailer(ctx, index))
                 except grpc.aio.AbortError:
                     code = _code_name(context)
                     raise
                 except Exception as exc:
+                    exc = await self._audit_failure(
+                        call, None if streaming_in else request, ctx, exc
+                    )
                     code = _error_code(exc)
-                    await self._audit_failure(call, None if streaming_in else request, exc)
                     await fail(call, context, exc)
                 finally:
                     metrics.observe(code, time.perf_counter() - start)
                     _end_span(span, code)
+
+        async def respond_once(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+            """A unary response: the one item ``respond`` yields."""
+            answer = respond(raw, context)
+            try:
+                return await anext(answer)
+            finally:
+                # Runs respond's bookkeeping (metrics, span) now, not at GC.
+                await answer.aclose()
 
         # Requests arrive as bytes (no deserializer) so a malformed message is
         # INVALID_ARGUMENT from _decode rather than grpc's opaque INTERNAL.
@@ -333,8 +359,8 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(respond_once, None, serializer)
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(respond_stream, None, serializer)
-        return grpc.stream_stream_rpc_method_handler(respond_stream, None, serializer)
+            return grpc.unary_stream_rpc_method_handler(respond, None, serializer)
+        return grpc.stream_stream_rpc_method_handler(respond, None, serializer)
 
 
 class _MetadataGetter(Getter[Sequence[tuple[str, str | bytes]]]):
@@ -391,6 +417,13 @@ def _server_span(call: _Call, context: grpc.aio.ServicerContext) -> Iterator[tra
         otel_context.detach(token)
 
 
+def _audit_trailer(ctx: Any, index: int) -> tuple[tuple[str, str], ...]:
+    return (
+        ("autoecoops-audit-index", str(index)),
+        ("autoecoops-audit-request-id", ctx.request.request_id),
+    )
+
+
 def _end_span(span: trace.Span, code: str) -> None:
     if span.is_recording():
         span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[code].value[0])
@@ -406,4 +439,6 @@ def _code_name(context: grpc.aio.ServicerContext) -> str:
 def _error_code(exc: Exception) -> str:
     if isinstance(exc, AutoEcoOpsError):
         return str(exc.code.name)
-    return "UNIMPLEMENTED" if isinstance(exc, NotImplementedError) else "INTERNAL"
+    if isinstance(exc, NotImplementedError):
+        return "UNIMPLEMENTED"
+    return "UNAVAILABLE" if redis_unavailable(exc) is not None else "INTERNAL"

@@ -23,16 +23,23 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from autoecoops.kernel.mesh.auth import Authorizer, TokenVerifier, UnavailableVerifier
+from autoecoops.kernel.mesh.auth import (
+    Authorizer,
+    ServiceBound,
+    TokenVerifier,
+    UnavailableVerifier,
+)
 from autoecoops.kernel.mesh.clients import ClientFactory
-from autoecoops.kernel.mesh.config import BY_NAME, MeshConfig
+from autoecoops.kernel.mesh.config import BY_NAME, MeshConfig, server_options
 from autoecoops.kernel.mesh.errors import ConfigError
 from autoecoops.kernel.mesh.interceptors import CallAuditor, MeshInterceptor
-from autoecoops.kernel.mesh.redis import connect
-from autoecoops.kernel.mesh.tracing import setup_tracing
+from autoecoops.kernel.mesh.redis import connect, service_base
+from autoecoops.kernel.mesh.tracing import flush_tracing, setup_tracing
 
 log = logging.getLogger("autoecoops.mesh")
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+#: The health "service" whose status says whether audited calls can be served.
+AUDIT_HEALTH = "autoecoops.audit.outbox"
 
 #: Where each service's ``register`` lives; imported only when that service runs,
 #: so `autoecoops serve auth-service` never loads memory-hub's model.
@@ -62,7 +69,35 @@ class Runtime:
     closers: list[Callable[[], Any]] = field(default_factory=list)
     #: Coroutines a service's ``register`` queues to run before it reports SERVING.
     starters: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    #: Callables run once every server of the process is SERVING (background work
+    #: such as the authorizer's watch of auth-service).
+    started: list[Callable[[], Any]] = field(default_factory=list)
+    #: Callables run when draining begins, before servers stop: end long-lived
+    #: streams (auth's RBAC watch) so clients move on instead of holding shutdown.
+    drainers: list[Callable[[], Any]] = field(default_factory=list)
+    #: Why a service reports NOT_SERVING though it runs (mesh name -> reason).
+    unhealthy: dict[str, str] = field(default_factory=dict)
+    _health_hooks: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     _redis: aioredis.Redis | None = None
+
+    async def set_unhealthy(self, service: str, reason: str) -> None:
+        """Report ``service`` NOT_SERVING because of ``reason`` ('' makes it SERVING again).
+
+        For a state the service cannot serve in and that an operator must fix
+        (a signing key that does not match its log): health checks and load
+        balancers see it, and the reason is logged once.
+        """
+        if self.unhealthy.get(service, "") == reason:
+            return
+        if reason:
+            self.unhealthy[service] = reason
+            log.error("%s reports NOT_SERVING: %s", service, reason)
+        else:
+            self.unhealthy.pop(service, None)
+            log.info("%s reports SERVING again", service)
+        hook = self._health_hooks.get(service)
+        if hook is not None:
+            await hook()
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -75,8 +110,11 @@ class Runtime:
         return self._redis
 
     def key(self, service: str, *parts: str) -> str:
-        """A Redis key ``<prefix><service>:<parts...>`` (DESIGN.md "Data")."""
-        return ":".join([self.config.key_prefix + service, *parts])
+        """A Redis key ``<prefix><service>:<parts...>`` (DESIGN.md "Data"); on a
+        Redis Cluster ``<prefix>{<service>}:<parts...>``, one slot per service
+        (``service_base``)."""
+        base = service_base(self.config.key_prefix, service, self.config.redis_cluster)
+        return ":".join([base, *parts])
 
 
 class Register(Protocol):
@@ -124,15 +162,15 @@ class ServiceServer:
         self.services: list[str] = []
         self.port = 0
         cfg = runtime.config
+        verifier = runtime.verifier
+        if isinstance(verifier, ServiceBound):
+            # Each server accepts only tokens meant for the mesh or for it (aud).
+            verifier = verifier.for_service(name)
         self.server = grpc.aio.server(
             interceptors=[
-                MeshInterceptor(runtime.verifier, runtime.authorizer, runtime.auditor),
+                MeshInterceptor(verifier, runtime.authorizer, runtime.auditor),
             ],
-            options=[
-                ("grpc.max_receive_message_length", cfg.max_message_bytes),
-                ("grpc.max_send_message_length", cfg.max_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ],
+            options=server_options(cfg),
         )
 
     async def start(self) -> int:
@@ -155,12 +193,44 @@ class ServiceServer:
                 f"AUTOECOOPS_{env}_PORT={wanted}: cannot listen on {cfg.host}:{wanted} (in use?)"
             ) from None
         await self.server.start()
-        for svc in ("", *self.services):
-            await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        self.runtime._health_hooks[self.name] = self._report_health
+        await self._report_health()
+        self._watch_audit()
         return self.port
+
+    async def _report_health(self) -> None:
+        """SERVING, unless the runtime holds a reason this service cannot serve."""
+        status = (
+            health_pb2.HealthCheckResponse.NOT_SERVING
+            if self.name in self.runtime.unhealthy
+            else health_pb2.HealthCheckResponse.SERVING
+        )
+        for svc in ("", *self.services):
+            await self.health.set(svc, status)
+
+    def _watch_audit(self) -> None:
+        """Health detail of the audit rule: ``autoecoops.audit.outbox`` is NOT_SERVING
+        while this process cannot append to the audit log (its audited calls are refused)."""
+        relay = getattr(self.runtime.auditor, "relay", None)
+        if relay is None:
+            return
+        serving = health_pb2.HealthCheckResponse.SERVING
+        down = health_pb2.HealthCheckResponse.NOT_SERVING
+        tasks: set[asyncio.Task[None]] = set()
+
+        def tell(reachable: bool) -> None:
+            task = asyncio.ensure_future(
+                self.health.set(AUDIT_HEALTH, serving if reachable else down)
+            )
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        relay.listeners.append(tell)
+        tell(bool(relay.reachable))
 
     async def enter_drain(self) -> None:
         """Report NOT_SERVING everywhere so load balancers stop sending calls."""
+        self.runtime._health_hooks.pop(self.name, None)
         await self.health.enter_graceful_shutdown()
 
     async def stop(self, grace: float) -> None:
@@ -193,6 +263,8 @@ class Mesh:
                 srv = ServiceServer(name, self.runtime, (registers or {}).get(name))
                 self.servers.append(srv)
                 await srv.start()
+            for hook in self.runtime.started:
+                hook()
         except BaseException:
             await self.stop(grace=0)
             raise
@@ -202,6 +274,9 @@ class Mesh:
         grace = self.config.shutdown_grace if grace is None else grace
         servers, self.servers = self.servers, []
         await asyncio.gather(*(s.enter_drain() for s in servers))
+        if servers:
+            for drain in self.runtime.drainers:
+                drain()
         if servers and self.config.drain_delay and grace:
             await asyncio.sleep(self.config.drain_delay)
         await asyncio.gather(*(s.stop(grace) for s in servers))
@@ -229,6 +304,8 @@ class Mesh:
                 log.exception("shutdown: %s failed", name)
         self.runtime.closers.clear()
         await self.runtime.clients.close()
+        # The spans of the last calls are still in the exporter's queue.
+        await asyncio.to_thread(flush_tracing)
 
 
 async def run_until_signalled(

@@ -6,7 +6,9 @@ import asyncio
 import logging
 import os
 
+from autoecoops.kernel.mesh.audit import AuditTrail
 from autoecoops.kernel.mesh.errors import ConfigError, FailedPrecondition
+from autoecoops.kernel.mesh.outbox import Outbox
 from autoecoops.kernel.mesh.server import Runtime
 from autoecoops.kernel.policy_audit.bundles import (
     BundleRegistry,
@@ -40,7 +42,7 @@ class PolicyAudit:
         except (NoteError, OSError) as err:
             raise ConfigError(f"AUTOECOOPS_POLICY_AUDIT_SIGNING_KEY_FILE: {err}") from None
         if created:
-            log.info("created the audit log's signing key %s", settings.signing_key_file)
+            log.debug("created the audit log's signing key %s", settings.signing_key_file)
         self.controls: list[Control] = load_catalogue(settings.controls_file)
         self._audit: AuditLog | None = None
         self._registry: BundleRegistry | None = None
@@ -59,8 +61,15 @@ class PolicyAudit:
         if self._audit is None:
             self._need_redis()
             base = self.runtime.key(SERVICE, "{audit}")
+            box = self._outbox()
             self._audit = AuditLog(
-                AuditStore(self.runtime.redis, base),
+                AuditStore(
+                    self.runtime.redis,
+                    base,
+                    box.events_key if box and self.settings.entry_events else "",
+                    wait_replicas=self.runtime.config.wait_replicas,
+                    wait_timeout_ms=self.runtime.config.redis_wait_timeout_ms,
+                ),
                 self.signer,
                 self.settings.origin,
                 max_entry_bytes=self.settings.max_entry_bytes,
@@ -73,23 +82,52 @@ class PolicyAudit:
         """The bundle registry."""
         if self._registry is None:
             self._need_redis()
-            self._registry = BundleRegistry(self.runtime.redis, self.runtime.key(SERVICE))
+            self._registry = BundleRegistry(
+                self.runtime.redis, self.runtime.key(SERVICE), self._outbox()
+            )
         return self._registry
 
     @property
     def decider(self) -> Decider:
         """Evaluate with decision logging."""
         if self._decider is None:
-            self._logger = DecisionLogger(
-                self.audit, self.settings.decision_log_buffer, self.settings.decision_log_sync
-            )
+            self._logger = DecisionLogger(self.audit, self._outbox())
             self._decider = Decider(self.registry, self._logger)
         return self._decider
+
+    def _outbox(self) -> Outbox | None:
+        trail = self.runtime.auditor
+        return trail.outbox(SERVICE) if isinstance(trail, AuditTrail) else None
 
     def start(self) -> None:
         """Start the bundle watcher (when Redis is configured)."""
         if self.runtime.config.redis_url:
             self._watch = asyncio.get_running_loop().create_task(self._watch_loop(), name="bundles")
+
+    async def check_signing_key(self) -> None:
+        """Report NOT_SERVING, with the reason, while the log is signed by another key.
+
+        Appends and checkpoints answer FAILED_PRECONDITION SIGNING_KEY_MISMATCH
+        then; health says so too, so an orchestrator or `autoecoops status`
+        shows the service as broken rather than SERVING.
+        """
+        if not self.runtime.config.redis_url:
+            return
+        try:
+            self.audit.check_key((await self.audit.store.head()).vkey)
+        except FailedPrecondition as err:
+            await self.runtime.set_unhealthy(SERVICE, err.message)
+            return
+        except Exception as err:
+            # Redis down at start is reported by each call; the check runs again later.
+            log.warning("could not check the audit log's signing key: %s", err)
+            return
+        await self.runtime.set_unhealthy(SERVICE, "")
+
+    async def key_mismatch(self, err: FailedPrecondition) -> None:
+        """Called with a call's SIGNING_KEY_MISMATCH: health goes NOT_SERVING."""
+        if err.reason == "SIGNING_KEY_MISMATCH":
+            await self.runtime.set_unhealthy(SERVICE, err.message)
 
     def file_bundles(self) -> dict[str, tuple[str, dict[str, BundleSpec]]]:
         """The bundles on disk, by source prefix."""

@@ -42,6 +42,7 @@ from autoecoops.kernel.mesh.errors import (
     InvalidArgument,
     NotFound,
 )
+from autoecoops.kernel.mesh.outbox import Outbox, make_event
 from autoecoops.kernel.policy_audit.canonical import canonical_json
 from autoecoops.kernel.policy_audit.engine import (
     CompiledBundle,
@@ -49,6 +50,7 @@ from autoecoops.kernel.policy_audit.engine import (
     package_path,
     unsupported,
 )
+from autoecoops.policy.v1 import events_pb2 as policy_events_pb2
 
 log = logging.getLogger("autoecoops.policy_audit")
 
@@ -314,11 +316,15 @@ class Active:
 class BundleRegistry:
     """Bundles in Redis, compiled and served by this replica."""
 
-    def __init__(self, redis: aioredis.Redis, base: str) -> None:
+    def __init__(self, redis: aioredis.Redis, base: str, outbox: Outbox | None = None) -> None:
         self.redis = redis
         self.hash_key = f"{base}:bundles"
         self.version_key = f"{base}:bundles:version"
-        self._write = redis.register_script(_WRITE)
+        # With an outbox, a write that happened commits the audited call's record with it.
+        self._outbox = outbox
+        self._write: Any = (
+            outbox.script(_WRITE, ok="r == 'ok'") if outbox else redis.register_script(_WRITE)
+        )
         self.active: dict[str, Active] = {}
         self._version: int | None = None
         self._lock = asyncio.Lock()
@@ -328,9 +334,29 @@ class BundleRegistry:
         self._routes: dict[str, Active | None] = {}
 
     async def _store(self, op: str, spec: BundleSpec, expect: str = "") -> None:
+        extra: dict[str, Any] = {}
+        if self._outbox is not None and op != "delete" and spec.revision != expect:
+            # A new revision answers decisions from now on: BundleActivated,
+            # committed with the write (through the outbox).
+            activated = policy_events_pb2.BundleActivated(
+                bundle=spec.name,
+                revision=spec.revision,
+                previous_revision=expect,
+                module_count=len(spec.modules),
+            )
+            extra["events"] = [
+                make_event(
+                    activated,
+                    source="//autoecoops/kernel/policy-audit",
+                    subject=spec.name,
+                    resource=f"policy/bundles/{spec.name}",
+                    key=f"policy.bundle.activated:{spec.name}:{spec.revision}:{expect}",
+                )
+            ]
         got = await self._write(
             keys=[self.hash_key, self.version_key],
             args=[op, spec.name, spec.to_json() if op != "delete" else "", expect],
+            **extra,
         )
         status = got.decode() if isinstance(got, bytes) else str(got)
         if status == "exists":
@@ -397,7 +423,8 @@ class BundleRegistry:
             await self._store("create", stored)
             self.active[stored.name] = Active(stored, compiled)
             self._routes.clear()
-        log.info("bundle %s created at %s", stored.name, stored.revision)
+        # DEBUG: the audit trail records it; at INFO it came before the service table on a first start.
+        log.debug("bundle %s created at %s", stored.name, stored.revision)
         return stored
 
     async def update(

@@ -17,6 +17,7 @@ import base64
 import binascii
 import hashlib
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,9 +210,20 @@ def load_or_create_signer(path: Path, name: str, create: bool) -> tuple[NoteSign
         raise NoteError(f"{path}: no such signing key file")
     signer = NoteSigner.generate(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # O_EXCL: two processes starting at once must not both write a key.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # Two replicas starting at once on a shared data directory must end up with
+    # one key: the key is written whole to a file of this process's own, then
+    # hard-linked to ``path``, which fails if another process got there first.
+    # The loser then loads the winner's key (once linked, the file is complete)
+    # instead of refusing to start, as an O_EXCL create of ``path`` itself made it.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(signer.skey() + "\n")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return NoteSigner.from_skey(path.read_text()), False
+    finally:
+        tmp.unlink()
     path.with_name(path.name + ".pub").write_text(signer.verifier.vkey() + "\n")
     return signer, True

@@ -36,11 +36,8 @@ class Settings:
     shipped_policies: bool = True
     #: How often the bundle directory and the shared bundle registry are polled (``BUNDLE_POLL_SECONDS``).
     bundle_poll: float = 1.0
-    #: Evaluate waits until its decision is in the audit log (``DECISION_LOG_SYNC``);
-    #: otherwise decisions are appended by a background group commit.
-    decision_log_sync: bool = False
-    #: Decisions queued for the log before Evaluate waits for room (``DECISION_LOG_BUFFER``).
-    decision_log_buffer: int = 10_000
+    #: Publish EntryAppended (topic ``audit.entries``) for every entry (``ENTRY_EVENTS``).
+    entry_events: bool = True
     #: The controls catalogue (``CONTROLS_FILE``).
     controls_file: Path = SHIPPED_CONTROLS
 
@@ -63,9 +60,6 @@ class Settings:
             bundle_dir=Path(bundle_dir) if bundle_dir else None,
             shipped_policies=read_bool(env, f"{ENV}SHIPPED_POLICIES", cls.shipped_policies),
             bundle_poll=read_seconds(env, f"{ENV}BUNDLE_POLL_SECONDS", cls.bundle_poll, 600),
-            decision_log_sync=read_bool(env, f"{ENV}DECISION_LOG_SYNC", cls.decision_log_sync),
-            decision_log_buffer=read_int(
-                env, f"{ENV}DECISION_LOG_BUFFER", cls.decision_log_buffer, 1, 1_000_000
-            ),
+            entry_events=read_bool(env, f"{ENV}ENTRY_EVENTS", cls.entry_events),
             controls_file=Path(controls) if controls else SHIPPED_CONTROLS,
         )

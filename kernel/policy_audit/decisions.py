@@ -2,16 +2,13 @@
 
 Every decision becomes an audit entry of type ``policy.decision`` with the
 decision id, bundle and revision, path, input and result (with the bundle's
-JSON pointers removed), the caller, the trace id and the time. By default
-the entry is appended by a background task through the log's group commit,
-as OPA's decision logger does, so a decision costs the policy evaluation and
-not a Redis round trip; ``decision_log_sync`` makes Evaluate wait instead.
+JSON pointers removed), the caller, the trace id and the time. It goes
+through policy-audit's audit outbox like every other record (the mesh's
+audit rule, kernel/mesh/outbox.py), so a decision is never dropped.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import copy
 import logging
 import os
@@ -23,12 +20,14 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 
 from autoecoops.audit.v1 import audit_pb2
-from autoecoops.events.v1 import envelope_pb2
+from autoecoops.events.v1 import envelope_pb2, events_pb2
 from autoecoops.kernel.mesh.auth import Principal
 from autoecoops.kernel.mesh.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from autoecoops.kernel.mesh.outbox import Outbox, current_audit, make_event
 from autoecoops.kernel.policy_audit.bundles import BundleRegistry
 from autoecoops.kernel.policy_audit.engine import Decision, EvaluationError, check_path
 from autoecoops.kernel.policy_audit.trail import AuditLog
+from autoecoops.policy.v1 import events_pb2 as policy_events_pb2
 
 log = logging.getLogger("autoecoops.policy_audit")
 
@@ -146,70 +145,61 @@ class DecisionRecord:
         return entry
 
 
-class DecisionLogger:
-    """Appends decision records to the audit log, in the background or synchronously."""
+def decision_event(entry: audit_pb2.AuditEntry) -> events_pb2.PublishRequest:
+    """PolicyDecisionMade from a decision's (masked) log entry."""
+    d = entry.details.fields
+    payload = policy_events_pb2.PolicyDecisionMade(
+        decision_id=entry.decision_id,
+        path=d["path"].string_value if "path" in d else "",
+        defined=d["defined"].bool_value if "defined" in d else False,
+        allowed=d["allowed"].bool_value if "allowed" in d else False,
+        bundle=d["bundle"].string_value if "bundle" in d else "",
+        bundle_revision=d["bundle_revision"].string_value if "bundle_revision" in d else "",
+    )
+    if "result" in d:
+        payload.result.CopyFrom(d["result"])
+    if "input" in d:
+        payload.input.CopyFrom(d["input"])
+    return make_event(
+        payload,
+        source="//autoecoops/kernel/policy-audit",
+        subject=entry.decision_id,
+        resource=entry.resource,
+        key=f"policy.decision.made:{entry.decision_id}",
+    )
 
-    def __init__(self, audit: AuditLog, buffer: int = 10_000, sync: bool = False) -> None:
+
+class DecisionLogger:
+    """Commits decision records to policy-audit's audit outbox; its relay appends them.
+
+    Evaluate is an audited RPC: its audit record *is* the decision record
+    (it replaces the call's generic one), so the caller's answer comes once
+    the decision is in the log. A decision made outside an RPC is committed
+    to the outbox on its own. Either way it is in Redis before Evaluate
+    answers, and the relay appends it when the log can take it: nothing is
+    queued in memory, nothing is dropped.
+    """
+
+    def __init__(self, audit: AuditLog, outbox: Outbox | None = None) -> None:
         self.audit = audit
-        self.sync = sync
-        self._queue: asyncio.Queue[DecisionRecord] = asyncio.Queue(maxsize=buffer)
-        self._task: asyncio.Task[None] | None = None
-        #: Decisions that could not be appended after retries (logged as errors).
-        self.dropped = 0
+        self.outbox = outbox
 
     async def record(self, rec: DecisionRecord) -> None:
-        """Log ``rec``: now when sync, else queue it (waiting for room when full)."""
-        if self.sync:
-            await self.audit.append(rec.entry(), rec.decision_id)
+        """Log ``rec`` through the outbox (or straight to the log without one)."""
+        request = audit_pb2.AppendEntryRequest(entry=rec.entry(), request_id=rec.decision_id)
+        if self.outbox is None:
+            await self.audit.append(request.entry, request.request_id)
             return
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="decision-log")
-        try:
-            self._queue.put_nowait(rec)
-        except asyncio.QueueFull:
-            await self._queue.put(rec)
-
-    async def _run(self) -> None:
-        while True:
-            first = await self._queue.get()
-            batch = [first]
-            while not self._queue.empty() and len(batch) < 4096:
-                batch.append(self._queue.get_nowait())
-            await self._append(batch)
-            for _ in batch:
-                self._queue.task_done()
-
-    async def _append(self, batch: list[DecisionRecord]) -> None:
-        pending = batch
-        for attempt in range(5):
-            results = await asyncio.gather(
-                *(self.audit.append(r.entry(), r.decision_id) for r in pending),
-                return_exceptions=True,
-            )
-            failed = [
-                r for r, res in zip(pending, results, strict=True) if isinstance(res, BaseException)
-            ]
-            if not failed:
-                return
-            errors = {type(res).__name__ for res in results if isinstance(res, BaseException)}
-            log.warning("decision log: %d appends failed (%s); retrying", len(failed), errors)
-            pending = failed
-            await asyncio.sleep(0.2 * 2**attempt)
-        self.dropped += len(pending)
-        log.error("decision log: %d decisions could not be appended", len(pending))
-
-    async def flush(self) -> None:
-        """Wait until every queued decision is appended (or given up on)."""
-        if self._task is not None and not self._task.done():
-            await self._queue.join()
+        event = decision_event(request.entry)
+        ctx = current_audit.get()
+        if ctx is not None and not ctx.staged:
+            ctx.request = request
+            ctx.events.append(event)
+            return
+        await self.outbox.add(request, [event])
 
     async def close(self) -> None:
-        """Flush, then stop the background task."""
-        await self.flush()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Nothing is held here (the outbox is in Redis)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import json_format, timestamp
 
 from autoecoops.audit.v1 import audit_pb2, audit_pb2_grpc
+from autoecoops.kernel.mesh.audit import AuditTrail
 from autoecoops.kernel.mesh.auth import current_principal
+from autoecoops.kernel.mesh.errors import FailedPrecondition
 from autoecoops.kernel.mesh.interceptors import current_trace_id
 from autoecoops.kernel.mesh.paging import page_by_key
 from autoecoops.kernel.mesh.server import Runtime
@@ -28,12 +30,6 @@ _RESULTS = {
 }
 
 
-def _ts(ns: int) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(ns)
-    return ts
-
-
 def bundle_to_proto(spec: BundleSpec) -> policy_pb2.Bundle:
     """A stored bundle as its proto."""
     msg = policy_pb2.Bundle(
@@ -43,9 +39,9 @@ def bundle_to_proto(spec: BundleSpec) -> policy_pb2.Bundle:
         modules=[policy_pb2.PolicyModule(path=p, source=s) for p, s in spec.modules],
         masks=list(spec.masks),
         revision=spec.revision,
-        create_time=_ts(spec.create_time_ns),
-        update_time=_ts(spec.update_time_ns),
-        activate_time=_ts(spec.activate_time_ns),
+        create_time=timestamp.from_nanoseconds(spec.create_time_ns),
+        update_time=timestamp.from_nanoseconds(spec.update_time_ns),
+        activate_time=timestamp.from_nanoseconds(spec.activate_time_ns),
     )
     msg.data.update(dict(spec.data))
     return msg
@@ -70,7 +66,7 @@ def checkpoint_to_proto(cp: SignedCheckpoint) -> audit_pb2.Checkpoint:
         tree_size=cp.body.size,
         root_hash=cp.body.root_hash,
         signed_note=cp.note,
-        time=_ts(cp.time_ns),
+        time=timestamp.from_nanoseconds(cp.time_ns),
     )
 
 
@@ -80,9 +76,6 @@ def _page(names: Sequence[str], page_size: int, token: str) -> tuple[list[str], 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     """Serves autoecoops.policy.v1.PolicyService."""
-
-    #: Evaluate's audit record is its decision-log entry; no generic one besides.
-    AUDITS_ITSELF = frozenset({"Evaluate"})
 
     def __init__(self, app: PolicyAudit) -> None:
         self.app = app
@@ -156,10 +149,33 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         self, request: audit_pb2.AppendEntryRequest, context: grpc.aio.ServicerContext
     ) -> audit_pb2.AppendEntryResponse:
         """Append an entry (once per request id) and return where it landed."""
-        got = await self.app.audit.append(request.entry, request.request_id)
+        try:
+            got = await self.app.audit.append(request.entry, request.request_id)
+        except FailedPrecondition as err:
+            await self.app.key_mismatch(err)
+            raise
         return audit_pb2.AppendEntryResponse(
             index=got.index, leaf_hash=got.leaf_hash, checkpoint=checkpoint_to_proto(got.checkpoint)
         )
+
+    async def BatchAppendEntries(
+        self, request: audit_pb2.BatchAppendEntriesRequest, context: grpc.aio.ServicerContext
+    ) -> audit_pb2.BatchAppendEntriesResponse:
+        """Append many entries in order (each once per request id) in as few commits as fit."""
+        got = await self.app.audit.append_many([(r.entry, r.request_id) for r in request.requests])
+        reply = audit_pb2.BatchAppendEntriesResponse(
+            entries=[
+                audit_pb2.AppendedEntry(index=a.index, leaf_hash=a.leaf_hash, replayed=a.replayed)
+                for a in got
+            ]
+        )
+        latest = (
+            max((a.checkpoint for a in got), key=lambda c: c.body.size)
+            if got
+            else await self.app.audit.checkpoint()
+        )
+        reply.checkpoint.CopyFrom(checkpoint_to_proto(latest))
+        return reply
 
     async def GetEntry(
         self, request: audit_pb2.GetEntryRequest, context: grpc.aio.ServicerContext
@@ -193,7 +209,11 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         self, request: audit_pb2.GetCheckpointRequest, context: grpc.aio.ServicerContext
     ) -> audit_pb2.GetCheckpointResponse:
         """The latest checkpoint and the key that verifies it."""
-        cp = await self.app.audit.checkpoint()
+        try:
+            cp = await self.app.audit.checkpoint()
+        except FailedPrecondition as err:
+            await self.app.key_mismatch(err)
+            raise
         verifier = self.app.signer.verifier
         return audit_pb2.GetCheckpointResponse(
             checkpoint=checkpoint_to_proto(cp), verifier_key=verifier.vkey(), key_id=verifier.key_id
@@ -238,9 +258,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
 
 
 def _now_us() -> int:
-    ts = timestamp_pb2.Timestamp()
-    ts.GetCurrentTime()
-    return int(ts.ToMicroseconds())
+    return timestamp.to_microseconds(timestamp.from_current_time())
 
 
 def report_to_proto(
@@ -249,9 +267,9 @@ def report_to_proto(
     """A domain report as its proto (with HTML when asked for)."""
     summary = report.summary()
     msg = audit_pb2.Report(
-        start_time=_ts(report.start_us * 1000),
-        end_time=_ts(report.end_us * 1000),
-        generate_time=_ts(report.generate_ns),
+        start_time=timestamp.from_nanoseconds(report.start_us * 1000),
+        end_time=timestamp.from_nanoseconds(report.end_us * 1000),
+        generate_time=timestamp.from_nanoseconds(report.generate_ns),
         frameworks=list(report.frameworks),
         summary=audit_pb2.ReportSummary(
             pass_count=summary["pass"],
@@ -293,7 +311,11 @@ def report_to_proto(
 def register(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
     """Add policy-audit's servicers to ``server``."""
     app = build(runtime)
+    if isinstance(runtime.auditor, AuditTrail) and runtime.config.redis_url:
+        # This process holds the log: its relay appends in-process, no RPC.
+        runtime.auditor.use_local(app.audit.append_many)
     app.start()
+    runtime.starters.append(app.check_signing_key)
     runtime.closers.append(app.close)
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(app), server)
     audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(app), server)

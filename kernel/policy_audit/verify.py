@@ -28,6 +28,8 @@ class Finding:
     index: int
     message: str
     end: int | None = None
+    #: What kind of problem: changed, missing, truncated, fork or other.
+    kind: str = "changed"
 
     def __str__(self) -> str:
         where = (
@@ -154,7 +156,11 @@ async def verify(
                 while expected < position:  # a gap: deleted entries
                     leaves.append(MISSING)
                     result.findings.append(
-                        Finding(expected, "the entry is missing from the store (deleted)")
+                        Finding(
+                            expected,
+                            "the entry is missing from the store (deleted)",
+                            kind="missing",
+                        )
                     )
                     if frontier is not None:
                         frontier.append(MISSING)
@@ -168,7 +174,9 @@ async def verify(
                 expected += 1
     while expected < end:
         leaves.append(MISSING)
-        result.findings.append(Finding(expected, "the entry is missing from the store (deleted)"))
+        result.findings.append(
+            Finding(expected, "the entry is missing from the store (deleted)", kind="missing")
+        )
         expected += 1
     result.checked = len(leaves)
     tree = _Tree(store, start, leaves)
@@ -185,8 +193,50 @@ async def verify(
             result.findings.append(located)
     if earlier is not None:
         await _check_earlier(store, trusted, earlier, earlier_root, tree, result)
-    result.findings.sort(key=lambda f: f.index)
+    result.findings = collapse_missing(result.findings, (await store.head()).size)
     return result
+
+
+def collapse_missing(findings: list[Finding], stored_size: int) -> list[Finding]:
+    """Sorted findings with each run of missing entries as one range; a run
+    that reaches past the stored log's end is reported as a truncation."""
+    out: list[Finding] = []
+    for f in sorted(findings, key=lambda f: f.index):
+        last = out[-1] if out else None
+        if (
+            f.kind == "missing"
+            and last is not None
+            and last.kind in ("missing", "truncated")
+            and (last.end or last.index + 1) == f.index
+        ):
+            last.end = f.index + 1
+            continue
+        out.append(f)
+    for f in out:
+        if f.kind == "missing" and f.end is not None:
+            f.message = "the entries are missing from the store (deleted)"
+        if f.kind == "missing" and f.index >= stored_size:
+            f.kind = "truncated"
+            f.end = f.end or f.index + 1
+            f.message = (
+                f"the log was truncated: the store ends at {stored_size} entries and these "
+                "entries, which a signed checkpoint commits to, are gone"
+            )
+    return out
+
+
+def _fork(older: CheckpointBody, newer: CheckpointBody, matches: CheckpointBody) -> Finding:
+    """Two signed checkpoints that cannot both describe one append-only log."""
+    other = older if matches is newer else newer
+    return Finding(
+        0,
+        f"FORK: the signed checkpoints of size {older.size} and of size {newer.size} contradict "
+        f"each other; the stored entries match the one of size {matches.size}, and the one of "
+        f"size {other.size} commits to a different history of its first "
+        f"{min(older.size, newer.size)} entries: the signer signed two versions of the log",
+        end=min(older.size, newer.size) or None,
+        kind="fork",
+    )
 
 
 async def _check_earlier(
@@ -199,38 +249,108 @@ async def _check_earlier(
 ) -> None:
     if earlier.origin != trusted.origin:
         result.findings.append(
-            Finding(0, f"the earlier checkpoint is of another log ({earlier.origin})")
+            Finding(0, f"the earlier checkpoint is of another log ({earlier.origin})", kind="other")
         )
         return
+    # The entries verified against the trusted checkpoint: what contradicts
+    # them in another signed checkpoint is a fork, not a changed entry.
+    trusted_ok = not result.findings
     if earlier.size > trusted.size:
-        result.notes.append(
-            f"the earlier checkpoint ({earlier.size}) is newer than the trusted one ({trusted.size}); "
-            "swap them to check that the log only grew"
-        )
+        await _check_newer(store, trusted, earlier, tree, result, trusted_ok)
         return
     if earlier_root is None:
         earlier_root = await tree.recomputed(0, earlier.size) if earlier.size else merkle.EMPTY_ROOT
     if earlier_root != earlier.root_hash:
+        if trusted_ok:
+            result.findings.append(_fork(earlier, trusted, trusted))
+            return
         located = await _locate(tree, 0, earlier.size, earlier.root_hash) if earlier.size else None
         finding = located or Finding(0, "the log's first entries changed")
         finding = await _explain(store, finding)
         finding.message += f" (against the earlier checkpoint of size {earlier.size})"
         result.findings.append(finding)
         return
-    # The stored tree's own consistency proof must also satisfy a standard verifier.
-    ranges = merkle.consistency_ranges(earlier.size, trusted.size)
+    await _check_proof(store, earlier, trusted, result)
+
+
+async def _check_newer(
+    store: AuditStore,
+    trusted: CheckpointBody,
+    newer: CheckpointBody,
+    tree: _Tree,
+    result: Verification,
+    trusted_ok: bool,
+) -> None:
+    """``--earlier`` named a checkpoint newer than the trusted one: the log
+    must extend the trusted checkpoint to the newer one."""
+    extra: list[bytes] = []
+    missing: list[int] = []
+    expected = trusted.size
+    async for batch in store.scan(trusted.size, newer.size):
+        for position, data in batch:
+            if position < expected:
+                continue
+            while expected < position:
+                missing.append(expected)
+                extra.append(MISSING)
+                expected += 1
+            extra.append(merkle.leaf_hash(data))
+            expected += 1
+    while expected < newer.size:
+        missing.append(expected)
+        extra.append(MISSING)
+        expected += 1
+    for index in missing:
+        result.findings.append(
+            Finding(
+                index,
+                f"the entry is missing from the store (deleted; the checkpoint of size "
+                f"{newer.size} commits to it)",
+                kind="missing",
+            )
+        )
+    if missing:
+        return
+    if tree.end == trusted.size:
+        longer = _Tree(store, tree.start, tree.leaves + extra)
+    else:
+        longer = _Tree(store, trusted.size, extra)
+    if await longer.recomputed(0, newer.size) == newer.root_hash:
+        await _check_proof(store, trusted, newer, result)
+        return
+    located = await _locate(longer, 0, newer.size, newer.root_hash)
+    if trusted_ok and located.index < trusted.size:
+        result.findings.append(_fork(trusted, newer, trusted))
+        return
+    if located.end is None:
+        located = await _explain(store, located)
+    located.message += f" (against the newer checkpoint of size {newer.size})"
+    result.findings.append(located)
+
+
+async def _check_proof(
+    store: AuditStore, older: CheckpointBody, newer: CheckpointBody, result: Verification
+) -> None:
+    """The stored tree's consistency proof from ``older`` to ``newer`` must
+    also satisfy a standard RFC 6962 verifier."""
+    ranges = merkle.consistency_ranges(older.size, newer.size)
     nodes = merkle.proof_nodes(ranges)
     hashes = await store.nodes(nodes)
     proof = merkle.assemble(ranges, hashes) if all(hashes) else []
     if not merkle.verify_consistency(
-        earlier.size, trusted.size, proof, earlier.root_hash, trusted.root_hash
+        older.size, newer.size, proof, older.root_hash, newer.root_hash
     ):
         result.findings.append(
             Finding(
                 0,
-                "the stored tree's consistency proof from the earlier checkpoint does not verify",
-                end=trusted.size,
+                f"the stored tree's consistency proof from size {older.size} to {newer.size} "
+                "does not verify",
+                end=newer.size,
+                kind="other",
             )
         )
     else:
-        result.notes.append(f"consistent with the earlier checkpoint of size {earlier.size}")
+        result.notes.append(
+            f"consistent with the earlier checkpoint of size {older.size}: the log of size "
+            f"{newer.size} extends it (consistency proof verified)"
+        )
