@@ -17,6 +17,7 @@ import base64
 import binascii
 import logging
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,6 @@ from google.rpc import error_details_pb2, status_pb2
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Setter
 
-from autoecoops.gateway import docs_page
 from autoecoops.gateway.backends import SERVING, Backends
 from autoecoops.gateway.codec import BodyError, Decoder, dumps, load_json, message_to_json
 from autoecoops.gateway.router import Match, MethodNotAllowed, NoRoute, Router
@@ -38,8 +38,10 @@ from autoecoops.gateway.rules import Binding
 from autoecoops.gateway.settings import GatewaySettings
 from autoecoops.gateway.status import code_of, from_rpc_error, http_status, status_json
 from autoecoops.gateway.templates import PathDecodeError
+from autoecoops.gateway.webui import WebUI
 from autoecoops.kernel.mesh.errors import (
     AutoEcoOpsError,
+    DeadlineExceeded,
     FieldViolation,
     Internal,
     InvalidArgument,
@@ -167,8 +169,8 @@ class Gateway:
             "/healthz": self._healthz,
             "/openapi.json": self._openapi,
             "/openapi.yaml": self._openapi,
-            "/docs": self._docs,
         }
+        self._webui = WebUI()
 
     # -- ASGI ---------------------------------------------------------------
 
@@ -206,6 +208,9 @@ class Gateway:
     async def _dispatch(self, req: _Request, send: Send) -> None:
         scope = req.scope
         path: str = scope["path"]
+        if WebUI.serves(path):
+            await self._webui_file(req, send, path)
+            return
         fixed = self._fixed.get(path)
         if fixed is not None:
             if req.method == "OPTIONS" and req.cors:
@@ -263,6 +268,10 @@ class Gateway:
         binding = match.binding
         plan = self._plan(binding)
         timeout = self._timeout(req, streaming=binding.server_streaming)
+        # The budget runs from the request's arrival, so reading and checking
+        # the body spends it too; a deadline spent before the call (a zero or
+        # one-nanosecond Grpc-Timeout) is 504 every time, never a lucky 200.
+        deadline = None if timeout is None else time.monotonic() + timeout
         metadata = self._metadata(req)
         if binding.client_streaming:
             request: Any = iter(await self._stream_requests(req, plan, match.values))
@@ -281,6 +290,7 @@ class Gateway:
         ):
             # traceparent/tracestate of the gateway's span: the backend's span is its child.
             propagate.inject(metadata, setter=_METADATA_SETTER)
+            timeout = _left(deadline)
             if binding.server_streaming:
                 await self._stream(req, send, plan, request, metadata, timeout)
                 return
@@ -333,6 +343,7 @@ class Gateway:
         body = await self._read_body(req)
         messages: list[Message] = []
         out: list[FieldViolation] = []
+        bad_json = False
         for number, line in enumerate(body.split(b"\n"), start=1):
             if not line.strip():
                 continue
@@ -341,9 +352,10 @@ class Gateway:
             try:
                 value = load_json(line)
             except BodyError as err:
-                raise _invalid(
-                    [FieldViolation("", f"line {number}: {err}")], "INVALID_JSON"
-                ) from None
+                # Keep going: the client learns of every bad line at once.
+                out.append(FieldViolation("", f"line {number}: {err}"))
+                bad_json = True
+                continue
             if binding.body == "*":
                 self._decoder.merge_message(value, msg, "", found)
             else:
@@ -354,7 +366,7 @@ class Gateway:
             out += [FieldViolation(v.field, f"line {number}: {v.description}") for v in found]
             messages.append(msg)
         if out:
-            raise _invalid(out)
+            raise _invalid(out, "INVALID_JSON" if bad_json else "INVALID_REQUEST")
         return messages
 
     def _path_values(
@@ -680,12 +692,26 @@ class Gateway:
             req, send, 200, [(b"content-type", b"application/yaml")], self._openapi_yaml
         )
 
-    async def _docs(self, req: _Request, send: Send) -> None:
-        headers = [
-            (b"content-type", b"text/html; charset=utf-8"),
-            (b"content-security-policy", docs_page.CSP.encode()),
-        ]
-        await self._send(req, send, 200, headers, docs_page.PAGE.encode("utf-8"))
+    async def _webui_file(self, req: _Request, send: Send, path: str) -> None:
+        """A file of the console bundle: /console/..., and /docs (Swagger UI)."""
+        if req.method not in ("GET", "HEAD"):
+            raise self._not_allowed(req.method, path, ["GET", "HEAD"])
+        asset = self._webui.find(path)
+        if asset is None:
+            raise HttpError(
+                NotFound(
+                    f"no console file at {path} (a checkout without the bundle builds it "
+                    "with ./dev gen)",
+                    reason="NO_ROUTE",
+                    resource_name=path,
+                )
+            )
+        headers = asset.headers()
+        if req.headers.get(b"if-none-match") == asset.etag.encode():
+            await self._send(req, send, 304, headers, b"")
+            return
+        headers.append((b"content-length", str(len(asset.body)).encode()))
+        await self._send(req, send, 200, headers, b"" if req.method == "HEAD" else asset.body)
 
 
 async def _cancel_on_disconnect(receive: Receive, call: Any) -> None:
@@ -695,6 +721,21 @@ async def _cancel_on_disconnect(receive: Receive, call: Any) -> None:
         if message["type"] == "http.disconnect":
             call.cancel()
             return
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline``; 504 when none are."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise HttpError(
+            DeadlineExceeded(
+                "the request's deadline (Grpc-Timeout / X-Request-Timeout) passed "
+                "before the call was made",
+            )
+        )
+    return left
 
 
 def _unreachable(err: grpc.aio.AioRpcError) -> bool:

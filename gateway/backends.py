@@ -20,7 +20,8 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from autoecoops.gateway.rules import Binding
-from autoecoops.kernel.mesh.config import MeshConfig, channel_options
+from autoecoops.kernel.mesh.clients import idempotent_methods_of
+from autoecoops.kernel.mesh.config import MeshConfig, channel_options, replica_options
 
 SERVING = "SERVING"
 
@@ -35,11 +36,18 @@ class Backends:
         self.names = sorted({b.backend for b in bindings})
 
     def channel(self, name: str) -> grpc.aio.Channel:
-        """The pooled channel to backend ``name`` (at ``config.addr(name)``)."""
+        """The pooled channel to backend ``name`` (at ``config.addr(name)``); a
+        backend with several replicas gets the mesh's replica policy (round
+        robin, health checks, idempotent calls retried on another replica)."""
         channel = self._channels.get(name)
         if channel is None:
+            replicas = (
+                replica_options(idempotent_methods_of(name))
+                if self._config.replicated(name)
+                else []
+            )
             channel = grpc.aio.insecure_channel(
-                self._config.addr(name), options=channel_options(self._config)
+                self._config.addr(name), options=[*channel_options(self._config), *replicas]
             )
             self._channels[name] = channel
         return channel

@@ -515,6 +515,18 @@ class Decoder:
                     )
                     return None
                 desc = message_of(field)
+            elif field.type == FD.TYPE_MESSAGE and not last:
+                # A well-known type with a string form is set whole
+                # (startTime=2024-01-01T00:00:00Z); reaching into its fields
+                # (startTime.seconds=...) would be silently ignored, so say so.
+                out.append(
+                    FieldViolation(
+                        where,
+                        f"{message_of(field).full_name} is set in its string form as "
+                        f"{where}=<value>, not by its fields ({key})",
+                    )
+                )
+                return None
             elif not last:
                 return None  # a path through a scalar names no field: ignored
         return chain

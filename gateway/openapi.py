@@ -445,6 +445,15 @@ class _Builder:
             description = self.comments.get(leaf.full_name, "")
             if name != var.dotted:
                 description = f"Sets `{var.dotted}`. {description}".strip()
+        elif var.pattern[k].kind == "**":
+            # The rest of the path, in one parameter: the router decodes an
+            # escaped slash here, so a client that escapes it (every
+            # generated one does) and one that does not reach the same RPC.
+            schema = {"type": "string", "pattern": "^[^/]+(/[^/]+)*$"}
+            description = (
+                f"The rest of the path (`{var.dotted}`): segments separated by `/`, "
+                "sent as is or escaped as `%2F` (both mean the same)."
+            )
         else:
             schema = (
                 {"type": "string", "pattern": "^[^/]+$"}

@@ -160,7 +160,7 @@ async def start_gateway(
     except BaseException:
         sock.close()
         raise
-    log.info("gateway listening on http://%s:%d", config.host, handle.port)
+    log.debug("gateway listening on http://%s:%d", config.host, handle.port)
     return handle
 
 

@@ -14,7 +14,7 @@ import grpc
 from google.protobuf import json_format
 from google.rpc import status_pb2
 
-from autoecoops.kernel.mesh.errors import STATUS_DETAILS_KEY
+from autoecoops.kernel.mesh.errors import status_of
 
 #: gRPC code -> HTTP status, as grpc-gateway maps them (DESIGN.md "Errors").
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
@@ -51,16 +51,7 @@ def http_status(status: status_pb2.Status) -> int:
 
 def from_rpc_error(err: grpc.RpcError) -> status_pb2.Status:
     """The Status a backend returned, with its details when it sent them."""
-    code: grpc.StatusCode = err.code()  # type: ignore[attr-defined]
-    for key, value in err.trailing_metadata() or ():  # type: ignore[attr-defined]
-        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
-            try:
-                status = status_pb2.Status.FromString(value)
-            except Exception:  # a garbled trailer is no reason to lose the code
-                break
-            if status.code == code.value[0]:
-                return status
-    return status_pb2.Status(code=code.value[0], message=err.details() or "")  # type: ignore[attr-defined]
+    return status_of(err)
 
 
 def status_json(status: status_pb2.Status) -> dict[str, Any]:

@@ -12,7 +12,10 @@ Matching works on the *raw* request path, split at ``/`` before any
 decoding, so an encoded slash (``%2F``) never splits a segment. A variable
 that spans one segment is decoded completely (``%2F`` becomes ``/``); one that
 spans several keeps ``%2F`` as it is, as http.proto prescribes, so the value
-can be split again unambiguously.
+can be split again unambiguously; except a variable that ends in ``**`` (the
+rest of the path), which is decoded completely: the OpenAPI document must
+describe it as one parameter, and every generated client escapes the slashes
+of a parameter, so ``a%2Fb`` and ``a/b`` are the same value there.
 """
 
 from __future__ import annotations
@@ -130,6 +133,14 @@ class PathTemplate:
             try:
                 if var.single_segment:
                     values[var.dotted] = decode_all(parts[var.start])
+                elif var.pattern[-1].kind == DOUBLE_STAR:
+                    # The rest of the path: the OpenAPI document describes it
+                    # as one parameter, which generic clients send with its
+                    # slashes escaped, so "%2F" and "/" mean the same here.
+                    value = decode_all("/".join(parts[var.start : end]))
+                    if "" in value.split("/"):
+                        return None  # an empty segment, encoded or not
+                    values[var.dotted] = value
                 else:
                     values[var.dotted] = decode_keep_slash("/".join(parts[var.start : end]))
             except UnicodeDecodeError:

@@ -1,0 +1,1 @@
+(()=>{window.addEventListener("DOMContentLoaded",()=>{window.ui=SwaggerUIBundle({url:"/openapi.json",dom_id:"#swagger-ui",deepLinking:!1,onComplete:()=>{let e=sessionStorage.getItem("autoecoops.console.token");e&&window.ui.preauthorizeApiKey("bearer",e)},validatorUrl:null,tryItOutEnabled:!1})});})();
