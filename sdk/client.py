@@ -35,9 +35,9 @@ class _Connection:
 
     def __init__(
         self,
-        target: str | None = None,
+        target: str | Sequence[str] | None = None,
         *,
-        addresses: Mapping[str, str] | None = None,
+        addresses: Mapping[str, str | Sequence[str]] | None = None,
         config: MeshConfig | None = None,
         credentials: Credentials | None = None,
         tls: bool | TLS | None = None,
@@ -55,7 +55,10 @@ class _Connection:
             target: one ``host:port`` for every service (an ingress or proxy
                 routing by gRPC service); None dials each service at its own address.
             addresses: per-service addresses, by mesh name (``memory-hub``) or
-                proto service (``autoecoops.memory.v1.MemoryService``).
+                proto service (``autoecoops.memory.v1.MemoryService``). An address
+                may name several replicas, as a list of ``ip:port`` (or one
+                string ``ip:port,ip:port``) or ``dns:///name:port``: calls go
+                round robin to the replicas reporting SERVING.
             config: the mesh configuration for defaults; None reads ``AUTOECOOPS_*``.
             credentials: how to get a bearer token; None sends none.
             tls: True, False, ``TLS(...)``, or None for TLS except to loopback.

@@ -37,9 +37,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pool, duration_pb2, message, message_factory
+from google.protobuf import descriptor_pool, duration, message, message_factory
 
 from autoecoops.events.v1 import envelope_pb2, events_pb2, events_pb2_grpc
+from autoecoops.kernel.mesh.backoff import Backoff, exponential_delay
 from autoecoops.kernel.mesh.errors import from_rpc_error
 
 log = logging.getLogger("autoecoops.sdk.consumer")
@@ -106,12 +107,6 @@ def unpack(any_type_url: str, value: bytes) -> message.Message | None:
     return msg
 
 
-def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(int(seconds * 1e9))
-    return d
-
-
 class Consumer:
     """A member of a consumer group, running ``handler`` for each event."""
 
@@ -170,7 +165,7 @@ class Consumer:
             consumer=self.consumer,
             max_in_flight=self.concurrency,
             max_batch_size=self.concurrency,
-            visibility_timeout=_duration(self.visibility_timeout),
+            visibility_timeout=duration.from_nanoseconds(int(self.visibility_timeout * 1e9)),
             start_position=self.start_position,  # type: ignore[arg-type]
         )
         if self.retry_policy is not None:
@@ -184,12 +179,12 @@ class Consumer:
             asyncio.create_task(self._ack_loop()),
             asyncio.create_task(self._keepalive_loop()),
         ]
-        backoff = 0.1
+        backoff = Backoff(0.1, self._max_backoff)
         try:
             while not self._stopping.is_set():
                 try:
                     await self._subscribe_once()
-                    backoff = 0.1
+                    backoff.reset()
                 except asyncio.CancelledError:
                     # stop() cancels the call; a cancellation of this task itself goes on.
                     task = asyncio.current_task()
@@ -206,9 +201,8 @@ class Consumer:
                     break
                 # Jittered, so a restarted bus is not hit by every consumer at once.
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(backoff * (0.5 + random.random())):
+                    async with asyncio.timeout(backoff.next() * (0.5 + random.random())):
                         await self._stopping.wait()
-                backoff = min(backoff * 2, self._max_backoff)
         finally:
             await self._drain()
 
@@ -300,7 +294,7 @@ class Consumer:
                 if err.code() not in _RECONNECT or attempt == 4:
                     log.warning("ack failed (%s): %s", err.code().name, from_rpc_error(err))
                     return
-                await asyncio.sleep(0.1 * 2**attempt)
+                await asyncio.sleep(exponential_delay(attempt + 1, 0.1))
 
     async def _keepalive_loop(self) -> None:
         """Extend the leases of running handlers well before they lapse."""

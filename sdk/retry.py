@@ -20,7 +20,6 @@ and a wait that would not fit before the deadline is not started.
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from datetime import timedelta
 
 import grpc
 
+from autoecoops.kernel.mesh.backoff import exponential_delay
 from autoecoops.kernel.mesh.errors import AutoEcoOpsError
 from autoecoops.sdk.clock import Clock
 
@@ -100,12 +100,9 @@ class Retry:
 
     def bound(self, retry: int) -> float:
         """The largest wait before retry number ``retry`` (1 is the first), in seconds."""
-        initial = self.initial.total_seconds()
-        try:
-            grown = initial * self.multiplier ** (retry - 1)
-        except OverflowError:
-            grown = math.inf
-        return min(self.maximum.total_seconds(), grown)
+        return exponential_delay(
+            retry, self.initial.total_seconds(), self.multiplier, self.maximum.total_seconds()
+        )
 
     def backoff(self, retry: int, random: float) -> float:
         """The wait before retry number ``retry``, for a ``random`` in [0, 1) (full jitter)."""

@@ -37,6 +37,9 @@ class _autoecoops_audit_v1_AppendEntryRequest(TypedDict, total=False):
     entry: autoecoops.audit.v1.audit_pb2.AuditEntry | None
     request_id: str
 
+class _autoecoops_audit_v1_BatchAppendEntriesRequest(TypedDict, total=False):
+    requests: Iterable[autoecoops.audit.v1.audit_pb2.AppendEntryRequest] | None
+
 class _autoecoops_audit_v1_GenerateComplianceReportRequest(TypedDict, total=False):
     start_time: google.protobuf.timestamp_pb2.Timestamp | None
     end_time: google.protobuf.timestamp_pb2.Timestamp | None
@@ -163,37 +166,63 @@ class _autoecoops_auth_v1_VerifyTokenRequest(TypedDict, total=False):
     token: str
     audience: str
 
+class _autoecoops_auth_v1_WatchAuthorizationRequest(TypedDict, total=False):
+    resume_version: int
+
 class _autoecoops_autoops_v1_ApproveRemediationRequest(TypedDict, total=False):
-    id: str
+    name: str
     comment: str
 
 class _autoecoops_autoops_v1_CancelRemediationRequest(TypedDict, total=False):
-    id: str
+    name: str
     reason: str
 
 class _autoecoops_autoops_v1_CreateRunbookRequest(TypedDict, total=False):
+    runbook_id: str
     runbook: autoecoops.autoops.v1.autoops_pb2.Runbook | None
+    request_id: str
 
 class _autoecoops_autoops_v1_CreateSloRequest(TypedDict, total=False):
+    slo_id: str
     slo: autoecoops.autoops.v1.autoops_pb2.Slo | None
+    request_id: str
 
 class _autoecoops_autoops_v1_DeleteRunbookRequest(TypedDict, total=False):
     name: str
+    etag: str
 
 class _autoecoops_autoops_v1_DeleteSloRequest(TypedDict, total=False):
+    name: str
+    etag: str
+
+class _autoecoops_autoops_v1_EvaluateSlosRequest(TypedDict, total=False):
+    slos: Iterable[str] | None
+
+class _autoecoops_autoops_v1_ExportOpenSloRequest(TypedDict, total=False):
+    slos: Iterable[str] | None
+
+class _autoecoops_autoops_v1_GetAlertRequest(TypedDict, total=False):
     name: str
 
 class _autoecoops_autoops_v1_GetErrorBudgetRequest(TypedDict, total=False):
     slo: str
 
+class _autoecoops_autoops_v1_GetPrometheusRulesRequest(TypedDict, total=False):
+    slos: Iterable[str] | None
+
 class _autoecoops_autoops_v1_GetRemediationRequest(TypedDict, total=False):
-    id: str
+    name: str
 
 class _autoecoops_autoops_v1_GetRunbookRequest(TypedDict, total=False):
     name: str
 
 class _autoecoops_autoops_v1_GetSloRequest(TypedDict, total=False):
     name: str
+
+class _autoecoops_autoops_v1_ImportOpenSloRequest(TypedDict, total=False):
+    yaml: str
+    validate_only: bool
+    request_id: str
 
 class _autoecoops_autoops_v1_ListAlertsRequest(TypedDict, total=False):
     page_size: int
@@ -215,14 +244,19 @@ class _autoecoops_autoops_v1_ListSlosRequest(TypedDict, total=False):
     page_size: int
     page_token: str
     service: str
+    labels: Mapping[str, str] | None
 
 class _autoecoops_autoops_v1_RecordSliRequest(TypedDict, total=False):
     slo: str
     samples: Iterable[autoecoops.autoops.v1.autoops_pb2.SliSample] | None
+    request_id: str
 
 class _autoecoops_autoops_v1_RunRunbookRequest(TypedDict, total=False):
     name: str
     reason: str
+    target: str
+    dry_run: bool
+    request_id: str
 
 class _autoecoops_autoops_v1_UpdateRunbookRequest(TypedDict, total=False):
     runbook: autoecoops.autoops.v1.autoops_pb2.Runbook | None
@@ -234,6 +268,10 @@ class _autoecoops_autoops_v1_UpdateSloRequest(TypedDict, total=False):
 
 class _autoecoops_events_v1_AckRequest(TypedDict, total=False):
     delivery_ids: Iterable[str] | None
+
+class _autoecoops_events_v1_CreateTopicRequest(TypedDict, total=False):
+    topic_id: str
+    topic: autoecoops.events.v1.events_pb2.Topic | None
 
 class _autoecoops_events_v1_ExtendLeaseRequest(TypedDict, total=False):
     delivery_ids: Iterable[str] | None
@@ -291,6 +329,7 @@ class _autoecoops_events_v1_ReplayRequest(TypedDict, total=False):
     end_time: google.protobuf.timestamp_pb2.Timestamp | None
     end_event_id: str
     reset: bool
+    partition: int | None
 
 class _autoecoops_events_v1_SubscribeRequest(TypedDict, total=False):
     topic: str
@@ -304,9 +343,11 @@ class _autoecoops_events_v1_SubscribeRequest(TypedDict, total=False):
 
 class _autoecoops_iaops_v1_CreateDeploymentRequest(TypedDict, total=False):
     deployment: autoecoops.iaops.v1.iaops_pb2.Deployment | None
+    deployment_id: str
+    request_id: str
 
 class _autoecoops_iaops_v1_GetDeploymentRequest(TypedDict, total=False):
-    id: str
+    name: str
 
 class _autoecoops_iaops_v1_ListDeploymentsRequest(TypedDict, total=False):
     page_size: int
@@ -317,19 +358,30 @@ class _autoecoops_iaops_v1_ListDeploymentsRequest(TypedDict, total=False):
 class _autoecoops_iaops_v1_ScanSbomRequest(TypedDict, total=False):
     document: bytes
     format: autoecoops.iaops.v1.iaops_pb2.SbomFormat.ValueType
-    policy_set: str
+
+class _autoecoops_iaops_v1_UpdateDeploymentRequest(TypedDict, total=False):
+    deployment: autoecoops.iaops.v1.iaops_pb2.Deployment | None
+    update_mask: google.protobuf.field_mask_pb2.FieldMask | None
 
 class _autoecoops_iaops_v1_ValidateManifestsRequest(TypedDict, total=False):
-    manifests: str
     files: Iterable[autoecoops.iaops.v1.iaops_pb2.ManifestFile] | None
-    policy_set: str
+    application: str
+    revision: str
+    policy_bundle: str
+    policy_packages: Iterable[str] | None
+    skip_rules: Iterable[str] | None
+    report_format: autoecoops.iaops.v1.iaops_pb2.ReportFormat.ValueType
 
 class _autoecoops_iaops_v1_VerifyArtifactRequest(TypedDict, total=False):
     artifact_ref: str
     digest: str
-    signature_bundle: bytes
-    expected_identities: Iterable[autoecoops.iaops.v1.iaops_pb2.ExpectedIdentity] | None
     public_key: str
+    signatures: Iterable[autoecoops.iaops.v1.iaops_pb2.SimpleSignature] | None
+    attestations: Iterable[bytes] | None
+    provenance_policy: autoecoops.iaops.v1.iaops_pb2.ProvenancePolicy | None
+    keyless: bool
+    sbom: bytes
+    request_id: str
 
 class _autoecoops_infra_v1_CreateApplicationRequest(TypedDict, total=False):
     application: autoecoops.infra.v1.infra_pb2.Application | None
@@ -344,6 +396,10 @@ class _autoecoops_infra_v1_GetApplicationDiffRequest(TypedDict, total=False):
 
 class _autoecoops_infra_v1_GetApplicationRequest(TypedDict, total=False):
     name: str
+
+class _autoecoops_infra_v1_GetManifestsRequest(TypedDict, total=False):
+    name: str
+    revision: str
 
 class _autoecoops_infra_v1_ListApplicationHistoryRequest(TypedDict, total=False):
     name: str
@@ -373,38 +429,87 @@ class _autoecoops_infra_v1_SyncApplicationRequest(TypedDict, total=False):
     dry_run: bool
     resources: Iterable[autoecoops.infra.v1.infra_pb2.ResourceRef] | None
 
+class _autoecoops_infra_v1_TerminateOperationRequest(TypedDict, total=False):
+    name: str
+
 class _autoecoops_infra_v1_UpdateApplicationRequest(TypedDict, total=False):
     application: autoecoops.infra.v1.infra_pb2.Application | None
     update_mask: google.protobuf.field_mask_pb2.FieldMask | None
 
 class _autoecoops_machineops_v1_AgentSessionRequest(TypedDict, total=False):
-    agent_id: str
     sequence: int
     hello: autoecoops.machineops.v1.machineops_pb2.AgentHello | None
     heartbeat: autoecoops.machineops.v1.machineops_pb2.Heartbeat | None
-    inventory: autoecoops.machineops.v1.machineops_pb2.Inventory | None
+    inventory: autoecoops.machineops.v1.machineops_pb2.InventoryDelta | None
+    evaluation: autoecoops.machineops.v1.machineops_pb2.EvaluationReport | None
     command_result: autoecoops.machineops.v1.machineops_pb2.CommandResult | None
 
 class _autoecoops_machineops_v1_CreateBaselineRequest(TypedDict, total=False):
+    baseline_id: str
     baseline: autoecoops.machineops.v1.machineops_pb2.Baseline | None
+    request_id: str
+
+class _autoecoops_machineops_v1_CreateEnrollmentTokenRequest(TypedDict, total=False):
+    enrollment_token_id: str
+    enrollment_token: autoecoops.machineops.v1.machineops_pb2.EnrollmentToken | None
+    request_id: str
 
 class _autoecoops_machineops_v1_DeleteBaselineRequest(TypedDict, total=False):
     name: str
+    etag: str
+
+class _autoecoops_machineops_v1_DeleteNodeRequest(TypedDict, total=False):
+    name: str
+    etag: str
+
+class _autoecoops_machineops_v1_EnrollAgentRequest(TypedDict, total=False):
+    node_id: str
+    secret: str
+    agent_version: str
+    request_id: str
 
 class _autoecoops_machineops_v1_EvaluateNodeRequest(TypedDict, total=False):
-    node: str
+    name: str
     baselines: Iterable[str] | None
+    control_ids: Iterable[str] | None
+    request_id: str
+
+class _autoecoops_machineops_v1_ExportPolicyReportRequest(TypedDict, total=False):
+    name: str
 
 class _autoecoops_machineops_v1_GetBaselineRequest(TypedDict, total=False):
     name: str
 
+class _autoecoops_machineops_v1_GetGroupComplianceRequest(TypedDict, total=False):
+    label_selector: str
+
 class _autoecoops_machineops_v1_GetInventoryRequest(TypedDict, total=False):
-    node: str
+    name: str
+    tables: Iterable[str] | None
 
 class _autoecoops_machineops_v1_GetNodeRequest(TypedDict, total=False):
     name: str
 
+class _autoecoops_machineops_v1_ImportBaselineRequest(TypedDict, total=False):
+    baseline_id: str
+    yaml: str
+    request_id: str
+
 class _autoecoops_machineops_v1_ListBaselinesRequest(TypedDict, total=False):
+    page_size: int
+    page_token: str
+
+class _autoecoops_machineops_v1_ListEnrollmentTokensRequest(TypedDict, total=False):
+    page_size: int
+    page_token: str
+
+class _autoecoops_machineops_v1_ListEvaluationsRequest(TypedDict, total=False):
+    parent: str
+    page_size: int
+    page_token: str
+
+class _autoecoops_machineops_v1_ListInventoryChangesRequest(TypedDict, total=False):
+    parent: str
     page_size: int
     page_token: str
 
@@ -412,16 +517,32 @@ class _autoecoops_machineops_v1_ListNodesRequest(TypedDict, total=False):
     page_size: int
     page_token: str
     label_selector: str
-    compliance_state: autoecoops.machineops.v1.machineops_pb2.ComplianceState.ValueType
 
-class _autoecoops_machineops_v1_RegisterAgentRequest(TypedDict, total=False):
-    node: str
-    agent_version: str
-    capabilities: Iterable[str] | None
-    labels: Mapping[str, str] | None
+class _autoecoops_machineops_v1_RefreshInventoryRequest(TypedDict, total=False):
+    name: str
+
+class _autoecoops_machineops_v1_RemediateNodeRequest(TypedDict, total=False):
+    name: str
+    baseline: str
+    control_id: str
+    dry_run: bool
+    request_id: str
+
+class _autoecoops_machineops_v1_RevokeEnrollmentTokenRequest(TypedDict, total=False):
+    name: str
+
+class _autoecoops_machineops_v1_SearchNodesRequest(TypedDict, total=False):
+    filter: str
+    label_selector: str
+    page_size: int
+    page_token: str
 
 class _autoecoops_machineops_v1_UpdateBaselineRequest(TypedDict, total=False):
     baseline: autoecoops.machineops.v1.machineops_pb2.Baseline | None
+    update_mask: google.protobuf.field_mask_pb2.FieldMask | None
+
+class _autoecoops_machineops_v1_UpdateNodeRequest(TypedDict, total=False):
+    node: autoecoops.machineops.v1.machineops_pb2.Node | None
     update_mask: google.protobuf.field_mask_pb2.FieldMask | None
 
 class _autoecoops_memory_v1_CreateNamespaceRequest(TypedDict, total=False):
@@ -530,6 +651,30 @@ class _AuditServiceClient_AppendEntry:
         metadata: Metadata = ...,
         **fields: Unpack[_autoecoops_audit_v1_AppendEntryRequest],
     ) -> tuple[autoecoops.audit.v1.audit_pb2.AppendEntryResponse, CallInfo]: ...
+
+@type_check_only
+class _AuditServiceClient_BatchAppendEntries:
+    """Appends many entries in one call, in the order given, and returns where each landed and one checkpoint that covers them all. Each entry is idempotent by its own request_id, exactly as AppendEntry. This is how every service's audit outbox relay writes: many calls' entries share one round trip and one group commit. Not itself audited: it is the audit write. (needs `audit.entries.append`; idempotent, retried)"""
+    def __call__(
+        self,
+        request: autoecoops.audit.v1.audit_pb2.BatchAppendEntriesRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_audit_v1_BatchAppendEntriesRequest],
+    ) -> autoecoops.audit.v1.audit_pb2.BatchAppendEntriesResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.audit.v1.audit_pb2.BatchAppendEntriesRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_audit_v1_BatchAppendEntriesRequest],
+    ) -> tuple[autoecoops.audit.v1.audit_pb2.BatchAppendEntriesResponse, CallInfo]: ...
 
 @type_check_only
 class _AuditServiceClient_GetEntry:
@@ -679,6 +824,7 @@ class AuditServiceClient(ServiceClient):
     """The RPCs of `autoecoops.audit.v1.AuditService`."""
 
     append_entry: _AuditServiceClient_AppendEntry
+    batch_append_entries: _AuditServiceClient_BatchAppendEntries
     get_entry: _AuditServiceClient_GetEntry
     list_entries: _AuditServiceClient_ListEntries
     get_checkpoint: _AuditServiceClient_GetCheckpoint
@@ -709,6 +855,30 @@ class _AsyncAuditServiceClient_AppendEntry:
         metadata: Metadata = ...,
         **fields: Unpack[_autoecoops_audit_v1_AppendEntryRequest],
     ) -> tuple[autoecoops.audit.v1.audit_pb2.AppendEntryResponse, CallInfo]: ...
+
+@type_check_only
+class _AsyncAuditServiceClient_BatchAppendEntries:
+    """Appends many entries in one call, in the order given, and returns where each landed and one checkpoint that covers them all. Each entry is idempotent by its own request_id, exactly as AppendEntry. This is how every service's audit outbox relay writes: many calls' entries share one round trip and one group commit. Not itself audited: it is the audit write. (needs `audit.entries.append`; idempotent, retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.audit.v1.audit_pb2.BatchAppendEntriesRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_audit_v1_BatchAppendEntriesRequest],
+    ) -> autoecoops.audit.v1.audit_pb2.BatchAppendEntriesResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.audit.v1.audit_pb2.BatchAppendEntriesRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_audit_v1_BatchAppendEntriesRequest],
+    ) -> tuple[autoecoops.audit.v1.audit_pb2.BatchAppendEntriesResponse, CallInfo]: ...
 
 @type_check_only
 class _AsyncAuditServiceClient_GetEntry:
@@ -858,6 +1028,7 @@ class AsyncAuditServiceClient(AsyncServiceClient):
     """The RPCs of `autoecoops.audit.v1.AuditService`."""
 
     append_entry: _AsyncAuditServiceClient_AppendEntry
+    batch_append_entries: _AsyncAuditServiceClient_BatchAppendEntries
     get_entry: _AsyncAuditServiceClient_GetEntry
     list_entries: _AsyncAuditServiceClient_ListEntries
     get_checkpoint: _AsyncAuditServiceClient_GetCheckpoint
@@ -1131,7 +1302,7 @@ class _AuthServiceClient_DeleteRole:
 
 @type_check_only
 class _AuthServiceClient_CreateRoleBinding:
-    """Binds a role to subjects, cluster-wide or in one namespace. (needs `auth.rolebindings.create`; not retried)"""
+    """Binds a role to subjects, cluster-wide or in one namespace. A binding in namespace N needs `auth.rolebindings.create` held in N (or cluster-wide), and the role's permissions held in N. (needs `auth.rolebindings.create`; not retried)"""
     def __call__(
         self,
         request: autoecoops.auth.v1.auth_pb2.CreateRoleBindingRequest | None = None,
@@ -1179,7 +1350,7 @@ class _AuthServiceClient_GetRoleBinding:
 
 @type_check_only
 class _AuthServiceClient_ListRoleBindings:
-    """Lists role bindings, optionally those of one namespace or subject. (needs `auth.rolebindings.list`; idempotent, retried)"""
+    """Lists role bindings, optionally those of one namespace or subject. Listing one namespace needs `auth.rolebindings.list` there; listing all, cluster-wide. (needs `auth.rolebindings.list`; idempotent, retried)"""
     def __call__(
         self,
         request: autoecoops.auth.v1.auth_pb2.ListRoleBindingsRequest | None = None,
@@ -1465,6 +1636,19 @@ class _AuthServiceClient_CheckPermission:
         **fields: Unpack[_autoecoops_auth_v1_CheckPermissionRequest],
     ) -> tuple[autoecoops.auth.v1.auth_pb2.CheckPermissionResponse, CallInfo]: ...
 
+@type_check_only
+class _AuthServiceClient_WatchAuthorization:
+    """Streams the RBAC state every service enforces, the way a Kubernetes informer does: first a full versioned snapshot of roles and bindings (or, when `resume_version` is still covered by the change log, a bookmark at that version), then each change in order, and a bookmark when idle. (needs `auth.authorization.watch`; streaming, never retried)"""
+    def __call__(
+        self,
+        request: autoecoops.auth.v1.auth_pb2.WatchAuthorizationRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_auth_v1_WatchAuthorizationRequest],
+    ) -> Stream[autoecoops.auth.v1.auth_pb2.WatchAuthorizationResponse]: ...
+
 class AuthServiceClient(ServiceClient):
     """The RPCs of `autoecoops.auth.v1.AuthService`."""
 
@@ -1493,6 +1677,7 @@ class AuthServiceClient(ServiceClient):
     list_service_accounts: _AuthServiceClient_ListServiceAccounts
     delete_service_account: _AuthServiceClient_DeleteServiceAccount
     check_permission: _AuthServiceClient_CheckPermission
+    watch_authorization: _AuthServiceClient_WatchAuthorization
 
 @type_check_only
 class _AsyncAuthServiceClient_IssueToken:
@@ -1760,7 +1945,7 @@ class _AsyncAuthServiceClient_DeleteRole:
 
 @type_check_only
 class _AsyncAuthServiceClient_CreateRoleBinding:
-    """Binds a role to subjects, cluster-wide or in one namespace. (needs `auth.rolebindings.create`; not retried)"""
+    """Binds a role to subjects, cluster-wide or in one namespace. A binding in namespace N needs `auth.rolebindings.create` held in N (or cluster-wide), and the role's permissions held in N. (needs `auth.rolebindings.create`; not retried)"""
     async def __call__(
         self,
         request: autoecoops.auth.v1.auth_pb2.CreateRoleBindingRequest | None = None,
@@ -1808,7 +1993,7 @@ class _AsyncAuthServiceClient_GetRoleBinding:
 
 @type_check_only
 class _AsyncAuthServiceClient_ListRoleBindings:
-    """Lists role bindings, optionally those of one namespace or subject. (needs `auth.rolebindings.list`; idempotent, retried)"""
+    """Lists role bindings, optionally those of one namespace or subject. Listing one namespace needs `auth.rolebindings.list` there; listing all, cluster-wide. (needs `auth.rolebindings.list`; idempotent, retried)"""
     async def __call__(
         self,
         request: autoecoops.auth.v1.auth_pb2.ListRoleBindingsRequest | None = None,
@@ -2094,6 +2279,19 @@ class _AsyncAuthServiceClient_CheckPermission:
         **fields: Unpack[_autoecoops_auth_v1_CheckPermissionRequest],
     ) -> tuple[autoecoops.auth.v1.auth_pb2.CheckPermissionResponse, CallInfo]: ...
 
+@type_check_only
+class _AsyncAuthServiceClient_WatchAuthorization:
+    """Streams the RBAC state every service enforces, the way a Kubernetes informer does: first a full versioned snapshot of roles and bindings (or, when `resume_version` is still covered by the change log, a bookmark at that version), then each change in order, and a bookmark when idle. (needs `auth.authorization.watch`; streaming, never retried)"""
+    def __call__(
+        self,
+        request: autoecoops.auth.v1.auth_pb2.WatchAuthorizationRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_auth_v1_WatchAuthorizationRequest],
+    ) -> AsyncStream[autoecoops.auth.v1.auth_pb2.WatchAuthorizationResponse]: ...
+
 class AsyncAuthServiceClient(AsyncServiceClient):
     """The RPCs of `autoecoops.auth.v1.AuthService`."""
 
@@ -2122,6 +2320,7 @@ class AsyncAuthServiceClient(AsyncServiceClient):
     list_service_accounts: _AsyncAuthServiceClient_ListServiceAccounts
     delete_service_account: _AsyncAuthServiceClient_DeleteServiceAccount
     check_permission: _AsyncAuthServiceClient_CheckPermission
+    watch_authorization: _AsyncAuthServiceClient_WatchAuthorization
 
 @type_check_only
 class _AutoOpsServiceClient_CreateSlo:
@@ -2173,7 +2372,7 @@ class _AutoOpsServiceClient_GetSlo:
 
 @type_check_only
 class _AutoOpsServiceClient_ListSlos:
-    """Lists SLOs, optionally those of one service. (needs `autoops.slos.list`; idempotent, retried)"""
+    """Lists SLOs, optionally those of one service or with some labels. (needs `autoops.slos.list`; idempotent, retried)"""
     def __call__(
         self,
         request: autoecoops.autoops.v1.autoops_pb2.ListSlosRequest | None = None,
@@ -2197,7 +2396,7 @@ class _AutoOpsServiceClient_ListSlos:
 
 @type_check_only
 class _AutoOpsServiceClient_UpdateSlo:
-    """Updates the fields of an SLO named by the update mask. (needs `autoops.slos.update`; not retried)"""
+    """Updates the fields of an SLO named by the update mask; ABORTED when the etag given is not the SLO's current one. (needs `autoops.slos.update`; not retried)"""
     def __call__(
         self,
         request: autoecoops.autoops.v1.autoops_pb2.UpdateSloRequest | None = None,
@@ -2221,7 +2420,7 @@ class _AutoOpsServiceClient_UpdateSlo:
 
 @type_check_only
 class _AutoOpsServiceClient_DeleteSlo:
-    """Deletes an SLO and its recorded SLI data. (needs `autoops.slos.delete`; idempotent, retried)"""
+    """Deletes an SLO, its recorded SLI data and its alert state. (needs `autoops.slos.delete`; idempotent, retried)"""
     def __call__(
         self,
         request: autoecoops.autoops.v1.autoops_pb2.DeleteSloRequest | None = None,
@@ -2245,7 +2444,7 @@ class _AutoOpsServiceClient_DeleteSlo:
 
 @type_check_only
 class _AutoOpsServiceClient_RecordSli:
-    """Records SLI samples (good and total event counts) for an SLO. This is telemetry ingestion: high volume, so it is not written to the audit trail. (needs `autoops.slis.record`; not retried)"""
+    """Records pushed SLI samples (good and total event counts) for an SLO whose source is PUSHED. Telemetry ingestion: high volume, so it is not written to the audit trail; a retry with the same request_id is not counted twice. (needs `autoops.slis.record`; not retried)"""
     def __call__(
         self,
         request: autoecoops.autoops.v1.autoops_pb2.RecordSliRequest | None = None,
@@ -2269,7 +2468,7 @@ class _AutoOpsServiceClient_RecordSli:
 
 @type_check_only
 class _AutoOpsServiceClient_GetErrorBudget:
-    """Computes an SLO's error budget over its window, with current burn rates. (needs `autoops.errorbudgets.get`; idempotent, retried)"""
+    """Computes an SLO's error budget over its period, with the burn rate over each alerting window and the projected exhaustion. (needs `autoops.errorbudgets.get`; idempotent, retried)"""
     def __call__(
         self,
         request: autoecoops.autoops.v1.autoops_pb2.GetErrorBudgetRequest | None = None,
@@ -2290,6 +2489,126 @@ class _AutoOpsServiceClient_GetErrorBudget:
         metadata: Metadata = ...,
         **fields: Unpack[_autoecoops_autoops_v1_GetErrorBudgetRequest],
     ) -> tuple[autoecoops.autoops.v1.autoops_pb2.GetErrorBudgetResponse, CallInfo]: ...
+
+@type_check_only
+class _AutoOpsServiceClient_EvaluateSlos:
+    """Evaluates SLOs now (normally a background tick does): refreshes their alert states, publishes breach and resolution events and starts the runbooks they trigger. Returns the alerts that changed state. (needs `autoops.slos.evaluate`; idempotent, retried)"""
+    def __call__(
+        self,
+        request: autoecoops.autoops.v1.autoops_pb2.EvaluateSlosRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_autoops_v1_EvaluateSlosRequest],
+    ) -> autoecoops.autoops.v1.autoops_pb2.EvaluateSlosResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.autoops.v1.autoops_pb2.EvaluateSlosRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_autoops_v1_EvaluateSlosRequest],
+    ) -> tuple[autoecoops.autoops.v1.autoops_pb2.EvaluateSlosResponse, CallInfo]: ...
+
+@type_check_only
+class _AutoOpsServiceClient_GetPrometheusRules:
+    """Renders the Prometheus recording and alerting rules of SLOs (Sloth-compatible names), for `promtool check rules` and a Prometheus. (needs `autoops.slos.get`; idempotent, retried)"""
+    def __call__(
+        self,
+        request: autoecoops.autoops.v1.autoops_pb2.GetPrometheusRulesRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_autoops_v1_GetPrometheusRulesRequest],
+    ) -> autoecoops.autoops.v1.autoops_pb2.GetPrometheusRulesResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.autoops.v1.autoops_pb2.GetPrometheusRulesRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_autoops_v1_GetPrometheusRulesRequest],
+    ) -> tuple[autoecoops.autoops.v1.autoops_pb2.GetPrometheusRulesResponse, CallInfo]: ...
+
+@type_check_only
+class _AutoOpsServiceClient_ImportOpenSlo:
+    """Imports OpenSLO v1 documents (SLO, SLI, AlertPolicy kinds): creates or replaces the SLOs they describe. One call may touch many SLOs, so the platform writes one audit entry per SLO, naming it (autoops.slo.import), rather than one entry for the call. (needs `autoops.slos.create`; not retried)"""
+    def __call__(
+        self,
+        request: autoecoops.autoops.v1.autoops_pb2.ImportOpenSloRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_autoops_v1_ImportOpenSloRequest],
+    ) -> autoecoops.autoops.v1.autoops_pb2.ImportOpenSloResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.autoops.v1.autoops_pb2.ImportOpenSloRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_autoops_v1_ImportOpenSloRequest],
+    ) -> tuple[autoecoops.autoops.v1.autoops_pb2.ImportOpenSloResponse, CallInfo]: ...
+
+@type_check_only
+class _AutoOpsServiceClient_ExportOpenSlo:
+    """Exports SLOs as OpenSLO v1 YAML. (needs `autoops.slos.get`; idempotent, retried)"""
+    def __call__(
+        self,
+        request: autoecoops.autoops.v1.autoops_pb2.ExportOpenSloRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_autoops_v1_ExportOpenSloRequest],
+    ) -> autoecoops.autoops.v1.autoops_pb2.ExportOpenSloResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.autoops.v1.autoops_pb2.ExportOpenSloRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_autoops_v1_ExportOpenSloRequest],
+    ) -> tuple[autoecoops.autoops.v1.autoops_pb2.ExportOpenSloResponse, CallInfo]: ...
+
+@type_check_only
+class _AutoOpsServiceClient_GetAlert:
+    """Gets an alert by name. (needs `autoops.alerts.get`; idempotent, retried)"""
+    def __call__(
+        self,
+        request: autoecoops.autoops.v1.autoops_pb2.GetAlertRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_autoops_v1_GetAlertRequest],
+    ) -> autoecoops.autoops.v1.autoops_pb2.GetAlertResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.autoops.v1.autoops_pb2.GetAlertRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_autoops_v1_GetAlertRequest],
+    ) -> tuple[autoecoops.autoops.v1.autoops_pb2.GetAlertResponse, CallInfo]: ...
 
 @type_check_only
 class _AutoOpsServiceClient_ListAlerts:
@@ -2389,7 +2708,7 @@ class _AutoOpsServiceClient_ListRunbooks:
 
 @type_check_only
 class _AutoOpsServiceClient_UpdateRunbook:
-    """Updates the fields of a runbook named by the update mask. (needs `autoops.runbooks.update`; not retried)"""
+    """Updates the fields of a runbook named by the update mask; ABORTED when the etag given is not the runbook's current one. (needs `autoops.runbooks.update`; not retried)"""
     def __call__(
         self,
         request: autoecoops.autoops.v1.autoops_pb2.UpdateRunbookRequest | None = None,
@@ -2437,7 +2756,7 @@ class _AutoOpsServiceClient_DeleteRunbook:
 
 @type_check_only
 class _AutoOpsServiceClient_RunRunbook:
-    """Starts a remediation from a runbook by hand, outside its trigger. (needs `autoops.runbooks.run`; not retried)"""
+    """Starts a remediation from a runbook by hand, outside its trigger. The safeguards apply as to an automatic run. (needs `autoops.runbooks.run`; not retried)"""
     def __call__(
         self,
         request: autoecoops.autoops.v1.autoops_pb2.RunRunbookRequest | None = None,
@@ -2485,7 +2804,7 @@ class _AutoOpsServiceClient_ListRemediations:
 
 @type_check_only
 class _AutoOpsServiceClient_GetRemediation:
-    """Gets a remediation by id, with the result of each step. (needs `autoops.remediations.get`; idempotent, retried)"""
+    """Gets a remediation by name, with the result of each step. (needs `autoops.remediations.get`; idempotent, retried)"""
     def __call__(
         self,
         request: autoecoops.autoops.v1.autoops_pb2.GetRemediationRequest | None = None,
@@ -2565,6 +2884,11 @@ class AutoOpsServiceClient(ServiceClient):
     delete_slo: _AutoOpsServiceClient_DeleteSlo
     record_sli: _AutoOpsServiceClient_RecordSli
     get_error_budget: _AutoOpsServiceClient_GetErrorBudget
+    evaluate_slos: _AutoOpsServiceClient_EvaluateSlos
+    get_prometheus_rules: _AutoOpsServiceClient_GetPrometheusRules
+    import_open_slo: _AutoOpsServiceClient_ImportOpenSlo
+    export_open_slo: _AutoOpsServiceClient_ExportOpenSlo
+    get_alert: _AutoOpsServiceClient_GetAlert
     list_alerts: _AutoOpsServiceClient_ListAlerts
     create_runbook: _AutoOpsServiceClient_CreateRunbook
     get_runbook: _AutoOpsServiceClient_GetRunbook
@@ -2627,7 +2951,7 @@ class _AsyncAutoOpsServiceClient_GetSlo:
 
 @type_check_only
 class _AsyncAutoOpsServiceClient_ListSlos:
-    """Lists SLOs, optionally those of one service. (needs `autoops.slos.list`; idempotent, retried)"""
+    """Lists SLOs, optionally those of one service or with some labels. (needs `autoops.slos.list`; idempotent, retried)"""
     async def __call__(
         self,
         request: autoecoops.autoops.v1.autoops_pb2.ListSlosRequest | None = None,
@@ -2651,7 +2975,7 @@ class _AsyncAutoOpsServiceClient_ListSlos:
 
 @type_check_only
 class _AsyncAutoOpsServiceClient_UpdateSlo:
-    """Updates the fields of an SLO named by the update mask. (needs `autoops.slos.update`; not retried)"""
+    """Updates the fields of an SLO named by the update mask; ABORTED when the etag given is not the SLO's current one. (needs `autoops.slos.update`; not retried)"""
     async def __call__(
         self,
         request: autoecoops.autoops.v1.autoops_pb2.UpdateSloRequest | None = None,
@@ -2675,7 +2999,7 @@ class _AsyncAutoOpsServiceClient_UpdateSlo:
 
 @type_check_only
 class _AsyncAutoOpsServiceClient_DeleteSlo:
-    """Deletes an SLO and its recorded SLI data. (needs `autoops.slos.delete`; idempotent, retried)"""
+    """Deletes an SLO, its recorded SLI data and its alert state. (needs `autoops.slos.delete`; idempotent, retried)"""
     async def __call__(
         self,
         request: autoecoops.autoops.v1.autoops_pb2.DeleteSloRequest | None = None,
@@ -2699,7 +3023,7 @@ class _AsyncAutoOpsServiceClient_DeleteSlo:
 
 @type_check_only
 class _AsyncAutoOpsServiceClient_RecordSli:
-    """Records SLI samples (good and total event counts) for an SLO. This is telemetry ingestion: high volume, so it is not written to the audit trail. (needs `autoops.slis.record`; not retried)"""
+    """Records pushed SLI samples (good and total event counts) for an SLO whose source is PUSHED. Telemetry ingestion: high volume, so it is not written to the audit trail; a retry with the same request_id is not counted twice. (needs `autoops.slis.record`; not retried)"""
     async def __call__(
         self,
         request: autoecoops.autoops.v1.autoops_pb2.RecordSliRequest | None = None,
@@ -2723,7 +3047,7 @@ class _AsyncAutoOpsServiceClient_RecordSli:
 
 @type_check_only
 class _AsyncAutoOpsServiceClient_GetErrorBudget:
-    """Computes an SLO's error budget over its window, with current burn rates. (needs `autoops.errorbudgets.get`; idempotent, retried)"""
+    """Computes an SLO's error budget over its period, with the burn rate over each alerting window and the projected exhaustion. (needs `autoops.errorbudgets.get`; idempotent, retried)"""
     async def __call__(
         self,
         request: autoecoops.autoops.v1.autoops_pb2.GetErrorBudgetRequest | None = None,
@@ -2744,6 +3068,126 @@ class _AsyncAutoOpsServiceClient_GetErrorBudget:
         metadata: Metadata = ...,
         **fields: Unpack[_autoecoops_autoops_v1_GetErrorBudgetRequest],
     ) -> tuple[autoecoops.autoops.v1.autoops_pb2.GetErrorBudgetResponse, CallInfo]: ...
+
+@type_check_only
+class _AsyncAutoOpsServiceClient_EvaluateSlos:
+    """Evaluates SLOs now (normally a background tick does): refreshes their alert states, publishes breach and resolution events and starts the runbooks they trigger. Returns the alerts that changed state. (needs `autoops.slos.evaluate`; idempotent, retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.autoops.v1.autoops_pb2.EvaluateSlosRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_autoops_v1_EvaluateSlosRequest],
+    ) -> autoecoops.autoops.v1.autoops_pb2.EvaluateSlosResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.autoops.v1.autoops_pb2.EvaluateSlosRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_autoops_v1_EvaluateSlosRequest],
+    ) -> tuple[autoecoops.autoops.v1.autoops_pb2.EvaluateSlosResponse, CallInfo]: ...
+
+@type_check_only
+class _AsyncAutoOpsServiceClient_GetPrometheusRules:
+    """Renders the Prometheus recording and alerting rules of SLOs (Sloth-compatible names), for `promtool check rules` and a Prometheus. (needs `autoops.slos.get`; idempotent, retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.autoops.v1.autoops_pb2.GetPrometheusRulesRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_autoops_v1_GetPrometheusRulesRequest],
+    ) -> autoecoops.autoops.v1.autoops_pb2.GetPrometheusRulesResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.autoops.v1.autoops_pb2.GetPrometheusRulesRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_autoops_v1_GetPrometheusRulesRequest],
+    ) -> tuple[autoecoops.autoops.v1.autoops_pb2.GetPrometheusRulesResponse, CallInfo]: ...
+
+@type_check_only
+class _AsyncAutoOpsServiceClient_ImportOpenSlo:
+    """Imports OpenSLO v1 documents (SLO, SLI, AlertPolicy kinds): creates or replaces the SLOs they describe. One call may touch many SLOs, so the platform writes one audit entry per SLO, naming it (autoops.slo.import), rather than one entry for the call. (needs `autoops.slos.create`; not retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.autoops.v1.autoops_pb2.ImportOpenSloRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_autoops_v1_ImportOpenSloRequest],
+    ) -> autoecoops.autoops.v1.autoops_pb2.ImportOpenSloResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.autoops.v1.autoops_pb2.ImportOpenSloRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_autoops_v1_ImportOpenSloRequest],
+    ) -> tuple[autoecoops.autoops.v1.autoops_pb2.ImportOpenSloResponse, CallInfo]: ...
+
+@type_check_only
+class _AsyncAutoOpsServiceClient_ExportOpenSlo:
+    """Exports SLOs as OpenSLO v1 YAML. (needs `autoops.slos.get`; idempotent, retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.autoops.v1.autoops_pb2.ExportOpenSloRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_autoops_v1_ExportOpenSloRequest],
+    ) -> autoecoops.autoops.v1.autoops_pb2.ExportOpenSloResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.autoops.v1.autoops_pb2.ExportOpenSloRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_autoops_v1_ExportOpenSloRequest],
+    ) -> tuple[autoecoops.autoops.v1.autoops_pb2.ExportOpenSloResponse, CallInfo]: ...
+
+@type_check_only
+class _AsyncAutoOpsServiceClient_GetAlert:
+    """Gets an alert by name. (needs `autoops.alerts.get`; idempotent, retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.autoops.v1.autoops_pb2.GetAlertRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_autoops_v1_GetAlertRequest],
+    ) -> autoecoops.autoops.v1.autoops_pb2.GetAlertResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.autoops.v1.autoops_pb2.GetAlertRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_autoops_v1_GetAlertRequest],
+    ) -> tuple[autoecoops.autoops.v1.autoops_pb2.GetAlertResponse, CallInfo]: ...
 
 @type_check_only
 class _AsyncAutoOpsServiceClient_ListAlerts:
@@ -2843,7 +3287,7 @@ class _AsyncAutoOpsServiceClient_ListRunbooks:
 
 @type_check_only
 class _AsyncAutoOpsServiceClient_UpdateRunbook:
-    """Updates the fields of a runbook named by the update mask. (needs `autoops.runbooks.update`; not retried)"""
+    """Updates the fields of a runbook named by the update mask; ABORTED when the etag given is not the runbook's current one. (needs `autoops.runbooks.update`; not retried)"""
     async def __call__(
         self,
         request: autoecoops.autoops.v1.autoops_pb2.UpdateRunbookRequest | None = None,
@@ -2891,7 +3335,7 @@ class _AsyncAutoOpsServiceClient_DeleteRunbook:
 
 @type_check_only
 class _AsyncAutoOpsServiceClient_RunRunbook:
-    """Starts a remediation from a runbook by hand, outside its trigger. (needs `autoops.runbooks.run`; not retried)"""
+    """Starts a remediation from a runbook by hand, outside its trigger. The safeguards apply as to an automatic run. (needs `autoops.runbooks.run`; not retried)"""
     async def __call__(
         self,
         request: autoecoops.autoops.v1.autoops_pb2.RunRunbookRequest | None = None,
@@ -2939,7 +3383,7 @@ class _AsyncAutoOpsServiceClient_ListRemediations:
 
 @type_check_only
 class _AsyncAutoOpsServiceClient_GetRemediation:
-    """Gets a remediation by id, with the result of each step. (needs `autoops.remediations.get`; idempotent, retried)"""
+    """Gets a remediation by name, with the result of each step. (needs `autoops.remediations.get`; idempotent, retried)"""
     async def __call__(
         self,
         request: autoecoops.autoops.v1.autoops_pb2.GetRemediationRequest | None = None,
@@ -3019,6 +3463,11 @@ class AsyncAutoOpsServiceClient(AsyncServiceClient):
     delete_slo: _AsyncAutoOpsServiceClient_DeleteSlo
     record_sli: _AsyncAutoOpsServiceClient_RecordSli
     get_error_budget: _AsyncAutoOpsServiceClient_GetErrorBudget
+    evaluate_slos: _AsyncAutoOpsServiceClient_EvaluateSlos
+    get_prometheus_rules: _AsyncAutoOpsServiceClient_GetPrometheusRules
+    import_open_slo: _AsyncAutoOpsServiceClient_ImportOpenSlo
+    export_open_slo: _AsyncAutoOpsServiceClient_ExportOpenSlo
+    get_alert: _AsyncAutoOpsServiceClient_GetAlert
     list_alerts: _AsyncAutoOpsServiceClient_ListAlerts
     create_runbook: _AsyncAutoOpsServiceClient_CreateRunbook
     get_runbook: _AsyncAutoOpsServiceClient_GetRunbook
@@ -3309,6 +3758,30 @@ class _EventBusServiceClient_GetTopicStats:
     ) -> tuple[autoecoops.events.v1.events_pb2.GetTopicStatsResponse, CallInfo]: ...
 
 @type_check_only
+class _EventBusServiceClient_CreateTopic:
+    """Sets a topic's partition count before it is used (the topic must be one the contracts name). Creating it again with the same count returns it; another count, or a topic already in use with another count, is FAILED_PRECONDITION: the count never changes, because moving keys between partitions would break the order per key. (needs `events.topics.create`; idempotent, retried)"""
+    def __call__(
+        self,
+        request: autoecoops.events.v1.events_pb2.CreateTopicRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_events_v1_CreateTopicRequest],
+    ) -> autoecoops.events.v1.events_pb2.CreateTopicResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.events.v1.events_pb2.CreateTopicRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_events_v1_CreateTopicRequest],
+    ) -> tuple[autoecoops.events.v1.events_pb2.CreateTopicResponse, CallInfo]: ...
+
+@type_check_only
 class _EventBusServiceClient_ListTopics:
     """Lists the topics that have had events published to them. (needs `events.topics.list`; idempotent, retried)"""
     def __call__(
@@ -3347,6 +3820,7 @@ class EventBusServiceClient(ServiceClient, EventsHelpers):
     purge_dead_letters: _EventBusServiceClient_PurgeDeadLetters
     replay: _EventBusServiceClient_Replay
     get_topic_stats: _EventBusServiceClient_GetTopicStats
+    create_topic: _EventBusServiceClient_CreateTopic
     list_topics: _EventBusServiceClient_ListTopics
 
 @type_check_only
@@ -3627,6 +4101,30 @@ class _AsyncEventBusServiceClient_GetTopicStats:
     ) -> tuple[autoecoops.events.v1.events_pb2.GetTopicStatsResponse, CallInfo]: ...
 
 @type_check_only
+class _AsyncEventBusServiceClient_CreateTopic:
+    """Sets a topic's partition count before it is used (the topic must be one the contracts name). Creating it again with the same count returns it; another count, or a topic already in use with another count, is FAILED_PRECONDITION: the count never changes, because moving keys between partitions would break the order per key. (needs `events.topics.create`; idempotent, retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.events.v1.events_pb2.CreateTopicRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_events_v1_CreateTopicRequest],
+    ) -> autoecoops.events.v1.events_pb2.CreateTopicResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.events.v1.events_pb2.CreateTopicRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_events_v1_CreateTopicRequest],
+    ) -> tuple[autoecoops.events.v1.events_pb2.CreateTopicResponse, CallInfo]: ...
+
+@type_check_only
 class _AsyncEventBusServiceClient_ListTopics:
     """Lists the topics that have had events published to them. (needs `events.topics.list`; idempotent, retried)"""
     async def __call__(
@@ -3665,11 +4163,12 @@ class AsyncEventBusServiceClient(AsyncServiceClient, AsyncEventsHelpers):
     purge_dead_letters: _AsyncEventBusServiceClient_PurgeDeadLetters
     replay: _AsyncEventBusServiceClient_Replay
     get_topic_stats: _AsyncEventBusServiceClient_GetTopicStats
+    create_topic: _AsyncEventBusServiceClient_CreateTopic
     list_topics: _AsyncEventBusServiceClient_ListTopics
 
 @type_check_only
 class _IaOpsServiceClient_ValidateManifests:
-    """Validates Kubernetes manifests against a policy set. Nothing is stored. (needs `iaops.manifests.validate`; idempotent, retried)"""
+    """Validates manifests (inline files, an infra-manager Application rendered at a revision, or a Terraform plan) against the built-in rules and the Conftest-style Rego rules of a policy-audit bundle. Nothing is stored. (needs `iaops.manifests.validate`; idempotent, retried)"""
     def __call__(
         self,
         request: autoecoops.iaops.v1.iaops_pb2.ValidateManifestsRequest | None = None,
@@ -3693,7 +4192,7 @@ class _IaOpsServiceClient_ValidateManifests:
 
 @type_check_only
 class _IaOpsServiceClient_CreateDeployment:
-    """Requests a deployment: validates the application's manifests at a revision and, when they pass, syncs it through infra-manager. Returns at once; progress is on the deployment and the "iaops.deployment" topic. (needs `iaops.deployments.create`; not retried)"""
+    """Deploys an Application at a revision, synchronously: validate its rendered manifests -> policy decision (who may deploy what where; production needs an approval) -> infra-manager sync -> wait for health -> record; a failed health check rolls back through infra-manager. A retry with the same request_id returns the same deployment. (needs `iaops.deployments.create`; not retried)"""
     def __call__(
         self,
         request: autoecoops.iaops.v1.iaops_pb2.CreateDeploymentRequest | None = None,
@@ -3717,7 +4216,7 @@ class _IaOpsServiceClient_CreateDeployment:
 
 @type_check_only
 class _IaOpsServiceClient_GetDeployment:
-    """Gets a deployment by id. (needs `iaops.deployments.get`; idempotent, retried)"""
+    """Gets a deployment by name. (needs `iaops.deployments.get`; idempotent, retried)"""
     def __call__(
         self,
         request: autoecoops.iaops.v1.iaops_pb2.GetDeploymentRequest | None = None,
@@ -3764,8 +4263,32 @@ class _IaOpsServiceClient_ListDeployments:
     ) -> tuple[autoecoops.iaops.v1.iaops_pb2.ListDeploymentsResponse, CallInfo]: ...
 
 @type_check_only
+class _IaOpsServiceClient_UpdateDeployment:
+    """Updates the mutable fields of a finished deployment's record (its description and labels). Needs the current etag; a stale one is ABORTED. (needs `iaops.deployments.update`; not retried)"""
+    def __call__(
+        self,
+        request: autoecoops.iaops.v1.iaops_pb2.UpdateDeploymentRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_iaops_v1_UpdateDeploymentRequest],
+    ) -> autoecoops.iaops.v1.iaops_pb2.UpdateDeploymentResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.iaops.v1.iaops_pb2.UpdateDeploymentRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_iaops_v1_UpdateDeploymentRequest],
+    ) -> tuple[autoecoops.iaops.v1.iaops_pb2.UpdateDeploymentResponse, CallInfo]: ...
+
+@type_check_only
 class _IaOpsServiceClient_VerifyArtifact:
-    """Verifies an artifact's signature (Sigstore/cosign bundle) and signer identity. The result is compliance evidence, so it is audited and published on the "iaops.artifact" topic. (needs `iaops.artifacts.verify`; idempotent, retried)"""
+    """Verifies an artifact offline: cosign keyed signatures (simple signing or DSSE), in-toto/SLSA provenance against a builder and source policy, and optionally scans its SBOM; a policy-audit decision gates the result, which is audited and published as ArtifactVerified. Keyless (Fulcio/Rekor) verification needs the network: FAILED_PRECONDITION. (needs `iaops.artifacts.verify`; not retried)"""
     def __call__(
         self,
         request: autoecoops.iaops.v1.iaops_pb2.VerifyArtifactRequest | None = None,
@@ -3789,7 +4312,7 @@ class _IaOpsServiceClient_VerifyArtifact:
 
 @type_check_only
 class _IaOpsServiceClient_ScanSbom:
-    """Scans an SBOM for license findings, policy violations and denied packages. Nothing is stored. (needs `iaops.sboms.scan`; idempotent, retried)"""
+    """Scans an SBOM (CycloneDX or SPDX 2.3 JSON) against the offline OSV database with each ecosystem's version semantics. Nothing is stored. (needs `iaops.sboms.scan`; idempotent, retried)"""
     def __call__(
         self,
         request: autoecoops.iaops.v1.iaops_pb2.ScanSbomRequest | None = None,
@@ -3818,12 +4341,13 @@ class IaOpsServiceClient(ServiceClient):
     create_deployment: _IaOpsServiceClient_CreateDeployment
     get_deployment: _IaOpsServiceClient_GetDeployment
     list_deployments: _IaOpsServiceClient_ListDeployments
+    update_deployment: _IaOpsServiceClient_UpdateDeployment
     verify_artifact: _IaOpsServiceClient_VerifyArtifact
     scan_sbom: _IaOpsServiceClient_ScanSbom
 
 @type_check_only
 class _AsyncIaOpsServiceClient_ValidateManifests:
-    """Validates Kubernetes manifests against a policy set. Nothing is stored. (needs `iaops.manifests.validate`; idempotent, retried)"""
+    """Validates manifests (inline files, an infra-manager Application rendered at a revision, or a Terraform plan) against the built-in rules and the Conftest-style Rego rules of a policy-audit bundle. Nothing is stored. (needs `iaops.manifests.validate`; idempotent, retried)"""
     async def __call__(
         self,
         request: autoecoops.iaops.v1.iaops_pb2.ValidateManifestsRequest | None = None,
@@ -3847,7 +4371,7 @@ class _AsyncIaOpsServiceClient_ValidateManifests:
 
 @type_check_only
 class _AsyncIaOpsServiceClient_CreateDeployment:
-    """Requests a deployment: validates the application's manifests at a revision and, when they pass, syncs it through infra-manager. Returns at once; progress is on the deployment and the "iaops.deployment" topic. (needs `iaops.deployments.create`; not retried)"""
+    """Deploys an Application at a revision, synchronously: validate its rendered manifests -> policy decision (who may deploy what where; production needs an approval) -> infra-manager sync -> wait for health -> record; a failed health check rolls back through infra-manager. A retry with the same request_id returns the same deployment. (needs `iaops.deployments.create`; not retried)"""
     async def __call__(
         self,
         request: autoecoops.iaops.v1.iaops_pb2.CreateDeploymentRequest | None = None,
@@ -3871,7 +4395,7 @@ class _AsyncIaOpsServiceClient_CreateDeployment:
 
 @type_check_only
 class _AsyncIaOpsServiceClient_GetDeployment:
-    """Gets a deployment by id. (needs `iaops.deployments.get`; idempotent, retried)"""
+    """Gets a deployment by name. (needs `iaops.deployments.get`; idempotent, retried)"""
     async def __call__(
         self,
         request: autoecoops.iaops.v1.iaops_pb2.GetDeploymentRequest | None = None,
@@ -3918,8 +4442,32 @@ class _AsyncIaOpsServiceClient_ListDeployments:
     ) -> tuple[autoecoops.iaops.v1.iaops_pb2.ListDeploymentsResponse, CallInfo]: ...
 
 @type_check_only
+class _AsyncIaOpsServiceClient_UpdateDeployment:
+    """Updates the mutable fields of a finished deployment's record (its description and labels). Needs the current etag; a stale one is ABORTED. (needs `iaops.deployments.update`; not retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.iaops.v1.iaops_pb2.UpdateDeploymentRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_iaops_v1_UpdateDeploymentRequest],
+    ) -> autoecoops.iaops.v1.iaops_pb2.UpdateDeploymentResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.iaops.v1.iaops_pb2.UpdateDeploymentRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_iaops_v1_UpdateDeploymentRequest],
+    ) -> tuple[autoecoops.iaops.v1.iaops_pb2.UpdateDeploymentResponse, CallInfo]: ...
+
+@type_check_only
 class _AsyncIaOpsServiceClient_VerifyArtifact:
-    """Verifies an artifact's signature (Sigstore/cosign bundle) and signer identity. The result is compliance evidence, so it is audited and published on the "iaops.artifact" topic. (needs `iaops.artifacts.verify`; idempotent, retried)"""
+    """Verifies an artifact offline: cosign keyed signatures (simple signing or DSSE), in-toto/SLSA provenance against a builder and source policy, and optionally scans its SBOM; a policy-audit decision gates the result, which is audited and published as ArtifactVerified. Keyless (Fulcio/Rekor) verification needs the network: FAILED_PRECONDITION. (needs `iaops.artifacts.verify`; not retried)"""
     async def __call__(
         self,
         request: autoecoops.iaops.v1.iaops_pb2.VerifyArtifactRequest | None = None,
@@ -3943,7 +4491,7 @@ class _AsyncIaOpsServiceClient_VerifyArtifact:
 
 @type_check_only
 class _AsyncIaOpsServiceClient_ScanSbom:
-    """Scans an SBOM for license findings, policy violations and denied packages. Nothing is stored. (needs `iaops.sboms.scan`; idempotent, retried)"""
+    """Scans an SBOM (CycloneDX or SPDX 2.3 JSON) against the offline OSV database with each ecosystem's version semantics. Nothing is stored. (needs `iaops.sboms.scan`; idempotent, retried)"""
     async def __call__(
         self,
         request: autoecoops.iaops.v1.iaops_pb2.ScanSbomRequest | None = None,
@@ -3972,6 +4520,7 @@ class AsyncIaOpsServiceClient(AsyncServiceClient):
     create_deployment: _AsyncIaOpsServiceClient_CreateDeployment
     get_deployment: _AsyncIaOpsServiceClient_GetDeployment
     list_deployments: _AsyncIaOpsServiceClient_ListDeployments
+    update_deployment: _AsyncIaOpsServiceClient_UpdateDeployment
     verify_artifact: _AsyncIaOpsServiceClient_VerifyArtifact
     scan_sbom: _AsyncIaOpsServiceClient_ScanSbom
 
@@ -4120,8 +4669,32 @@ class _InfraServiceClient_GetApplicationDiff:
     ) -> tuple[autoecoops.infra.v1.infra_pb2.GetApplicationDiffResponse, CallInfo]: ...
 
 @type_check_only
+class _InfraServiceClient_GetManifests:
+    """Returns the manifests of an application rendered at a revision, as `argocd app manifests` does: the desired state after Helm or Kustomize rendering, one entry per object. Other services (IAOps validates what will be deployed) read rendered manifests here and never render twice. (needs `infra.applications.get`; idempotent, retried)"""
+    def __call__(
+        self,
+        request: autoecoops.infra.v1.infra_pb2.GetManifestsRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_infra_v1_GetManifestsRequest],
+    ) -> autoecoops.infra.v1.infra_pb2.GetManifestsResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.infra.v1.infra_pb2.GetManifestsRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_infra_v1_GetManifestsRequest],
+    ) -> tuple[autoecoops.infra.v1.infra_pb2.GetManifestsResponse, CallInfo]: ...
+
+@type_check_only
 class _InfraServiceClient_SyncApplication:
-    """Starts a sync: applies the desired state at a revision to the cluster. Returns at once with the running operation; its progress is in the application's status.operation_state and on the "infra.sync" topic. (needs `infra.applications.sync`; not retried)"""
+    """Starts a sync: applies the desired state at a revision to the cluster. Returns at once with the running operation; its progress is in the application's status.operation_state and on the "infra.sync" topic. A sync to another revision than the target while automated sync is on is refused (FAILED_PRECONDITION AUTO_SYNC_ENABLED): the next automated sync would undo it. (needs `infra.applications.sync`; not retried)"""
     def __call__(
         self,
         request: autoecoops.infra.v1.infra_pb2.SyncApplicationRequest | None = None,
@@ -4166,6 +4739,30 @@ class _InfraServiceClient_RollbackApplication:
         metadata: Metadata = ...,
         **fields: Unpack[_autoecoops_infra_v1_RollbackApplicationRequest],
     ) -> tuple[autoecoops.infra.v1.infra_pb2.RollbackApplicationResponse, CallInfo]: ...
+
+@type_check_only
+class _InfraServiceClient_TerminateOperation:
+    """Stops the application's running sync or rollback, as `argocd app terminate-op` does: waits and running hooks are cancelled, the SyncFail hooks are not run, and the operation ends FAILED with "terminated by <caller>". FAILED_PRECONDITION NO_OPERATION_RUNNING when none runs. (needs `infra.applications.sync`; not retried)"""
+    def __call__(
+        self,
+        request: autoecoops.infra.v1.infra_pb2.TerminateOperationRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_infra_v1_TerminateOperationRequest],
+    ) -> autoecoops.infra.v1.infra_pb2.TerminateOperationResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.infra.v1.infra_pb2.TerminateOperationRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_infra_v1_TerminateOperationRequest],
+    ) -> tuple[autoecoops.infra.v1.infra_pb2.TerminateOperationResponse, CallInfo]: ...
 
 @type_check_only
 class _InfraServiceClient_ListApplicationHistory:
@@ -4224,8 +4821,10 @@ class InfraServiceClient(ServiceClient):
     update_application: _InfraServiceClient_UpdateApplication
     delete_application: _InfraServiceClient_DeleteApplication
     get_application_diff: _InfraServiceClient_GetApplicationDiff
+    get_manifests: _InfraServiceClient_GetManifests
     sync_application: _InfraServiceClient_SyncApplication
     rollback_application: _InfraServiceClient_RollbackApplication
+    terminate_operation: _InfraServiceClient_TerminateOperation
     list_application_history: _InfraServiceClient_ListApplicationHistory
     refresh_application: _InfraServiceClient_RefreshApplication
 
@@ -4374,8 +4973,32 @@ class _AsyncInfraServiceClient_GetApplicationDiff:
     ) -> tuple[autoecoops.infra.v1.infra_pb2.GetApplicationDiffResponse, CallInfo]: ...
 
 @type_check_only
+class _AsyncInfraServiceClient_GetManifests:
+    """Returns the manifests of an application rendered at a revision, as `argocd app manifests` does: the desired state after Helm or Kustomize rendering, one entry per object. Other services (IAOps validates what will be deployed) read rendered manifests here and never render twice. (needs `infra.applications.get`; idempotent, retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.infra.v1.infra_pb2.GetManifestsRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_infra_v1_GetManifestsRequest],
+    ) -> autoecoops.infra.v1.infra_pb2.GetManifestsResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.infra.v1.infra_pb2.GetManifestsRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_infra_v1_GetManifestsRequest],
+    ) -> tuple[autoecoops.infra.v1.infra_pb2.GetManifestsResponse, CallInfo]: ...
+
+@type_check_only
 class _AsyncInfraServiceClient_SyncApplication:
-    """Starts a sync: applies the desired state at a revision to the cluster. Returns at once with the running operation; its progress is in the application's status.operation_state and on the "infra.sync" topic. (needs `infra.applications.sync`; not retried)"""
+    """Starts a sync: applies the desired state at a revision to the cluster. Returns at once with the running operation; its progress is in the application's status.operation_state and on the "infra.sync" topic. A sync to another revision than the target while automated sync is on is refused (FAILED_PRECONDITION AUTO_SYNC_ENABLED): the next automated sync would undo it. (needs `infra.applications.sync`; not retried)"""
     async def __call__(
         self,
         request: autoecoops.infra.v1.infra_pb2.SyncApplicationRequest | None = None,
@@ -4420,6 +5043,30 @@ class _AsyncInfraServiceClient_RollbackApplication:
         metadata: Metadata = ...,
         **fields: Unpack[_autoecoops_infra_v1_RollbackApplicationRequest],
     ) -> tuple[autoecoops.infra.v1.infra_pb2.RollbackApplicationResponse, CallInfo]: ...
+
+@type_check_only
+class _AsyncInfraServiceClient_TerminateOperation:
+    """Stops the application's running sync or rollback, as `argocd app terminate-op` does: waits and running hooks are cancelled, the SyncFail hooks are not run, and the operation ends FAILED with "terminated by <caller>". FAILED_PRECONDITION NO_OPERATION_RUNNING when none runs. (needs `infra.applications.sync`; not retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.infra.v1.infra_pb2.TerminateOperationRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_infra_v1_TerminateOperationRequest],
+    ) -> autoecoops.infra.v1.infra_pb2.TerminateOperationResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.infra.v1.infra_pb2.TerminateOperationRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_infra_v1_TerminateOperationRequest],
+    ) -> tuple[autoecoops.infra.v1.infra_pb2.TerminateOperationResponse, CallInfo]: ...
 
 @type_check_only
 class _AsyncInfraServiceClient_ListApplicationHistory:
@@ -4478,14 +5125,16 @@ class AsyncInfraServiceClient(AsyncServiceClient):
     update_application: _AsyncInfraServiceClient_UpdateApplication
     delete_application: _AsyncInfraServiceClient_DeleteApplication
     get_application_diff: _AsyncInfraServiceClient_GetApplicationDiff
+    get_manifests: _AsyncInfraServiceClient_GetManifests
     sync_application: _AsyncInfraServiceClient_SyncApplication
     rollback_application: _AsyncInfraServiceClient_RollbackApplication
+    terminate_operation: _AsyncInfraServiceClient_TerminateOperation
     list_application_history: _AsyncInfraServiceClient_ListApplicationHistory
     refresh_application: _AsyncInfraServiceClient_RefreshApplication
 
 @type_check_only
 class _MachineOpsServiceClient_CreateBaseline:
-    """Creates a baseline. (needs `machineops.baselines.create`; not retried)"""
+    """Creates a baseline: versioned controls applied to the nodes its label selector matches. (needs `machineops.baselines.create`; not retried)"""
     def __call__(
         self,
         request: autoecoops.machineops.v1.machineops_pb2.CreateBaselineRequest | None = None,
@@ -4506,6 +5155,30 @@ class _MachineOpsServiceClient_CreateBaseline:
         metadata: Metadata = ...,
         **fields: Unpack[_autoecoops_machineops_v1_CreateBaselineRequest],
     ) -> tuple[autoecoops.machineops.v1.machineops_pb2.CreateBaselineResponse, CallInfo]: ...
+
+@type_check_only
+class _MachineOpsServiceClient_ImportBaseline:
+    """Creates or replaces a baseline from an InSpec-style YAML control list. (needs `machineops.baselines.create`; not retried)"""
+    def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.ImportBaselineRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_ImportBaselineRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.ImportBaselineResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.ImportBaselineRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_ImportBaselineRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.ImportBaselineResponse, CallInfo]: ...
 
 @type_check_only
 class _MachineOpsServiceClient_GetBaseline:
@@ -4557,7 +5230,7 @@ class _MachineOpsServiceClient_ListBaselines:
 
 @type_check_only
 class _MachineOpsServiceClient_UpdateBaseline:
-    """Updates the fields of a baseline named by the update mask. (needs `machineops.baselines.update`; not retried)"""
+    """Updates the fields of a baseline named by the update mask; a change of controls or selector makes a new version. ABORTED on a stale etag. (needs `machineops.baselines.update`; not retried)"""
     def __call__(
         self,
         request: autoecoops.machineops.v1.machineops_pb2.UpdateBaselineRequest | None = None,
@@ -4604,56 +5277,104 @@ class _MachineOpsServiceClient_DeleteBaseline:
     ) -> tuple[autoecoops.machineops.v1.machineops_pb2.DeleteBaselineResponse, CallInfo]: ...
 
 @type_check_only
-class _MachineOpsServiceClient_EvaluateNode:
-    """Evaluates a node against baselines and records its compliance state. The node's agent observes the values; when it is not connected, rules come out UNKNOWN. The result is compliance evidence, so it is audited. (needs `machineops.nodes.evaluate`; idempotent, retried)"""
+class _MachineOpsServiceClient_CreateEnrollmentToken:
+    """Creates a one-time enrollment secret for one node. The secret is returned once; it expires, works once, and can be revoked. (needs `machineops.enrollmenttokens.create`; not retried)"""
     def __call__(
         self,
-        request: autoecoops.machineops.v1.machineops_pb2.EvaluateNodeRequest | None = None,
+        request: autoecoops.machineops.v1.machineops_pb2.CreateEnrollmentTokenRequest | None = None,
         /,
         *,
         timeout: float | datetime.timedelta | None = ...,
         retry: Retry | None = ...,
         metadata: Metadata = ...,
-        **fields: Unpack[_autoecoops_machineops_v1_EvaluateNodeRequest],
-    ) -> autoecoops.machineops.v1.machineops_pb2.EvaluateNodeResponse: ...
+        **fields: Unpack[_autoecoops_machineops_v1_CreateEnrollmentTokenRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.CreateEnrollmentTokenResponse: ...
     def with_call(
         self,
-        request: autoecoops.machineops.v1.machineops_pb2.EvaluateNodeRequest | None = None,
+        request: autoecoops.machineops.v1.machineops_pb2.CreateEnrollmentTokenRequest | None = None,
         /,
         *,
         timeout: float | datetime.timedelta | None = ...,
         retry: Retry | None = ...,
         metadata: Metadata = ...,
-        **fields: Unpack[_autoecoops_machineops_v1_EvaluateNodeRequest],
-    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.EvaluateNodeResponse, CallInfo]: ...
+        **fields: Unpack[_autoecoops_machineops_v1_CreateEnrollmentTokenRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.CreateEnrollmentTokenResponse, CallInfo]: ...
 
 @type_check_only
-class _MachineOpsServiceClient_RegisterAgent:
-    """Registers an edge agent for a node (creating the node if it is new) and issues the session token it opens AgentSession with. Registering again replaces the previous agent and token. (needs `machineops.agents.register`; not retried)"""
+class _MachineOpsServiceClient_ListEnrollmentTokens:
+    """Lists enrollment tokens (never their secrets). (needs `machineops.enrollmenttokens.list`; idempotent, retried)"""
     def __call__(
         self,
-        request: autoecoops.machineops.v1.machineops_pb2.RegisterAgentRequest | None = None,
+        request: autoecoops.machineops.v1.machineops_pb2.ListEnrollmentTokensRequest | None = None,
         /,
         *,
         timeout: float | datetime.timedelta | None = ...,
         retry: Retry | None = ...,
         metadata: Metadata = ...,
-        **fields: Unpack[_autoecoops_machineops_v1_RegisterAgentRequest],
-    ) -> autoecoops.machineops.v1.machineops_pb2.RegisterAgentResponse: ...
+        **fields: Unpack[_autoecoops_machineops_v1_ListEnrollmentTokensRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.ListEnrollmentTokensResponse: ...
     def with_call(
         self,
-        request: autoecoops.machineops.v1.machineops_pb2.RegisterAgentRequest | None = None,
+        request: autoecoops.machineops.v1.machineops_pb2.ListEnrollmentTokensRequest | None = None,
         /,
         *,
         timeout: float | datetime.timedelta | None = ...,
         retry: Retry | None = ...,
         metadata: Metadata = ...,
-        **fields: Unpack[_autoecoops_machineops_v1_RegisterAgentRequest],
-    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.RegisterAgentResponse, CallInfo]: ...
+        **fields: Unpack[_autoecoops_machineops_v1_ListEnrollmentTokensRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.ListEnrollmentTokensResponse, CallInfo]: ...
+
+@type_check_only
+class _MachineOpsServiceClient_RevokeEnrollmentToken:
+    """Revokes an unused enrollment token so it can no longer enroll a node. (needs `machineops.enrollmenttokens.revoke`; idempotent, retried)"""
+    def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.RevokeEnrollmentTokenRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_RevokeEnrollmentTokenRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.RevokeEnrollmentTokenResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.RevokeEnrollmentTokenRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_RevokeEnrollmentTokenRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.RevokeEnrollmentTokenResponse, CallInfo]: ...
+
+@type_check_only
+class _MachineOpsServiceClient_EnrollAgent:
+    """Enrolls an agent with a one-time enrollment secret: creates (or re-keys) the node and its identity in auth-service and returns the identity's client credentials, once. Callable without a token: the enrollment secret is the credential. (public; not retried)"""
+    def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.EnrollAgentRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_EnrollAgentRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.EnrollAgentResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.EnrollAgentRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_EnrollAgentRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.EnrollAgentResponse, CallInfo]: ...
 
 @type_check_only
 class _MachineOpsServiceClient_AgentSession:
-    """The long-lived session between an agent and the platform. The agent sends hello first, then heartbeats, inventory reports and command results; the platform sends commands, config updates and acks. One audit entry is written per session, not per message. (needs `machineops.agents.connect`; streaming, never retried)"""
+    """The long-lived session between an agent and the platform. The agent sends hello first, then heartbeats, inventory deltas, evaluation reports and command results, each with a sequence number; the platform acks each (a resent message it already applied is acked, not applied again) and sends commands. One audit entry per session, not per message. (needs `machineops.agents.connect`; streaming, never retried)"""
     def __call__(
         self,
         requests: Iterable[autoecoops.machineops.v1.machineops_pb2.AgentSessionRequest],
@@ -4662,54 +5383,6 @@ class _MachineOpsServiceClient_AgentSession:
         timeout: float | datetime.timedelta | None = ...,
         metadata: Metadata = ...,
     ) -> Stream[autoecoops.machineops.v1.machineops_pb2.AgentSessionResponse]: ...
-
-@type_check_only
-class _MachineOpsServiceClient_GetInventory:
-    """Gets a node's latest hardware and software inventory. (needs `machineops.inventory.get`; idempotent, retried)"""
-    def __call__(
-        self,
-        request: autoecoops.machineops.v1.machineops_pb2.GetInventoryRequest | None = None,
-        /,
-        *,
-        timeout: float | datetime.timedelta | None = ...,
-        retry: Retry | None = ...,
-        metadata: Metadata = ...,
-        **fields: Unpack[_autoecoops_machineops_v1_GetInventoryRequest],
-    ) -> autoecoops.machineops.v1.machineops_pb2.GetInventoryResponse: ...
-    def with_call(
-        self,
-        request: autoecoops.machineops.v1.machineops_pb2.GetInventoryRequest | None = None,
-        /,
-        *,
-        timeout: float | datetime.timedelta | None = ...,
-        retry: Retry | None = ...,
-        metadata: Metadata = ...,
-        **fields: Unpack[_autoecoops_machineops_v1_GetInventoryRequest],
-    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.GetInventoryResponse, CallInfo]: ...
-
-@type_check_only
-class _MachineOpsServiceClient_ListNodes:
-    """Lists nodes. (needs `machineops.nodes.list`; idempotent, retried)"""
-    def __call__(
-        self,
-        request: autoecoops.machineops.v1.machineops_pb2.ListNodesRequest | None = None,
-        /,
-        *,
-        timeout: float | datetime.timedelta | None = ...,
-        retry: Retry | None = ...,
-        metadata: Metadata = ...,
-        **fields: Unpack[_autoecoops_machineops_v1_ListNodesRequest],
-    ) -> autoecoops.machineops.v1.machineops_pb2.ListNodesResponse: ...
-    def with_call(
-        self,
-        request: autoecoops.machineops.v1.machineops_pb2.ListNodesRequest | None = None,
-        /,
-        *,
-        timeout: float | datetime.timedelta | None = ...,
-        retry: Retry | None = ...,
-        metadata: Metadata = ...,
-        **fields: Unpack[_autoecoops_machineops_v1_ListNodesRequest],
-    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.ListNodesResponse, CallInfo]: ...
 
 @type_check_only
 class _MachineOpsServiceClient_GetNode:
@@ -4735,24 +5408,325 @@ class _MachineOpsServiceClient_GetNode:
         **fields: Unpack[_autoecoops_machineops_v1_GetNodeRequest],
     ) -> tuple[autoecoops.machineops.v1.machineops_pb2.GetNodeResponse, CallInfo]: ...
 
+@type_check_only
+class _MachineOpsServiceClient_ListNodes:
+    """Lists nodes, optionally those matching a label selector. (needs `machineops.nodes.list`; idempotent, retried)"""
+    def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.ListNodesRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_ListNodesRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.ListNodesResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.ListNodesRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_ListNodesRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.ListNodesResponse, CallInfo]: ...
+
+@type_check_only
+class _MachineOpsServiceClient_UpdateNode:
+    """Updates a node's labels (the only writable field); ABORTED on a stale etag. (needs `machineops.nodes.update`; not retried)"""
+    def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.UpdateNodeRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_UpdateNodeRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.UpdateNodeResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.UpdateNodeRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_UpdateNodeRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.UpdateNodeResponse, CallInfo]: ...
+
+@type_check_only
+class _MachineOpsServiceClient_DeleteNode:
+    """Deletes a node, its history and its identity in auth-service; its agent can no longer connect. (needs `machineops.nodes.delete`; idempotent, retried)"""
+    def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.DeleteNodeRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_DeleteNodeRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.DeleteNodeResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.DeleteNodeRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_DeleteNodeRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.DeleteNodeResponse, CallInfo]: ...
+
+@type_check_only
+class _MachineOpsServiceClient_EvaluateNode:
+    """Evaluates a node against its baselines through its agent's session, on whichever replica holds it, and records the results. UNAVAILABLE when the agent is not connected; DEADLINE_EXCEEDED when it does not answer within the timeout. The result is compliance evidence, so it is audited. (needs `machineops.nodes.evaluate`; not retried)"""
+    def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.EvaluateNodeRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_EvaluateNodeRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.EvaluateNodeResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.EvaluateNodeRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_EvaluateNodeRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.EvaluateNodeResponse, CallInfo]: ...
+
+@type_check_only
+class _MachineOpsServiceClient_RemediateNode:
+    """Applies a control's remediation on a node, where the control allows it and policy-audit's decision says yes. (needs `machineops.nodes.remediate`; not retried)"""
+    def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.RemediateNodeRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_RemediateNodeRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.RemediateNodeResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.RemediateNodeRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_RemediateNodeRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.RemediateNodeResponse, CallInfo]: ...
+
+@type_check_only
+class _MachineOpsServiceClient_ListEvaluations:
+    """Lists a node's evaluations, newest first. (needs `machineops.evaluations.list`; idempotent, retried)"""
+    def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.ListEvaluationsRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_ListEvaluationsRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.ListEvaluationsResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.ListEvaluationsRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_ListEvaluationsRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.ListEvaluationsResponse, CallInfo]: ...
+
+@type_check_only
+class _MachineOpsServiceClient_GetGroupCompliance:
+    """The compliance of a group of nodes (a label selector): per-node and overall scores. (needs `machineops.compliance.get`; idempotent, retried)"""
+    def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.GetGroupComplianceRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_GetGroupComplianceRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.GetGroupComplianceResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.GetGroupComplianceRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_GetGroupComplianceRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.GetGroupComplianceResponse, CallInfo]: ...
+
+@type_check_only
+class _MachineOpsServiceClient_ExportPolicyReport:
+    """Exports the latest results of a node as a wg-policy PolicyReport (wgpolicyk8s.io/v1alpha2) document. (needs `machineops.compliance.get`; idempotent, retried)"""
+    def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.ExportPolicyReportRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_ExportPolicyReportRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.ExportPolicyReportResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.ExportPolicyReportRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_ExportPolicyReportRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.ExportPolicyReportResponse, CallInfo]: ...
+
+@type_check_only
+class _MachineOpsServiceClient_GetInventory:
+    """Gets a node's latest inventory. (needs `machineops.inventory.get`; idempotent, retried)"""
+    def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.GetInventoryRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_GetInventoryRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.GetInventoryResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.GetInventoryRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_GetInventoryRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.GetInventoryResponse, CallInfo]: ...
+
+@type_check_only
+class _MachineOpsServiceClient_RefreshInventory:
+    """Asks the node's agent to collect and send its full inventory now, and returns it once stored (through the session, on whichever replica holds it). (needs `machineops.inventory.refresh`; idempotent, retried)"""
+    def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.RefreshInventoryRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_RefreshInventoryRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.RefreshInventoryResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.RefreshInventoryRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_RefreshInventoryRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.RefreshInventoryResponse, CallInfo]: ...
+
+@type_check_only
+class _MachineOpsServiceClient_ListInventoryChanges:
+    """Lists the changes to a node's inventory, newest first. (needs `machineops.inventory.list`; idempotent, retried)"""
+    def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.ListInventoryChangesRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_ListInventoryChangesRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.ListInventoryChangesResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.ListInventoryChangesRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_ListInventoryChangesRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.ListInventoryChangesResponse, CallInfo]: ...
+
+@type_check_only
+class _MachineOpsServiceClient_SearchNodes:
+    """Searches the fleet's inventory: filters such as `os.version < 12`, `package:openssl version < 3.0.13`, and a label selector. (needs `machineops.inventory.list`; idempotent, retried)"""
+    def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.SearchNodesRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_SearchNodesRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.SearchNodesResponse: ...
+    def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.SearchNodesRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_SearchNodesRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.SearchNodesResponse, CallInfo]: ...
+
 class MachineOpsServiceClient(ServiceClient):
     """The RPCs of `autoecoops.machineops.v1.MachineOpsService`."""
 
     create_baseline: _MachineOpsServiceClient_CreateBaseline
+    import_baseline: _MachineOpsServiceClient_ImportBaseline
     get_baseline: _MachineOpsServiceClient_GetBaseline
     list_baselines: _MachineOpsServiceClient_ListBaselines
     update_baseline: _MachineOpsServiceClient_UpdateBaseline
     delete_baseline: _MachineOpsServiceClient_DeleteBaseline
-    evaluate_node: _MachineOpsServiceClient_EvaluateNode
-    register_agent: _MachineOpsServiceClient_RegisterAgent
+    create_enrollment_token: _MachineOpsServiceClient_CreateEnrollmentToken
+    list_enrollment_tokens: _MachineOpsServiceClient_ListEnrollmentTokens
+    revoke_enrollment_token: _MachineOpsServiceClient_RevokeEnrollmentToken
+    enroll_agent: _MachineOpsServiceClient_EnrollAgent
     agent_session: _MachineOpsServiceClient_AgentSession
-    get_inventory: _MachineOpsServiceClient_GetInventory
-    list_nodes: _MachineOpsServiceClient_ListNodes
     get_node: _MachineOpsServiceClient_GetNode
+    list_nodes: _MachineOpsServiceClient_ListNodes
+    update_node: _MachineOpsServiceClient_UpdateNode
+    delete_node: _MachineOpsServiceClient_DeleteNode
+    evaluate_node: _MachineOpsServiceClient_EvaluateNode
+    remediate_node: _MachineOpsServiceClient_RemediateNode
+    list_evaluations: _MachineOpsServiceClient_ListEvaluations
+    get_group_compliance: _MachineOpsServiceClient_GetGroupCompliance
+    export_policy_report: _MachineOpsServiceClient_ExportPolicyReport
+    get_inventory: _MachineOpsServiceClient_GetInventory
+    refresh_inventory: _MachineOpsServiceClient_RefreshInventory
+    list_inventory_changes: _MachineOpsServiceClient_ListInventoryChanges
+    search_nodes: _MachineOpsServiceClient_SearchNodes
 
 @type_check_only
 class _AsyncMachineOpsServiceClient_CreateBaseline:
-    """Creates a baseline. (needs `machineops.baselines.create`; not retried)"""
+    """Creates a baseline: versioned controls applied to the nodes its label selector matches. (needs `machineops.baselines.create`; not retried)"""
     async def __call__(
         self,
         request: autoecoops.machineops.v1.machineops_pb2.CreateBaselineRequest | None = None,
@@ -4773,6 +5747,30 @@ class _AsyncMachineOpsServiceClient_CreateBaseline:
         metadata: Metadata = ...,
         **fields: Unpack[_autoecoops_machineops_v1_CreateBaselineRequest],
     ) -> tuple[autoecoops.machineops.v1.machineops_pb2.CreateBaselineResponse, CallInfo]: ...
+
+@type_check_only
+class _AsyncMachineOpsServiceClient_ImportBaseline:
+    """Creates or replaces a baseline from an InSpec-style YAML control list. (needs `machineops.baselines.create`; not retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.ImportBaselineRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_ImportBaselineRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.ImportBaselineResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.ImportBaselineRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_ImportBaselineRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.ImportBaselineResponse, CallInfo]: ...
 
 @type_check_only
 class _AsyncMachineOpsServiceClient_GetBaseline:
@@ -4824,7 +5822,7 @@ class _AsyncMachineOpsServiceClient_ListBaselines:
 
 @type_check_only
 class _AsyncMachineOpsServiceClient_UpdateBaseline:
-    """Updates the fields of a baseline named by the update mask. (needs `machineops.baselines.update`; not retried)"""
+    """Updates the fields of a baseline named by the update mask; a change of controls or selector makes a new version. ABORTED on a stale etag. (needs `machineops.baselines.update`; not retried)"""
     async def __call__(
         self,
         request: autoecoops.machineops.v1.machineops_pb2.UpdateBaselineRequest | None = None,
@@ -4871,56 +5869,104 @@ class _AsyncMachineOpsServiceClient_DeleteBaseline:
     ) -> tuple[autoecoops.machineops.v1.machineops_pb2.DeleteBaselineResponse, CallInfo]: ...
 
 @type_check_only
-class _AsyncMachineOpsServiceClient_EvaluateNode:
-    """Evaluates a node against baselines and records its compliance state. The node's agent observes the values; when it is not connected, rules come out UNKNOWN. The result is compliance evidence, so it is audited. (needs `machineops.nodes.evaluate`; idempotent, retried)"""
+class _AsyncMachineOpsServiceClient_CreateEnrollmentToken:
+    """Creates a one-time enrollment secret for one node. The secret is returned once; it expires, works once, and can be revoked. (needs `machineops.enrollmenttokens.create`; not retried)"""
     async def __call__(
         self,
-        request: autoecoops.machineops.v1.machineops_pb2.EvaluateNodeRequest | None = None,
+        request: autoecoops.machineops.v1.machineops_pb2.CreateEnrollmentTokenRequest | None = None,
         /,
         *,
         timeout: float | datetime.timedelta | None = ...,
         retry: Retry | None = ...,
         metadata: Metadata = ...,
-        **fields: Unpack[_autoecoops_machineops_v1_EvaluateNodeRequest],
-    ) -> autoecoops.machineops.v1.machineops_pb2.EvaluateNodeResponse: ...
+        **fields: Unpack[_autoecoops_machineops_v1_CreateEnrollmentTokenRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.CreateEnrollmentTokenResponse: ...
     async def with_call(
         self,
-        request: autoecoops.machineops.v1.machineops_pb2.EvaluateNodeRequest | None = None,
+        request: autoecoops.machineops.v1.machineops_pb2.CreateEnrollmentTokenRequest | None = None,
         /,
         *,
         timeout: float | datetime.timedelta | None = ...,
         retry: Retry | None = ...,
         metadata: Metadata = ...,
-        **fields: Unpack[_autoecoops_machineops_v1_EvaluateNodeRequest],
-    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.EvaluateNodeResponse, CallInfo]: ...
+        **fields: Unpack[_autoecoops_machineops_v1_CreateEnrollmentTokenRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.CreateEnrollmentTokenResponse, CallInfo]: ...
 
 @type_check_only
-class _AsyncMachineOpsServiceClient_RegisterAgent:
-    """Registers an edge agent for a node (creating the node if it is new) and issues the session token it opens AgentSession with. Registering again replaces the previous agent and token. (needs `machineops.agents.register`; not retried)"""
+class _AsyncMachineOpsServiceClient_ListEnrollmentTokens:
+    """Lists enrollment tokens (never their secrets). (needs `machineops.enrollmenttokens.list`; idempotent, retried)"""
     async def __call__(
         self,
-        request: autoecoops.machineops.v1.machineops_pb2.RegisterAgentRequest | None = None,
+        request: autoecoops.machineops.v1.machineops_pb2.ListEnrollmentTokensRequest | None = None,
         /,
         *,
         timeout: float | datetime.timedelta | None = ...,
         retry: Retry | None = ...,
         metadata: Metadata = ...,
-        **fields: Unpack[_autoecoops_machineops_v1_RegisterAgentRequest],
-    ) -> autoecoops.machineops.v1.machineops_pb2.RegisterAgentResponse: ...
+        **fields: Unpack[_autoecoops_machineops_v1_ListEnrollmentTokensRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.ListEnrollmentTokensResponse: ...
     async def with_call(
         self,
-        request: autoecoops.machineops.v1.machineops_pb2.RegisterAgentRequest | None = None,
+        request: autoecoops.machineops.v1.machineops_pb2.ListEnrollmentTokensRequest | None = None,
         /,
         *,
         timeout: float | datetime.timedelta | None = ...,
         retry: Retry | None = ...,
         metadata: Metadata = ...,
-        **fields: Unpack[_autoecoops_machineops_v1_RegisterAgentRequest],
-    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.RegisterAgentResponse, CallInfo]: ...
+        **fields: Unpack[_autoecoops_machineops_v1_ListEnrollmentTokensRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.ListEnrollmentTokensResponse, CallInfo]: ...
+
+@type_check_only
+class _AsyncMachineOpsServiceClient_RevokeEnrollmentToken:
+    """Revokes an unused enrollment token so it can no longer enroll a node. (needs `machineops.enrollmenttokens.revoke`; idempotent, retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.RevokeEnrollmentTokenRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_RevokeEnrollmentTokenRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.RevokeEnrollmentTokenResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.RevokeEnrollmentTokenRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_RevokeEnrollmentTokenRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.RevokeEnrollmentTokenResponse, CallInfo]: ...
+
+@type_check_only
+class _AsyncMachineOpsServiceClient_EnrollAgent:
+    """Enrolls an agent with a one-time enrollment secret: creates (or re-keys) the node and its identity in auth-service and returns the identity's client credentials, once. Callable without a token: the enrollment secret is the credential. (public; not retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.EnrollAgentRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_EnrollAgentRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.EnrollAgentResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.EnrollAgentRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_EnrollAgentRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.EnrollAgentResponse, CallInfo]: ...
 
 @type_check_only
 class _AsyncMachineOpsServiceClient_AgentSession:
-    """The long-lived session between an agent and the platform. The agent sends hello first, then heartbeats, inventory reports and command results; the platform sends commands, config updates and acks. One audit entry is written per session, not per message. (needs `machineops.agents.connect`; streaming, never retried)"""
+    """The long-lived session between an agent and the platform. The agent sends hello first, then heartbeats, inventory deltas, evaluation reports and command results, each with a sequence number; the platform acks each (a resent message it already applied is acked, not applied again) and sends commands. One audit entry per session, not per message. (needs `machineops.agents.connect`; streaming, never retried)"""
     def __call__(
         self,
         requests: Iterable[autoecoops.machineops.v1.machineops_pb2.AgentSessionRequest]
@@ -4931,54 +5977,6 @@ class _AsyncMachineOpsServiceClient_AgentSession:
         timeout: float | datetime.timedelta | None = ...,
         metadata: Metadata = ...,
     ) -> AsyncStream[autoecoops.machineops.v1.machineops_pb2.AgentSessionResponse]: ...
-
-@type_check_only
-class _AsyncMachineOpsServiceClient_GetInventory:
-    """Gets a node's latest hardware and software inventory. (needs `machineops.inventory.get`; idempotent, retried)"""
-    async def __call__(
-        self,
-        request: autoecoops.machineops.v1.machineops_pb2.GetInventoryRequest | None = None,
-        /,
-        *,
-        timeout: float | datetime.timedelta | None = ...,
-        retry: Retry | None = ...,
-        metadata: Metadata = ...,
-        **fields: Unpack[_autoecoops_machineops_v1_GetInventoryRequest],
-    ) -> autoecoops.machineops.v1.machineops_pb2.GetInventoryResponse: ...
-    async def with_call(
-        self,
-        request: autoecoops.machineops.v1.machineops_pb2.GetInventoryRequest | None = None,
-        /,
-        *,
-        timeout: float | datetime.timedelta | None = ...,
-        retry: Retry | None = ...,
-        metadata: Metadata = ...,
-        **fields: Unpack[_autoecoops_machineops_v1_GetInventoryRequest],
-    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.GetInventoryResponse, CallInfo]: ...
-
-@type_check_only
-class _AsyncMachineOpsServiceClient_ListNodes:
-    """Lists nodes. (needs `machineops.nodes.list`; idempotent, retried)"""
-    async def __call__(
-        self,
-        request: autoecoops.machineops.v1.machineops_pb2.ListNodesRequest | None = None,
-        /,
-        *,
-        timeout: float | datetime.timedelta | None = ...,
-        retry: Retry | None = ...,
-        metadata: Metadata = ...,
-        **fields: Unpack[_autoecoops_machineops_v1_ListNodesRequest],
-    ) -> autoecoops.machineops.v1.machineops_pb2.ListNodesResponse: ...
-    async def with_call(
-        self,
-        request: autoecoops.machineops.v1.machineops_pb2.ListNodesRequest | None = None,
-        /,
-        *,
-        timeout: float | datetime.timedelta | None = ...,
-        retry: Retry | None = ...,
-        metadata: Metadata = ...,
-        **fields: Unpack[_autoecoops_machineops_v1_ListNodesRequest],
-    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.ListNodesResponse, CallInfo]: ...
 
 @type_check_only
 class _AsyncMachineOpsServiceClient_GetNode:
@@ -5004,20 +6002,321 @@ class _AsyncMachineOpsServiceClient_GetNode:
         **fields: Unpack[_autoecoops_machineops_v1_GetNodeRequest],
     ) -> tuple[autoecoops.machineops.v1.machineops_pb2.GetNodeResponse, CallInfo]: ...
 
+@type_check_only
+class _AsyncMachineOpsServiceClient_ListNodes:
+    """Lists nodes, optionally those matching a label selector. (needs `machineops.nodes.list`; idempotent, retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.ListNodesRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_ListNodesRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.ListNodesResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.ListNodesRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_ListNodesRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.ListNodesResponse, CallInfo]: ...
+
+@type_check_only
+class _AsyncMachineOpsServiceClient_UpdateNode:
+    """Updates a node's labels (the only writable field); ABORTED on a stale etag. (needs `machineops.nodes.update`; not retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.UpdateNodeRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_UpdateNodeRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.UpdateNodeResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.UpdateNodeRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_UpdateNodeRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.UpdateNodeResponse, CallInfo]: ...
+
+@type_check_only
+class _AsyncMachineOpsServiceClient_DeleteNode:
+    """Deletes a node, its history and its identity in auth-service; its agent can no longer connect. (needs `machineops.nodes.delete`; idempotent, retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.DeleteNodeRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_DeleteNodeRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.DeleteNodeResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.DeleteNodeRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_DeleteNodeRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.DeleteNodeResponse, CallInfo]: ...
+
+@type_check_only
+class _AsyncMachineOpsServiceClient_EvaluateNode:
+    """Evaluates a node against its baselines through its agent's session, on whichever replica holds it, and records the results. UNAVAILABLE when the agent is not connected; DEADLINE_EXCEEDED when it does not answer within the timeout. The result is compliance evidence, so it is audited. (needs `machineops.nodes.evaluate`; not retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.EvaluateNodeRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_EvaluateNodeRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.EvaluateNodeResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.EvaluateNodeRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_EvaluateNodeRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.EvaluateNodeResponse, CallInfo]: ...
+
+@type_check_only
+class _AsyncMachineOpsServiceClient_RemediateNode:
+    """Applies a control's remediation on a node, where the control allows it and policy-audit's decision says yes. (needs `machineops.nodes.remediate`; not retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.RemediateNodeRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_RemediateNodeRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.RemediateNodeResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.RemediateNodeRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_RemediateNodeRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.RemediateNodeResponse, CallInfo]: ...
+
+@type_check_only
+class _AsyncMachineOpsServiceClient_ListEvaluations:
+    """Lists a node's evaluations, newest first. (needs `machineops.evaluations.list`; idempotent, retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.ListEvaluationsRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_ListEvaluationsRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.ListEvaluationsResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.ListEvaluationsRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_ListEvaluationsRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.ListEvaluationsResponse, CallInfo]: ...
+
+@type_check_only
+class _AsyncMachineOpsServiceClient_GetGroupCompliance:
+    """The compliance of a group of nodes (a label selector): per-node and overall scores. (needs `machineops.compliance.get`; idempotent, retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.GetGroupComplianceRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_GetGroupComplianceRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.GetGroupComplianceResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.GetGroupComplianceRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_GetGroupComplianceRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.GetGroupComplianceResponse, CallInfo]: ...
+
+@type_check_only
+class _AsyncMachineOpsServiceClient_ExportPolicyReport:
+    """Exports the latest results of a node as a wg-policy PolicyReport (wgpolicyk8s.io/v1alpha2) document. (needs `machineops.compliance.get`; idempotent, retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.ExportPolicyReportRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_ExportPolicyReportRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.ExportPolicyReportResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.ExportPolicyReportRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_ExportPolicyReportRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.ExportPolicyReportResponse, CallInfo]: ...
+
+@type_check_only
+class _AsyncMachineOpsServiceClient_GetInventory:
+    """Gets a node's latest inventory. (needs `machineops.inventory.get`; idempotent, retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.GetInventoryRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_GetInventoryRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.GetInventoryResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.GetInventoryRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_GetInventoryRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.GetInventoryResponse, CallInfo]: ...
+
+@type_check_only
+class _AsyncMachineOpsServiceClient_RefreshInventory:
+    """Asks the node's agent to collect and send its full inventory now, and returns it once stored (through the session, on whichever replica holds it). (needs `machineops.inventory.refresh`; idempotent, retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.RefreshInventoryRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_RefreshInventoryRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.RefreshInventoryResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.RefreshInventoryRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_RefreshInventoryRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.RefreshInventoryResponse, CallInfo]: ...
+
+@type_check_only
+class _AsyncMachineOpsServiceClient_ListInventoryChanges:
+    """Lists the changes to a node's inventory, newest first. (needs `machineops.inventory.list`; idempotent, retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.ListInventoryChangesRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_ListInventoryChangesRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.ListInventoryChangesResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.ListInventoryChangesRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_ListInventoryChangesRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.ListInventoryChangesResponse, CallInfo]: ...
+
+@type_check_only
+class _AsyncMachineOpsServiceClient_SearchNodes:
+    """Searches the fleet's inventory: filters such as `os.version < 12`, `package:openssl version < 3.0.13`, and a label selector. (needs `machineops.inventory.list`; idempotent, retried)"""
+    async def __call__(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.SearchNodesRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_SearchNodesRequest],
+    ) -> autoecoops.machineops.v1.machineops_pb2.SearchNodesResponse: ...
+    async def with_call(
+        self,
+        request: autoecoops.machineops.v1.machineops_pb2.SearchNodesRequest | None = None,
+        /,
+        *,
+        timeout: float | datetime.timedelta | None = ...,
+        retry: Retry | None = ...,
+        metadata: Metadata = ...,
+        **fields: Unpack[_autoecoops_machineops_v1_SearchNodesRequest],
+    ) -> tuple[autoecoops.machineops.v1.machineops_pb2.SearchNodesResponse, CallInfo]: ...
+
 class AsyncMachineOpsServiceClient(AsyncServiceClient):
     """The RPCs of `autoecoops.machineops.v1.MachineOpsService`."""
 
     create_baseline: _AsyncMachineOpsServiceClient_CreateBaseline
+    import_baseline: _AsyncMachineOpsServiceClient_ImportBaseline
     get_baseline: _AsyncMachineOpsServiceClient_GetBaseline
     list_baselines: _AsyncMachineOpsServiceClient_ListBaselines
     update_baseline: _AsyncMachineOpsServiceClient_UpdateBaseline
     delete_baseline: _AsyncMachineOpsServiceClient_DeleteBaseline
-    evaluate_node: _AsyncMachineOpsServiceClient_EvaluateNode
-    register_agent: _AsyncMachineOpsServiceClient_RegisterAgent
+    create_enrollment_token: _AsyncMachineOpsServiceClient_CreateEnrollmentToken
+    list_enrollment_tokens: _AsyncMachineOpsServiceClient_ListEnrollmentTokens
+    revoke_enrollment_token: _AsyncMachineOpsServiceClient_RevokeEnrollmentToken
+    enroll_agent: _AsyncMachineOpsServiceClient_EnrollAgent
     agent_session: _AsyncMachineOpsServiceClient_AgentSession
-    get_inventory: _AsyncMachineOpsServiceClient_GetInventory
-    list_nodes: _AsyncMachineOpsServiceClient_ListNodes
     get_node: _AsyncMachineOpsServiceClient_GetNode
+    list_nodes: _AsyncMachineOpsServiceClient_ListNodes
+    update_node: _AsyncMachineOpsServiceClient_UpdateNode
+    delete_node: _AsyncMachineOpsServiceClient_DeleteNode
+    evaluate_node: _AsyncMachineOpsServiceClient_EvaluateNode
+    remediate_node: _AsyncMachineOpsServiceClient_RemediateNode
+    list_evaluations: _AsyncMachineOpsServiceClient_ListEvaluations
+    get_group_compliance: _AsyncMachineOpsServiceClient_GetGroupCompliance
+    export_policy_report: _AsyncMachineOpsServiceClient_ExportPolicyReport
+    get_inventory: _AsyncMachineOpsServiceClient_GetInventory
+    refresh_inventory: _AsyncMachineOpsServiceClient_RefreshInventory
+    list_inventory_changes: _AsyncMachineOpsServiceClient_ListInventoryChanges
+    search_nodes: _AsyncMachineOpsServiceClient_SearchNodes
 
 @type_check_only
 class _MemoryServiceClient_CreateNamespace:

@@ -96,7 +96,7 @@ class _Transport:
         tls = tls_for(address, self._tls)
         if self.credentials is not None:
             check_credentials(address, tls, self._allow_insecure)
-        return address, tls, channel_options(self.config, tls, self._options)
+        return address, tls, channel_options(self.config, tls, self._options, address)
 
     def _bucket(self, address: str) -> TokenBucket | None:
         if self._throttle is None:
