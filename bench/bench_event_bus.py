@@ -11,7 +11,16 @@
    XADD + XREADGROUP/XACK loop with two consumers), and publish -> handler
    latency p50/p99 at a fixed rate (--rate events/s). Target >= 0.25x raw.
 
+3. With --partitions N: only the bus's domain publish path (validation, dedup,
+   Lua append), to a topic of N partitions vs the same topic as one stream,
+   one producer and four concurrent ones, events keyed by 64 subjects; prints
+   the ratio partitioned/one-stream. On one Redis a partitioned batch costs
+   one script call per partition it touches (Redis runs them one at a time),
+   so expect a ratio at or below 1 here; the gain comes from partitions on
+   different masters of a Redis Cluster (REDIS_URL of a cluster).
+
     .venv/bin/python bench/bench_event_bus.py [--events 20000] [--batch 100] [--rate 500]
+    .venv/bin/python bench/bench_event_bus.py --partitions 4 [--events 20000] [--batch 100]
 """
 
 from __future__ import annotations
@@ -35,9 +44,10 @@ from autoecoops.infra.v1 import events_pb2 as infra
 from autoecoops.kernel.event_bus.bus import EventBus
 from autoecoops.kernel.event_bus.envelope import PublishContext
 from autoecoops.kernel.event_bus.settings import EventBusSettings
-from autoecoops.kernel.event_bus.store import EventStore, connect_bus
+from autoecoops.kernel.event_bus.store import EventStore
 from autoecoops.kernel.mesh.auth import Principal
 from autoecoops.kernel.mesh.config import SERVICES
+from autoecoops.kernel.mesh.redis import connect
 from autoecoops.sdk.consumer import Consumer, Event
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,8 +68,9 @@ from autoecoops.events.v1 import events_pb2_grpc
 from autoecoops.kernel.event_bus.bus import EventBus
 from autoecoops.kernel.event_bus.service import EventBusServicer
 from autoecoops.kernel.event_bus.settings import EventBusSettings
-from autoecoops.kernel.event_bus.store import EventStore, connect_bus
+from autoecoops.kernel.event_bus.store import EventStore
 from autoecoops.kernel.mesh.config import MeshConfig
+from autoecoops.kernel.mesh.redis import connect
 from autoecoops.kernel.mesh.server import Mesh
 
 async def main(names):
@@ -71,7 +82,7 @@ async def main(names):
         await asyncio.Event().wait()
     # The same servicer on a bare grpc.aio server: no interceptors, no auth, no audit.
     settings = EventBusSettings.from_env()
-    store = EventStore(connect_bus(cfg.redis_url), cfg.key_prefix + "events:", settings)
+    store = EventStore(connect(cfg.redis_url), cfg.key_prefix + "events:", settings)
     bare = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
     events_pb2_grpc.add_EventBusServiceServicer_to_server(EventBusServicer(EventBus(store, settings)), bare)
     bare.add_insecure_port(f"127.0.0.1:{os.environ['BENCH_BARE_PORT']}")
@@ -190,6 +201,58 @@ async def domain_publish(bus: EventBus, n: int, batch: int) -> float:
         envs = [envelope(f"d{i}") for i in range(at, min(at + batch, n))]
         await bus.publish(TOPIC, envs, ctx)
     return n / (time.perf_counter() - start)
+
+
+def keyed_envelope(key: str, i: int) -> envelope_pb2.Envelope:
+    """An event keyed by one of 64 subjects (its ordering key)."""
+    env = envelope(key)
+    env.subject = f"app-{i % 64}"
+    return env
+
+
+async def keyed_publish(bus: EventBus, n: int, batch: int, tag: str, producers: int) -> float:
+    """Events/s of ``producers`` concurrent loops publishing ``n`` keyed events in all."""
+    ctx = PublishContext(principal=Principal("bench"), trace_parent=TRACE, now=time.time())
+    per = n // producers
+
+    async def one(p: int) -> None:
+        for at in range(0, per, batch):
+            hi = min(at + batch, per)
+            envs = [keyed_envelope(f"{tag}{p}-{i}", i) for i in range(at, hi)]
+            await bus.publish(TOPIC, envs, ctx)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(p) for p in range(producers)))
+    return per * producers / (time.perf_counter() - start)
+
+
+async def partition_bench(url: str, n: int, batch: int, partitions: int) -> None:
+    """Publish to a topic of ``partitions`` partitions vs one stream; print the ratio."""
+    prefix = f"bench-ebp-{uuid.uuid4().hex[:8]}:"
+    r = connect(url)
+    settings = EventBusSettings(max_batch=1000, max_partitions=max(partitions, 1))
+    one = EventBus(EventStore(r, prefix + "one:events:", settings), settings)
+    many = EventBus(EventStore(r, prefix + "many:events:", settings), settings)
+    await many.create_topic(TOPIC, partitions)
+    print(
+        f"Redis {(await r.info('server'))['redis_version']}, {n} events of {len(PAYLOAD)} B "
+        f"payload, batches of {batch}, 64 ordering keys"
+    )
+    try:
+        await keyed_publish(one, 500, batch, "warm", 1)
+        await keyed_publish(many, 500, batch, "warm", 1)
+        print(f"3. publish: one stream vs {partitions} partitions (bus domain path)")
+        for producers in (1, PUBLISHERS):
+            single = await keyed_publish(one, n, batch, f"s{producers}-", producers)
+            split = await keyed_publish(many, n, batch, f"m{producers}-", producers)
+            show(f"one stream, {producers} producer(s)", single)
+            show(f"{partitions} partitions, {producers} producer(s)", split)
+            print(f"  ratio partitioned/one stream, {producers} producer(s): {split / single:.2f}x")
+        info = await many.topic_stats(TOPIC)
+        print(f"  partitioned topic holds {info.length} events over {info.partitions} partitions")
+    finally:
+        await cleanup(r, prefix)
+        await r.aclose()
 
 
 async def grpc_publish(
@@ -328,10 +391,16 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--rate", type=float, default=500.0, help="events/s of the latency runs")
+    parser.add_argument(
+        "--partitions", type=int, default=0, help="only compare publishing to N partitions"
+    )
     args = parser.parse_args()
     url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    if args.partitions:
+        await partition_bench(url, args.events, args.batch, args.partitions)
+        return
     prefix = f"bench-eb-{uuid.uuid4().hex[:8]}:"
-    r = connect_bus(url)
+    r = connect(url)
     settings = EventBusSettings(max_batch=1000)
     bus = EventBus(EventStore(r, prefix + "events:", settings), settings)
     n, b = args.events, args.batch

@@ -62,6 +62,39 @@ class RunningMesh:
         return done
 
 
+def clean_env() -> dict[str, str]:
+    """This process's environment without the mesh's own settings (ports, Redis,
+    OpenTelemetry), so a test's processes use only what the test sets."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AUTOECOOPS_", "OTEL_")) and k != "REDIS_URL"
+    }
+
+
+def serve(name: str, env: dict[str, str], log: Path) -> subprocess.Popen[str]:
+    """``autoecoops serve <name>`` with ``env``, its output in ``log``."""
+    return subprocess.Popen(
+        [str(BIN / "autoecoops"), "serve", name],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_serving(log: Path, proc: subprocess.Popen[str], within: float = 90) -> None:
+    """Wait until the served process logs ``SERVING in``; its log if it dies or times out."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if "SERVING in" in log.read_text():
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"{log.name} did not start:\n{log.read_text()}")
+
+
 def start_up(tmp_path: Path, extra_env: dict[str, str] | None = None) -> RunningMesh:
     """Start `autoecoops up` on free ports and wait until it reports all SERVING."""
     env = {

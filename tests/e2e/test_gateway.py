@@ -155,6 +155,9 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_response(
     _ndjson_serializer()
     schema = schemathesis.openapi.from_url(rest_mesh.base + "/openapi.json")
     headers = {"Authorization": f"Bearer {rest_mesh.admin_token}"} if identity == "admin" else {}
+    # A deadline for every call, as a careful client sets: a valid watch
+    # (WatchAuthorization) streams until the client leaves or the deadline ends it.
+    headers["X-Request-Timeout"] = "5"
     conformance = [
         checks.status_code_conformance,
         checks.content_type_conformance,

@@ -64,6 +64,39 @@ def test_every_rpc_has_an_http_rule_and_an_access_rule(method: descriptor.Method
         assert len(policy.permission.split(".")) == 3
 
 
+@pytest.mark.parametrize(
+    "method",
+    [m for m in METHODS if m.GetOptions().Extensions[options_pb2.method].resource_field],
+    ids=lambda m: m.full_name,
+)
+def test_every_resource_field_names_a_string_field_of_the_request(
+    method: descriptor.MethodDescriptor,
+) -> None:
+    path = method.GetOptions().Extensions[options_pb2.method].resource_field
+    desc: descriptor.Descriptor | None = method.input_type
+    *parents, leaf = path.split(".")
+    for part in parents:
+        assert desc is not None
+        field = desc.fields_by_name.get(part)
+        assert field is not None and field.message_type is not None, f"{path}: no message {part}"
+        desc = field.message_type
+    assert desc is not None
+    field = desc.fields_by_name.get(leaf)
+    assert field is not None, f"{path}: no field {leaf}"
+    assert field.type == descriptor.FieldDescriptor.TYPE_STRING and not field.is_repeated
+
+
+def test_resource_of_prefers_the_method_option_field() -> None:
+    from autoecoops.infra.v1 import infra_pb2
+    from autoecoops.kernel.mesh.audit import resource_of
+
+    request = infra_pb2.UpdateApplicationRequest(application=infra_pb2.Application(name="web"))
+    assert resource_of(request) == "application/web"
+    assert resource_of(request, "application.name") == "web"
+    # An unset field falls back to the usual names rather than auditing nothing.
+    assert resource_of(request, "application.project") == "application/web"
+
+
 @pytest.mark.parametrize("event", EVENTS, ids=lambda m: m.full_name)
 def test_every_event_type_names_its_topic(event: descriptor.Descriptor) -> None:
     spec = event.GetOptions().Extensions[options_pb2.event]

@@ -4,35 +4,20 @@ containers, probes, limits) and agrees with the mesh's port table."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from autoecoops.kernel.mesh.config import SERVICES
+from tests.unit.chart import ROOT, documents, render
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "k8s" / "helm" / "autoecoops"
-HELM = ROOT / ".build" / "tools" / "helm"
 NAMESPACES = {"autoecops-core", "autoecops-autoops", "autoecops-iaops", "autoecops-machine-ops"}
 
 
 @pytest.fixture(scope="module")
 def rendered() -> list[dict[str, Any]]:
-    helm = str(HELM) if HELM.exists() else shutil.which("helm")
-    if helm is None:
-        pytest.skip("helm is not installed; ./dev test installs it into .build/tools")
-    out = subprocess.run(
-        [helm, "template", "autoecoops", str(CHART), "--kube-version", "1.30.0"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    return [d for d in yaml.safe_load_all(out) if d]
+    return documents(render([]))
 
 
 def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -127,3 +112,58 @@ def test_argocd_deploys_the_chart_and_the_policies() -> None:
     paths = {a["spec"]["source"]["path"] for a in apps}
     assert paths == {"k8s/helm/autoecoops", "k8s/policies"}
     assert all(a["spec"]["syncPolicy"]["automated"]["selfHeal"] for a in apps)
+
+
+def test_stateless_services_autoscale_on_cpu_and_keep_a_quorum(
+    rendered: list[dict[str, Any]],
+) -> None:
+    hpas = {h["metadata"]["name"]: h for h in of_kind(rendered, "HorizontalPodAutoscaler")}
+    assert set(hpas) == {s.name for s in SERVICES} - {"infra-manager"}
+    for hpa in hpas.values():
+        assert hpa["apiVersion"] == "autoscaling/v2"
+        (metric,) = hpa["spec"]["metrics"]
+        assert metric["resource"]["name"] == "cpu"
+        assert hpa["spec"]["minReplicas"] >= 2
+    deployments = {d["metadata"]["name"]: d for d in of_kind(rendered, "Deployment")}
+    # The autoscaler owns the count of what it scales.
+    assert all("replicas" not in deployments[n]["spec"] for n in hpas)
+    pdbs = {p["metadata"]["name"]: p["spec"] for p in of_kind(rendered, "PodDisruptionBudget")}
+    for name in hpas:
+        assert pdbs[name]["minAvailable"] == hpas[name]["spec"]["minReplicas"] // 2 + 1
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3, 4, 5])
+def test_a_disruption_budget_never_blocks_a_drain(replicas: int) -> None:
+    """Every PodDisruptionBudget allows at least one eviction at the minimum replica
+    count (a budget allowing none makes kubectl drain hang), and keeps a majority
+    from three replicas up."""
+    docs = documents(render(["--set", f"autoscaling.minReplicas={replicas}"]))
+    pdbs = {p["metadata"]["name"]: p["spec"] for p in of_kind(docs, "PodDisruptionBudget")}
+    hpas = {h["metadata"]["name"]: h["spec"] for h in of_kind(docs, "HorizontalPodAutoscaler")}
+    deployments = {d["metadata"]["name"]: d["spec"] for d in of_kind(docs, "Deployment")}
+    assert set(pdbs) == set(deployments)
+    for name, pdb in pdbs.items():
+        n = hpas[name]["minReplicas"] if name in hpas else deployments[name].get("replicas", 1)
+        allowed = pdb["maxUnavailable"] if "maxUnavailable" in pdb else n - pdb["minAvailable"]
+        assert allowed >= 1, f"{name}: {pdb} allows no eviction of {n} replicas"
+        if n >= 3:
+            assert pdb["minAvailable"] == n // 2 + 1, (name, pdb)
+
+
+def test_redis_cluster_seeds_and_lease_settings_reach_every_service() -> None:
+    docs = documents(
+        render(
+            [
+                "--set",
+                "redis.cluster.seeds={r0.redis:6379,r1.redis:6379}",
+                "--set",
+                "leases.ttlSeconds=30",
+            ]
+        )
+    )
+    for d in of_kind(docs, "Deployment"):
+        if d["metadata"]["name"] == "gateway":
+            continue
+        env = {e["name"]: e for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["REDIS_URL"]["value"] == "redis+cluster://r0.redis:6379,r1.redis:6379"
+        assert env["AUTOECOOPS_LEASE_TTL_SECONDS"]["value"] == "30"

@@ -541,7 +541,7 @@ async def test_federation_exchange_rotation_cooldown_and_outage(
     reply = await auth.VerifyToken(
         auth_pb2.VerifyTokenRequest(token=oidc.token("erin", "k2", [])), metadata=admin
     )
-    assert reply.principal.subject == "erin"
+    assert reply.principal.subject == "corp:erin"  # named as its exchanged token is
     # Its tokens are not accepted by other services directly: only ours are.
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await memory_stub(mesh).ListNamespaces(
@@ -706,3 +706,99 @@ trustedIssuers:
     assert issuer.issuer_url == "https://login.corp.example" and issuer.group_roles[0].roles == [
         "admin"
     ]
+
+
+async def test_only_machine_ops_identity_may_create_service_accounts(
+    mesh: Mesh, mint_token: MintToken
+) -> None:
+    """Minting node identities is machine-ops's alone (role machineops-service): another
+    service's identity is refused, and machine-ops can grant no more than its role holds."""
+    from autoecoops.kernel.auth.mesh import ServiceIdentity, own_clients
+    from autoecoops.kernel.mesh.clients import ClientFactory
+
+    identity = mesh.runtime.clients.token_source
+    assert isinstance(identity, ServiceIdentity)
+    account = auth_pb2.CreateServiceAccountRequest(
+        service_account=auth_pb2.ServiceAccount(name="node.n1", roles=["machineops-agent"])
+    )
+    # memory-hub's identity (mesh-service only), as it calls in this very mesh.
+    memory = ClientFactory(mesh.config)
+    memory.token_source = identity.named("memory-hub", memory)
+    claims = jwt.decode(await memory.token_source.token(), options={"verify_signature": False})
+    assert (claims["sub"], claims["roles"]) == ("system:memory-hub", ["mesh-service"])
+    as_memory = memory.stub(auth_pb2_grpc.AuthServiceStub, "auth-service")
+    for call, req in [
+        (as_memory.CreateServiceAccount, account),
+        (as_memory.DeleteServiceAccount, auth_pb2.DeleteServiceAccountRequest(name="node.n1")),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(req)
+        assert reason(info.value)[:2] == (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_MISSING")
+
+    # machine-ops's identity: its own clients carry system:machine-ops with its role.
+    machine_ops = own_clients(mesh.runtime, "machine-ops")
+    assert isinstance(machine_ops.token_source, ServiceIdentity)
+    claims = jwt.decode(await machine_ops.token_source.token(), options={"verify_signature": False})
+    assert (claims["sub"], sorted(claims["roles"])) == (
+        "system:machine-ops",
+        ["machineops-service", "mesh-service"],
+    )
+    as_mo = machine_ops.stub(auth_pb2_grpc.AuthServiceStub, "auth-service")
+    made = await as_mo.CreateServiceAccount(account)
+    assert list(made.service_account.roles) == ["machineops-agent"] and made.client_secret
+    # The escalation check still holds: it cannot hand out a role it does not hold.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await as_mo.CreateServiceAccount(
+            auth_pb2.CreateServiceAccountRequest(
+                service_account=auth_pb2.ServiceAccount(name="node.n2", roles=["viewer"])
+            )
+        )
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    await as_mo.DeleteServiceAccount(auth_pb2.DeleteServiceAccountRequest(name="node.n1"))
+    # Nor can it delete an account it could not have made: an admin's automation
+    # (or another service's identity) carries permissions machine-ops does not hold.
+    admin = bearer(mint_token("root", ["admin"]))
+    as_admin = auth_stub(mesh)
+    ci = auth_pb2.ServiceAccount(name="ci.deployer", roles=["viewer"])
+    await as_admin.CreateServiceAccount(
+        auth_pb2.CreateServiceAccountRequest(service_account=ci), metadata=admin
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await as_mo.DeleteServiceAccount(auth_pb2.DeleteServiceAccountRequest(name="ci.deployer"))
+    assert reason(info.value)[:2] == (grpc.StatusCode.PERMISSION_DENIED, "ESCALATION_DENIED")
+    got = await as_admin.ListServiceAccounts(auth_pb2.ListServiceAccountsRequest(), metadata=admin)
+    assert "ci.deployer" in [a.name for a in got.service_accounts]  # nothing deleted
+    await as_admin.DeleteServiceAccount(
+        auth_pb2.DeleteServiceAccountRequest(name="ci.deployer"), metadata=admin
+    )
+    await memory.close()
+
+
+async def test_a_restart_gives_built_in_roles_exactly_this_releases_permissions(
+    start_mesh: StartMesh, mesh: Mesh, mint_token: MintToken
+) -> None:
+    """A store from a release where mesh-service could create accounts loses that at start."""
+    from autoecoops.kernel.auth.rbac import Role
+    from autoecoops.kernel.auth.store import AuthStore
+
+    store = AuthStore(mesh.runtime.redis, mesh.runtime.key("auth"))
+    old = (await store.get_role("mesh-service")).permissions
+    await store.update_role(
+        Role(
+            "mesh-service",
+            (*old, "auth.serviceaccounts.create", "auth.serviceaccounts.delete"),
+            "what one mesh service needs from the others",
+        )
+    )
+    await mesh.stop()
+    again = await start_mesh(["auth-service"], secure=True)
+    admin = bearer(mint_token("root", ["admin"]))
+    got = await auth_stub(again).GetRole(
+        auth_pb2.GetRoleRequest(name="mesh-service"), metadata=admin
+    )
+    assert sorted(got.role.permissions) == sorted(old)
+    assert "auth.serviceaccounts.create" not in got.role.permissions
+    got = await auth_stub(again).GetRole(
+        auth_pb2.GetRoleRequest(name="machineops-service"), metadata=admin
+    )
+    assert "auth.serviceaccounts.create" in got.role.permissions

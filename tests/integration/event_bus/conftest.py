@@ -25,10 +25,10 @@ from autoecoops.kernel.event_bus.bus import EventBus
 from autoecoops.kernel.event_bus.envelope import PublishContext
 from autoecoops.kernel.event_bus.retry import RetryPolicy
 from autoecoops.kernel.event_bus.settings import EventBusSettings
-from autoecoops.kernel.event_bus.store import EventStore, connect_bus
+from autoecoops.kernel.event_bus.store import EventStore
 from autoecoops.kernel.event_bus.subscription import Delivery, Subscription, SubscriptionLoop
 from autoecoops.kernel.mesh.auth import Principal
-from autoecoops.kernel.mesh.redis import EmbeddedRedis
+from autoecoops.kernel.mesh.redis import EmbeddedRedis, connect, is_cluster, service_base
 
 TOPIC = "infra.sync"
 TRACE = "00-" + "4bf92f3577b34da6a3ce929d0e0e4736" + "-00f067aa0ba902b7-01"
@@ -138,7 +138,7 @@ class Harness:
 
     async def publish(self, envs: Sequence[envelope_pb2.Envelope], topic: str = TOPIC) -> list[str]:
         """Publish and return the event ids."""
-        return [i for i, _ in await self.bus.publish(topic, list(envs), self.ctx())]
+        return [r.event_id for r in await self.bus.publish(topic, list(envs), self.ctx())]
 
     async def publish_apps(self, *apps: str) -> list[str]:
         """Publish one SyncStarted per application name (keys = the names)."""
@@ -172,9 +172,10 @@ class Harness:
 
 
 def make_bus(client: aioredis.Redis, prefix: str, **settings: object) -> EventBus:
-    """An EventBus under ``<prefix>events:``."""
+    """An EventBus under ``<prefix>events:`` (with event-bus's hash tag on a cluster)."""
     s = dataclasses.replace(FAST, **settings)  # type: ignore[arg-type]
-    return EventBus(EventStore(client, prefix + "events:", s), s)
+    base = service_base(prefix, "events", is_cluster(client))
+    return EventBus(EventStore(client, base + ":", s), s)
 
 
 async def delete_prefix(client: aioredis.Redis, prefix: str) -> None:
@@ -190,7 +191,7 @@ async def harness_factory(
 ) -> AsyncIterator[object]:
     """Build harnesses (optionally with other settings) on the test's Redis."""
     prefix = f"autoecoops-test:{uuid.uuid4().hex[:10]}:"
-    client = connect_bus(bus_redis_url)
+    client = connect(bus_redis_url)
     made: list[Harness] = []
 
     def make(**settings: object) -> Harness:

@@ -21,9 +21,9 @@ async def test_publishing_the_same_key_again_returns_the_original_and_appends_no
     batch = await bus.bus.publish(
         TOPIC, [sync_started("api", "k2"), sync_started("web", "k1")], bus.ctx()
     )
-    assert first == [(first[0][0], False)]
-    assert again == [(first[0][0], True)]
-    assert batch[1] == (first[0][0], True) and not batch[0][1]
+    assert first == [(first[0][0], False, 0)]
+    assert again == [(first[0][0], True, 0)]
+    assert batch[1] == (first[0][0], True, 0) and not batch[0][1]
     assert await bus.redis.xlen(bus.store.keys(TOPIC).stream) == 2
 
 

@@ -3,78 +3,23 @@ kills it with SIGKILL and starts it again on the same data."""
 
 from __future__ import annotations
 
-import asyncio
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 
 from autoecoops.kernel.event_bus.retry import RetryPolicy
-from autoecoops.kernel.event_bus.store import connect_bus
 from autoecoops.kernel.mesh.errors import Unavailable
-from tests.conftest import free_port
+from autoecoops.kernel.mesh.redis import connect
+from tests.conftest import REDIS_SERVER, RedisProcess
 from tests.integration.event_bus.conftest import TOPIC, Harness, make_bus, sync_started
 
-REDIS_SERVER = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="needs the redis-server binary")
-
-
-class RedisProcess:
-    """A redis-server of the test's own, persisting every write (appendfsync always)."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.dir = data_dir
-        self.port = free_port()
-        self.proc: asyncio.subprocess.Process | None = None
-
-    @property
-    def url(self) -> str:
-        """Where it listens."""
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def start(self) -> None:
-        """Start it and wait until it answers."""
-        assert REDIS_SERVER is not None
-        self.proc = await asyncio.create_subprocess_exec(
-            REDIS_SERVER,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.dir),
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--save",
-            "",
-            stdout=asyncio.subprocess.DEVNULL,
-        )
-        probe = aioredis.Redis.from_url(self.url)
-        try:
-            for _ in range(200):
-                try:
-                    if await probe.ping():
-                        return
-                except (aioredis.ConnectionError, aioredis.ResponseError):
-                    await asyncio.sleep(0.05)
-            raise AssertionError("redis-server did not start")
-        finally:
-            await probe.aclose()
-
-    async def kill(self) -> None:
-        """SIGKILL: no shutdown, no final save."""
-        assert self.proc is not None
-        self.proc.kill()
-        await self.proc.wait()
 
 
 @pytest.fixture
 async def redis_process(tmp_path: Path) -> AsyncIterator[RedisProcess]:
-    server = RedisProcess(tmp_path)
+    server = RedisProcess(tmp_path, "--appendonly", "yes", "--appendfsync", "always")
     await server.start()
     yield server
     if server.proc is not None and server.proc.returncode is None:
@@ -84,7 +29,7 @@ async def redis_process(tmp_path: Path) -> AsyncIterator[RedisProcess]:
 async def test_a_redis_outage_fails_publishes_loses_nothing_and_recovers(
     redis_process: RedisProcess,
 ) -> None:
-    client = connect_bus(redis_process.url)
+    client = connect(redis_process.url)
     bus = Harness(make_bus(client, "outage:", visibility_timeout=1.0), client)
     try:
         before = await bus.publish_apps(*"abcde")

@@ -36,11 +36,16 @@ from autoecoops.kernel.infra_manager.source import GitSource
 from autoecoops.kernel.infra_manager.store import InfraStore
 from autoecoops.kernel.mesh.auth import Principal
 from autoecoops.kernel.mesh.redis import connect
+from tests.conftest import base_key
 from tests.integration.infra_manager.gitrepo import GitRepo
 
 ADMIN = Principal("alice", roles=("admin",))
+#: The helm and kubectl that ./dev installs (from one npm package) for tests.
+TOOLS = Path(__file__).resolve().parents[3] / ".build" / "tools"
 #: Fast bounds so failure paths finish in well under a second.
 FAST = InfraSettings(
+    helm=str(TOOLS / "helm"),
+    kubectl=str(TOOLS / "kubectl"),
     reconcile_interval=3600,
     reconcile_jitter=0,
     self_heal_timeout=0,
@@ -227,11 +232,13 @@ async def infra(redis_url: str, key_prefix: str, tmp_path: Path) -> AsyncIterato
     """A manager over a fresh repository and an embedded cluster (simulated controllers on)."""
     redis = connect(redis_url)
     settings = dataclasses.replace(FAST, repo_cache_dir=tmp_path / "cache")
-    cluster = EmbeddedCluster(redis, f"{key_prefix}infra-manager:cluster", simulate_ready=True)
+    cluster = EmbeddedCluster(
+        redis, base_key(redis_url, key_prefix, "infra-manager") + ":cluster", simulate_ready=True
+    )
     events, audit = Events(), Audit()
     git = GitSource(settings.repo_cache_dir)
     manager = InfraManager(
-        InfraStore(redis, f"{key_prefix}infra-manager"),
+        InfraStore(redis, base_key(redis_url, key_prefix, "infra-manager")),
         lambda _name: cluster,
         git,
         settings,

@@ -458,7 +458,7 @@ async def test_bad_input_is_refused_and_leaves_live_state_untouched(infra: Infra
         await infra.manager.sync("web", ADMIN)
     assert yaml_err.value.reason == "INVALID_MANIFESTS"
     (v,) = yaml_err.value.field_violations
-    assert v.field == "deploy/broken.yaml" and "invalid YAML at line 3" in v.description
+    assert v.field == "deploy/broken.yaml#0" and "invalid YAML at line 3" in v.description
     await infra.reconciler.reconcile("web")
     status = await infra.store.status("web")
     assert status is not None and status.sync is SyncCode.UNKNOWN
@@ -535,3 +535,70 @@ def _with_revision(infra: Infra, revision: str):  # type: ignore[no-untyped-def]
     return dataclasses.replace(
         app, source=dataclasses.replace(app.source, target_revision=revision)
     )
+
+
+async def test_the_diff_shows_quantities_as_written_in_git(infra: Infra) -> None:
+    infra.repo.commit({"deploy/app.yaml": deployment("web")})  # limits: {cpu: 500m, memory: 128Mi}
+    await infra.create(infra.app())
+    succeeded(await infra.sync())
+    # The same amounts written another way are no drift; another field is.
+    await infra.cluster.update(
+        WEB,
+        lambda o: (
+            o["spec"].update(replicas=4),
+            o["spec"]["template"]["spec"]["containers"][0]["resources"].update(
+                limits={"cpu": "0.5", "memory": "134217728"}
+            ),
+        ),
+    )
+    cmp = await infra.manager.diff("web")
+    (d,) = cmp.drifted()
+    text = d.text()
+    assert "-  replicas: 4\n" in text and "+  replicas: 1\n" in text
+    assert "'0.5'" not in text and "134217728" not in text
+    assert not any(line.startswith(("-", "+")) and "cpu" in line for line in text.splitlines())
+    # The whole desired side, as written, when the object is missing.
+    await infra.cluster.delete(WEB)
+    (missing,) = (await infra.manager.diff("web")).drifted()
+    shown = missing.text()
+    assert "+            cpu: 500m\n" in shown and "+            memory: 128Mi\n" in shown
+    assert "'0.5'" not in shown and "134217728" not in shown
+
+
+async def test_two_applications_declaring_one_object_both_get_a_shared_resource_warning(
+    infra: Infra,
+) -> None:
+    infra.repo.commit(
+        {
+            "a/shared.yaml": configmap("settings") + "---\n" + configmap("only-a"),
+            "b/shared.yaml": configmap("settings", {"owner": "b"}),
+        }
+    )
+    await infra.create(infra.app("app-a", path="a"))
+    await infra.create(infra.app("app-b", path="b"))
+    succeeded(await infra.sync("app-a"))
+    succeeded(await infra.sync("app-b"))  # takes the ConfigMap over
+    for name in ("app-a", "app-b"):
+        await infra.reconciler.reconcile(name)
+    for name in ("app-a", "app-b"):
+        status = await infra.store.status(name)
+        assert status is not None
+        (warning,) = [c for c in status.conditions if c.type == "SharedResourceWarning"]
+        assert warning.message == (
+            "ConfigMap/team-a/settings is part of applications app-a and app-b"
+        )
+    # b stops declaring it: after their next reconciles neither is warned any more.
+    infra.repo.commit({"b/shared.yaml": configmap("other")})
+    for name in ("app-b", "app-a"):
+        await infra.reconciler.reconcile(name)
+    for name in ("app-a", "app-b"):
+        status = await infra.store.status(name)
+        assert status is not None
+        assert not [c for c in status.conditions if c.type == "SharedResourceWarning"]
+    # A deleted application's declarations go with it.
+    infra.repo.commit({"b/shared.yaml": configmap("settings")})
+    await infra.reconciler.reconcile("app-b")
+    await infra.manager.delete("app-b", False, ADMIN)
+    await infra.reconciler.reconcile("app-a")
+    status = await infra.store.status("app-a")
+    assert status is not None and not status.conditions

@@ -15,6 +15,7 @@ from autoecoops.kernel.memory_hub.replica import snapshot_dir
 from autoecoops.kernel.memory_hub.settings import DEFAULT_MODEL, MemoryHubSettings
 from autoecoops.kernel.memory_hub.store import MemoryStore
 from autoecoops.kernel.mesh.redis import connect
+from tests.conftest import base_key
 
 MakeHub = Callable[..., Awaitable[MemoryHub]]
 
@@ -41,7 +42,9 @@ async def make_hub(
         client = connect(redis_url)
         overrides.setdefault("follow_interval", 600.0)  # tests drive syncs themselves
         settings = dataclasses.replace(MemoryHubSettings(), **overrides)
-        store = MemoryStore(client, f"{key_prefix}memory-hub", settings.change_log_len)
+        store = MemoryStore(
+            client, base_key(redis_url, key_prefix, "memory-hub"), settings.change_log_len
+        )
         hub = MemoryHub(store, settings, snapshot_dir(data_dir or tmp_path, key_prefix))
         if start:
             await hub.start()

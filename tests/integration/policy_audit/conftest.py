@@ -8,16 +8,18 @@ import pytest
 import redis.asyncio as aioredis
 
 from autoecoops.audit.v1 import audit_pb2
+from autoecoops.kernel.mesh.redis import connect
 from autoecoops.kernel.policy_audit.checkpoint import NoteSigner
 from autoecoops.kernel.policy_audit.store import AuditStore
 from autoecoops.kernel.policy_audit.trail import AuditLog
+from tests.conftest import base_key
 
 ORIGIN = "test.autoecoops/audit"
 
 
 @pytest.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
+    client = connect(redis_url)
     yield client
     await client.aclose()
 
@@ -29,10 +31,10 @@ def signer() -> NoteSigner:
 
 @pytest.fixture
 async def audit(
-    redis_client: aioredis.Redis, key_prefix: str, signer: NoteSigner
+    redis_client: aioredis.Redis, redis_url: str, key_prefix: str, signer: NoteSigner
 ) -> AsyncIterator[AuditLog]:
     log = AuditLog(
-        AuditStore(redis_client, f"{key_prefix}policy-audit:{{audit}}"),
+        AuditStore(redis_client, base_key(redis_url, key_prefix, "policy-audit") + ":{audit}"),
         signer,
         ORIGIN,
         max_entry_bytes=4096,

@@ -35,7 +35,6 @@ async def mesh(
 ) -> AsyncIterator[Mesh]:
     monkeypatch.setenv("AUTOECOOPS_POLICY_AUDIT_BUNDLE_DIR", str(tmp_path / "bundles"))
     monkeypatch.setenv("AUTOECOOPS_POLICY_AUDIT_BUNDLE_POLL_SECONDS", "0.1")
-    monkeypatch.setenv("AUTOECOOPS_POLICY_AUDIT_DECISION_LOG_SYNC", "true")
     (tmp_path / "bundles").mkdir()
     yield await start_mesh(["auth-service", "policy-audit"], secure=True)
 
@@ -166,13 +165,15 @@ async def test_bad_input_gets_invalid_argument_and_changes_nothing(
         )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert status(info.value)[0] == "ENTRY_TOO_LARGE"
-    # Nothing was appended but the mesh's own record of the refused audited
-    # CreateBundle: no decision, no bundle, no oversized entry. (Evaluate's
-    # audit record is its decision log, and a refused input is no decision.)
+    # Nothing was appended but the mesh's FAILURE records of the refused
+    # audited calls (through the outbox, so flushed first): no decision, no
+    # bundle, no oversized entry, and no SUCCESS entry.
+    assert await mesh.runtime.auditor.relay.flush(within=5.0)  # type: ignore[union-attr]
     page = await audit.ListEntries(audit_pb2.ListEntriesRequest(page_size=100), metadata=md)
     added = [e for e in page.entries if e.index >= before.tree_size]
-    assert [(e.type, e.outcome, e.action) for e in added] == [
-        ("rpc", audit_pb2.OUTCOME_FAILURE, "autoecoops.policy.v1.PolicyService.CreateBundle")
+    assert sorted((e.type, e.outcome, e.action) for e in added) == [
+        ("rpc", audit_pb2.OUTCOME_FAILURE, "autoecoops.policy.v1.PolicyService.CreateBundle"),
+        ("rpc", audit_pb2.OUTCOME_FAILURE, "autoecoops.policy.v1.PolicyService.Evaluate"),
     ]
 
 

@@ -13,7 +13,6 @@ from autoecoops.kernel.mesh.errors import (
     DataLoss,
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     OutOfRange,
 )
 from autoecoops.kernel.policy_audit import merkle
@@ -77,10 +76,12 @@ async def test_a_retried_request_returns_the_original_entry(audit: AuditLog) -> 
 
 
 async def test_a_request_id_reused_for_another_entry_is_refused(audit: AuditLog) -> None:
-    await audit.append(entry(1), "rid")
+    first = await audit.append(entry(1), "rid")
     with pytest.raises(InvalidArgument) as info:
         await audit.append(entry(2), "rid")
     assert info.value.reason == "REQUEST_ID_REUSED"
+    # The refusal names the entry holding the id (the outbox reads it as "recorded").
+    assert info.value.metadata["index"] == str(first.index)
     assert await audit.size() == 1
 
 
@@ -120,9 +121,41 @@ async def test_proof_requests_past_the_tree_are_out_of_range(audit: AuditLog) ->
         await audit.consistency_proof(2, new_size=9)
     with pytest.raises(OutOfRange):
         await audit.consistency_proof(3, new_size=2)
-    with pytest.raises(NotFound):
+    with pytest.raises(OutOfRange):
         await audit.entry(3)
     assert await audit.size() == 3
+
+
+async def test_negative_and_past_the_end_numbers_get_one_code_each(audit: AuditLog) -> None:
+    for n in range(3):
+        await audit.append(entry(n), f"r{n}")
+    negative = {
+        "entry(-1)": (audit.entry(-1), "index"),
+        "inclusion_proof(-1)": (audit.inclusion_proof(-1), "index"),
+        "inclusion_proof(0, -1)": (audit.inclusion_proof(0, tree_size=-1), "tree_size"),
+        "consistency_proof(-1)": (audit.consistency_proof(-1), "old_size"),
+        "consistency_proof(0, -1)": (audit.consistency_proof(0, new_size=-1), "new_size"),
+    }
+    for what, (call, field) in negative.items():
+        with pytest.raises(InvalidArgument) as bad:
+            await call
+        assert bad.value.reason == "NEGATIVE_NUMBER", what
+        assert [v.field for v in bad.value.field_violations] == [field], what
+        assert "past" not in bad.value.message, what
+    past = {
+        "entry(3)": (audit.entry(3), "index"),
+        "entry(2**62)": (audit.entry(2**62), "index"),
+        "inclusion_proof(3)": (audit.inclusion_proof(3), "index"),
+        "inclusion_proof(0, 4)": (audit.inclusion_proof(0, tree_size=4), "tree_size"),
+        "consistency_proof(4)": (audit.consistency_proof(4), "old_size"),
+        "consistency_proof(3, 2)": (audit.consistency_proof(3, new_size=2), "old_size"),
+        "consistency_proof(0, 9)": (audit.consistency_proof(0, new_size=9), "new_size"),
+    }
+    for what, (call, field) in past.items():
+        with pytest.raises(OutOfRange) as out:
+            await call
+        assert out.value.reason == "PAST_TREE_SIZE", what
+        assert [v.field for v in out.value.field_violations] == [field], what
 
 
 SIZES = [1, 2, 3, 4, 5, 8, 9, 16, 17, 31, 32, 33]
@@ -201,3 +234,31 @@ async def test_stored_bytes_are_canonical_json_of_the_proto3_form(audit: AuditLo
         stored.data
         == json.dumps(doc, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
     )
+
+
+async def test_a_batch_lands_in_order_in_few_commits(audit: AuditLog) -> None:
+    before = audit.commits
+    got = await audit.append_many([(entry(n), f"batch-{n}") for n in range(300)])
+    assert [a.index for a in got] == list(range(300))
+    assert audit.commits - before <= 2
+    stored = await audit.entries([0, 150, 299])
+    assert [s.entry.details["n"] for s in stored] == [0, 150, 299]
+    # The same batch again appends nothing and returns the original places.
+    again = await audit.append_many([(entry(n), f"batch-{n}") for n in range(300)])
+    assert [a.index for a in again] == list(range(300))
+    assert all(a.replayed for a in again)
+    assert await audit.size() == 300
+
+
+async def test_a_batch_with_one_bad_entry_appends_nothing(audit: AuditLog) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        await audit.append_many([(entry(0), "ok-0"), (entry(1, action=""), "ok-1")])
+    assert caught.value.field_violations[0].field == "requests[1].entry.action"
+    assert await audit.size() == 0
+
+
+async def test_a_batch_may_mix_new_entries_and_replays(audit: AuditLog) -> None:
+    first = await audit.append(entry(0), "mix-0")
+    got = await audit.append_many([(entry(0), "mix-0"), (entry(1), "mix-1")])
+    assert got[0].index == first.index and got[0].replayed
+    assert got[1].index == 1 and not got[1].replayed

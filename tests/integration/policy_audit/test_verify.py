@@ -121,10 +121,12 @@ async def test_consistency_with_an_earlier_checkpoint(
     trusted = (await audit.checkpoint()).body
     result = await verify(audit.store, trusted, earlier=earlier)
     assert result.ok and any("consistent with the earlier" in n for n in result.notes)
-    # A forged "earlier" checkpoint that the log does not extend is caught.
+    # An "earlier" checkpoint that the verified log does not extend contradicts
+    # the trusted one: a fork of the log, not a changed entry.
     forged = dataclasses.replace(earlier, root_hash=b"\x01" * 32)
     result = await verify(audit.store, trusted, earlier=forged)
-    assert not result.ok and "earlier checkpoint" in result.findings[0].message
+    assert not result.ok and [f.kind for f in result.findings] == ["fork"]
+    assert "FORK" in result.findings[0].message
     # History rewritten after the earlier checkpoint was kept (and re-signed by a
     # compromised server) still fails against it.
     entries = await stream(redis_client, audit)
@@ -167,3 +169,59 @@ async def test_cli_verify_names_the_index_and_rejects_a_wrong_key(
     assert await asyncio.to_thread(main, [*args, "--key", str(tmp_path / "key.pub")]) == 1
     out = capsys.readouterr().out
     assert "FAIL: index 7: the entry's content was modified" in out
+
+
+async def test_a_newer_earlier_checkpoint_is_checked_not_waved_through(
+    audit: AuditLog, redis_client: aioredis.Redis
+) -> None:
+    older = await fill(audit, 20)
+    for i in range(20, N):
+        await audit.append(entry(i), f"r{i}")
+    newer = (await audit.checkpoint()).body
+    # Given the other way round, the log must still extend one to the other.
+    result = await verify(audit.store, older, earlier=newer)
+    assert result.ok, result.findings
+    assert any("extends it" in n for n in result.notes)
+    # A tampered entry past the older checkpoint is caught against the newer one.
+    entries = await stream(redis_client, audit)
+    entries[30] = edit(entries[30], action="nothing.happened")
+    await rewrite(redis_client, audit, entries)
+    result = await verify(audit.store, older, earlier=newer)
+    assert [f.index for f in result.findings] == [30]
+    assert "newer checkpoint of size 40" in result.findings[0].message
+
+
+async def test_contradicting_signed_checkpoints_are_a_fork(audit: AuditLog) -> None:
+    trusted = await fill(audit, 20)
+    # The same size, another root: the signer committed to two histories.
+    twin = dataclasses.replace(trusted, root_hash=b"\x02" * 32)
+    result = await verify(audit.store, trusted, earlier=twin)
+    assert [f.kind for f in result.findings] == ["fork"]
+    assert "changed" not in result.findings[0].message
+    # A newer checkpoint whose first entries differ from the verified ones.
+    for i in range(20, 30):
+        await audit.append(entry(i), f"r{i}")
+    newer = dataclasses.replace((await audit.checkpoint()).body, root_hash=b"\x03" * 32)
+    result = await verify(audit.store, trusted, earlier=newer)
+    assert [f.kind for f in result.findings] == ["fork"]
+
+
+async def test_truncation_is_reported_as_one_range(
+    audit: AuditLog, redis_client: aioredis.Redis
+) -> None:
+    trusted = await fill(audit)
+    entries = await stream(redis_client, audit)
+    await rewrite(redis_client, audit, entries[:25])
+    await redis_client.hset(audit.store.head_key, "size", 25)
+    result = await verify(audit.store, trusted)
+    truncated = [f for f in result.findings if f.kind == "truncated"]
+    assert [(f.index, f.end) for f in truncated] == [(25, N)], result.findings
+    assert "truncated" in str(truncated[0]) and "indexes 25..39" in str(truncated[0])
+    # Entries deleted in the middle are one range too, not one line each.
+    await rewrite(redis_client, audit, [*entries[:5], *entries[5:]])
+    await redis_client.hset(audit.store.head_key, "size", N)
+    for i in range(10, 14):
+        await redis_client.xdel(audit.store.entries_key, f"{i}-1")
+    result = await verify(audit.store, trusted)
+    missing = [(f.index, f.end, f.kind) for f in result.findings if f.kind == "missing"]
+    assert missing == [(10, 14, "missing")]

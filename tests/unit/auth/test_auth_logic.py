@@ -113,6 +113,14 @@ async def test_jwks_cache_ttl_cooldown_negative_cache_and_outage() -> None:
     broken = True
     assert (await cache.key("k1")) is not None
     assert len(calls) == 3
+    # A kid seen while the issuer is down is not remembered as unknown, and the
+    # fetch is tried again a second later, not after the whole cooldown: a
+    # restarted issuer's new key is accepted as soon as its JWKS answers.
+    assert await cache.key("k2") is None and len(calls) == 3  # tried at 200 already
+    clock.now = 201.5
+    jwks.append(dict(jwks[0], kid="k2"))
+    broken = False
+    assert (await cache.key("k2")) is not None and len(calls) == 4
 
 
 async def test_verified_tokens_are_cached_until_exp(tmp_path: Path) -> None:
@@ -143,3 +151,30 @@ async def test_verified_tokens_are_cached_until_exp(tmp_path: Path) -> None:
     assert third is not first and Keys.fetches == 2
     with pytest.raises(Unauthenticated):
         await verifier.verify(token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1])
+
+
+def test_replicas_starting_together_on_one_data_dir_share_one_first_key(tmp_path: Path) -> None:
+    """Auth-service replicas on a shared data directory, started at the same moment:
+    one creates the first key, the others load it (not a key of their own that
+    nobody else publishes). flock excludes across threads as across processes."""
+    import threading
+
+    for attempt in range(10):
+        directory = tmp_path / f"keys{attempt}"
+        start = threading.Barrier(6)
+        kids: list[str] = []
+
+        def replica(
+            directory: Path = directory, start: threading.Barrier = start, kids: list[str] = kids
+        ) -> None:
+            ring = KeyRing(directory, publish_delay=0, max_token_ttl=60)
+            start.wait()
+            ring.load_or_create()
+            kids.append(ring.signer().meta.kid)
+
+        threads = [threading.Thread(target=replica) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(kids) == 6 and len(set(kids)) == 1, kids

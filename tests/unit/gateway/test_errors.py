@@ -131,13 +131,33 @@ async def test_openapi_is_served_as_json_and_yaml(kitchen: Kitchen) -> None:
     assert yaml.safe_load(r.text) == doc
 
 
-async def test_docs_is_a_self_contained_page(kitchen: Kitchen) -> None:
+async def test_docs_is_swagger_ui_from_the_bundle(kitchen: Kitchen) -> None:
     r = await kitchen.http.get("/docs")
     assert r.status_code == 200
     assert r.headers["content-type"] == "text/html; charset=utf-8"
-    assert "connect-src 'self'" in r.headers["content-security-policy"]
-    assert 'fetch("openapi.json")' in r.text
+    csp = r.headers["content-security-policy"]
+    assert "script-src 'self';" in csp and "unsafe-inline" not in csp and "unsafe-eval" not in csp
+    assert "/console/swagger-ui/swagger-ui-bundle.js" in r.text
     assert "http://" not in r.text and "https://" not in r.text  # nothing from a CDN
+    js = await kitchen.http.get("/console/swagger-ui/swagger-ui-bundle.js")
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    again = await kitchen.http.get(
+        "/console/swagger-ui/swagger-ui-bundle.js", headers={"if-none-match": js.headers["etag"]}
+    )
+    assert again.status_code == 304 and again.content == b""
+
+
+async def test_console_files_and_unknown_ones(kitchen: Kitchen) -> None:
+    r = await kitchen.http.get("/console")
+    assert r.status_code == 200 and "/console/console.js" in r.text
+    assert r.headers["content-security-policy"].startswith("default-src 'none'")
+    assert r.headers["x-content-type-options"] == "nosniff"
+    missing = await kitchen.http.get("/console/nope.js")
+    assert missing.status_code == 404 and missing.json()["code"] == 5
+    posted = await kitchen.http.post("/console/console.js")
+    assert posted.status_code == 405 and posted.headers["allow"] == "GET, HEAD"
+    escape = await kitchen.http.get("/console/../../pyproject.toml")
+    assert escape.status_code == 404
 
 
 # -- CORS ----------------------------------------------------------------------

@@ -183,10 +183,15 @@ def router() -> Router:
         ("POST", "/v1/auth/token", "AuthService_IssueToken", {}),
         ("POST", "/v1/auth/token:verify", "AuthService_VerifyToken", {}),
         ("POST", "/v1/auth:checkPermission", "AuthService_CheckPermission", {}),
-        ("POST", "/v1/slos/s1:recordSli", "AutoOpsService_RecordSli", {"slo": "s1"}),
-        ("GET", "/v1/slos/s1/errorBudget", "AutoOpsService_GetErrorBudget", {"slo": "s1"}),
+        ("POST", "/v1/autoops/slos/s1:recordSli", "AutoOpsService_RecordSli", {"slo": "slos/s1"}),
+        (
+            "GET",
+            "/v1/autoops/slos/s1/errorBudget",
+            "AutoOpsService_GetErrorBudget",
+            {"slo": "slos/s1"},
+        ),
         # Without the verb, a colon is part of the name.
-        ("GET", "/v1/slos/a:b", "AutoOpsService_GetSlo", {"name": "a:b"}),
+        ("GET", "/v1/autoops/slos/a:b", "AutoOpsService_GetSlo", {"name": "slos/a:b"}),
         ("GET", "/.well-known/openid-configuration", "AuthService_GetOpenIdConfiguration", {}),
         (
             "POST",

@@ -11,8 +11,10 @@ sync engine then runs unchanged on top of it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -74,13 +76,28 @@ class Recorded:
 
 @dataclass
 class FakeApiServer:
-    """Objects by path, every request recorded, optional failures by name."""
+    """Objects by path, every request recorded, optional failures by name.
+
+    Every write is also an event (with its resourceVersion) for watches;
+    ``compacted`` is the oldest version a watch may resume from, as etcd
+    compaction leaves it: older ones get 410 Gone. ``conflicts`` answers
+    that many 409s to writes of a name before accepting one.
+    """
 
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
     fail: dict[str, int] = field(default_factory=dict)
+    conflicts: dict[str, int] = field(default_factory=dict)
     version: int = 0
+    events: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
+    compacted: int = 0
+    #: Seconds a watch request stays open waiting for events before it ends.
+    watch_hold: float = 0.3
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def event(self, type_: str, obj: dict[str, Any]) -> None:
+        """Record a change for watchers (under ``lock``)."""
+        self.events.append((int(obj["metadata"]["resourceVersion"]), type_, obj))
 
 
 def _handler(state: FakeApiServer) -> type[BaseHTTPRequestHandler]:
@@ -149,16 +166,14 @@ def _handler(state: FakeApiServer) -> type[BaseHTTPRequestHandler]:
                 )
             parts = path.strip("/").split("/")
             plural = parts[-1]
+            if plural in PLURAL and query.get("watch") == ["true"]:
+                return self._watch(PLURAL[plural][1], query)
             if plural in PLURAL:  # a list across namespaces
                 api_version, kind = PLURAL[plural]
                 selector = query.get("labelSelector", [""])[0]
-                key, _, value = selector.partition("=")
                 items = []
                 for obj in state.objects.values():
-                    if (
-                        obj["kind"] == kind
-                        and (obj["metadata"].get("labels") or {}).get(key) == value
-                    ):
+                    if obj["kind"] == kind and _selected(obj, selector):
                         item = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind")}
                         items.append(item)
                 return self._send(
@@ -166,7 +181,7 @@ def _handler(state: FakeApiServer) -> type[BaseHTTPRequestHandler]:
                     {
                         "kind": f"{kind}List",
                         "apiVersion": api_version,
-                        "metadata": {},
+                        "metadata": {"resourceVersion": str(state.version)},
                         "items": items,
                     },
                 )
@@ -175,9 +190,71 @@ def _handler(state: FakeApiServer) -> type[BaseHTTPRequestHandler]:
                 return self._status(404, "NotFound", f"{parts[-2]} {parts[-1]!r} not found")
             return self._send(200, obj)
 
+        def _watch(self, kind: str, query: dict[str, list[str]]) -> None:
+            """A chunked stream of JSON events, as kube-apiserver sends a watch."""
+            since = int(query.get("resourceVersion", ["0"])[0] or 0)
+            selector = query.get("labelSelector", [""])[0]
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+
+            def chunk(event: dict[str, Any]) -> None:
+                data = json.dumps(event).encode() + b"\n"
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+
+            if since < state.compacted:
+                chunk(
+                    {
+                        "type": "ERROR",
+                        "object": {
+                            "kind": "Status",
+                            "status": "Failure",
+                            "reason": "Expired",
+                            "code": 410,
+                            "message": f"too old resource version: {since} ({state.compacted})",
+                        },
+                    }
+                )
+            else:
+                deadline = time.monotonic() + state.watch_hold
+                sent = since
+                while time.monotonic() < deadline:
+                    with state.lock:
+                        fresh = [e for e in state.events if e[0] > sent]
+                    for rv, type_, obj in fresh:
+                        sent = rv
+                        if obj["kind"] == kind and _selected(obj, selector):
+                            chunk({"type": type_, "object": obj})
+                    time.sleep(0.02)
+                if query.get("allowWatchBookmarks") == ["true"]:
+                    # The newest version scanned: every event up to it was sent
+                    # (or filtered out), so a watch resumed from it misses nothing.
+                    upto = sent
+                    chunk(
+                        {
+                            "type": "BOOKMARK",
+                            "object": {
+                                "kind": kind,
+                                "apiVersion": "v1",
+                                "metadata": {"resourceVersion": str(upto)},
+                            },
+                        }
+                    )
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+
         def do_PATCH(self) -> None:
             path, query, body = self._record()
             name = path.rsplit("/", 1)[-1]
+            if state.conflicts.get(name):
+                state.conflicts[name] -= 1
+                return self._status(
+                    409,
+                    "Conflict",
+                    f"Operation cannot be fulfilled on {name}: the object has been modified",
+                )
             if name in state.fail:
                 code = state.fail[name]
                 return self._status(
@@ -200,16 +277,39 @@ def _handler(state: FakeApiServer) -> type[BaseHTTPRequestHandler]:
                     "availableReplicas": n,
                 }
             if query.get("dryRun") != ["All"]:
-                state.objects[path] = obj
+                with state.lock:
+                    existed = path in state.objects
+                    state.objects[path] = obj
+                    state.event("MODIFIED" if existed else "ADDED", obj)
             self._send(200, obj)
 
         def do_DELETE(self) -> None:
             path, _query, _ = self._record()
-            if state.objects.pop(path, None) is None:
+            name = path.rsplit("/", 1)[-1]
+            if state.conflicts.get(name):
+                state.conflicts[name] -= 1
+                return self._status(409, "Conflict", f"{name}: the object has been modified")
+            with state.lock:
+                gone = state.objects.pop(path, None)
+                if gone is not None:
+                    state.version += 1
+                    gone = {**gone, "metadata": {**gone["metadata"]}}
+                    gone["metadata"]["resourceVersion"] = str(state.version)
+                    state.event("DELETED", gone)
+            if gone is None:
                 return self._status(404, "NotFound", "not found")
             self._send(200, {"kind": "Status", "status": "Success"})
 
     return Handler
+
+
+def _selected(obj: dict[str, Any], selector: str) -> bool:
+    """``key=value`` or ``key`` (the label exists), as a labelSelector says."""
+    labels = obj["metadata"].get("labels") or {}
+    key, eq, value = selector.partition("=")
+    if not key:
+        return True
+    return labels.get(key) == value if eq else key in labels
 
 
 @pytest.fixture
@@ -355,3 +455,107 @@ async def test_the_sync_engine_runs_on_the_kubernetes_backend(
         ("old", "Pruned"),
     ]
     assert "/api/v1/namespaces/team-a/configmaps/old" not in state.objects
+
+
+DEPLOYMENTS = ("apps", "v1", "Deployment")
+
+
+async def _next_change(feed: Any, wanted: str) -> Any:
+    """The next change of type ``wanted`` (others are skipped), within a few seconds."""
+    for _ in range(50):
+        change = await asyncio.wait_for(feed.__anext__(), 5)
+        if change.type == wanted:
+            return change
+    raise AssertionError(f"no {wanted} change")
+
+
+async def test_watch_lists_then_streams_changes_with_bookmarks_and_resumes(
+    api: tuple[FakeApiServer, KubernetesCluster],
+) -> None:
+    state, cluster = api
+    stop = threading.Event()
+    feed = cluster.changes(lambda: {DEPLOYMENTS}, stop.is_set)
+    first = asyncio.ensure_future(feed.__anext__())
+    await asyncio.sleep(0.3)  # listed and watching
+    (m,) = manifests(DEPLOY)
+    await cluster.apply(m.obj)
+    added = await asyncio.wait_for(first, 5)
+    assert (added.type, added.ref, added.apps) == (
+        "ADDED",
+        Ref("apps", "v1", "Deployment", "team-a", "web"),
+        ("web",),
+    )
+    await cluster.apply({**m.obj, "spec": {**m.obj["spec"], "replicas": 3}})
+    modified = await _next_change(feed, "MODIFIED")
+    assert int(modified.resource_version) > int(added.resource_version)
+    await cluster.delete(m.ref)
+    deleted = await _next_change(feed, "DELETED")
+    assert deleted.apps == ("web",)
+    await asyncio.sleep(1.0)  # the server ends each watch; it is resumed, not relisted
+    stop.set()
+    await feed.aclose()
+
+    gets = [
+        r for r in state.requests if r.method == "GET" and r.path == "/apis/apps/v1/deployments"
+    ]
+    (listing, *watches) = gets
+    assert "watch" not in listing.query
+    assert listing.query["labelSelector"] == ["autoecoops.io/application"]
+    assert len(watches) >= 2  # each watch ends (the server's timeout) and is resumed
+    for w in watches:
+        assert w.query["watch"] == ["true"] and w.query["allowWatchBookmarks"] == ["true"]
+        assert w.query["labelSelector"] == ["autoecoops.io/application"]
+    versions = [int(w.query["resourceVersion"][0]) for w in watches]
+    assert versions == sorted(versions) and versions[-1] >= int(deleted.resource_version)
+
+
+async def test_a_watch_answered_410_gone_relists_and_says_so(
+    api: tuple[FakeApiServer, KubernetesCluster],
+) -> None:
+    state, cluster = api
+    stop = threading.Event()
+    feed = cluster.changes(lambda: {DEPLOYMENTS}, stop.is_set)
+    pending = asyncio.ensure_future(feed.__anext__())
+    await asyncio.sleep(0.3)
+    # etcd compacted past the watcher's version: its next watch gets 410 Gone.
+    with state.lock:
+        state.version += 5
+        state.compacted = state.version
+    relist = await asyncio.wait_for(pending, 5)
+    assert relist.type == "RELIST"
+    # After relisting it watches from the fresh version and sees new changes.
+    (m,) = manifests(DEPLOY)
+    await cluster.apply(m.obj)
+    assert (await _next_change(feed, "ADDED")).ref.name == "web"
+    stop.set()
+    await feed.aclose()
+    lists = [
+        r
+        for r in state.requests
+        if r.path == "/apis/apps/v1/deployments" and "watch" not in r.query
+    ]
+    assert len(lists) == 2
+
+
+async def test_writes_answered_409_conflict_are_retried(
+    api: tuple[FakeApiServer, KubernetesCluster],
+) -> None:
+    state, cluster = api
+    (m,) = manifests(DEPLOY)
+    state.conflicts = {"web": 2}
+    applied = await cluster.apply(m.obj)
+    assert applied["metadata"]["name"] == "web"
+    patches = [r for r in state.requests if r.method == "PATCH"]
+    assert len(patches) == 3  # two conflicts, then the write
+    state.conflicts = {"web": 1}
+    assert await cluster.delete(m.ref) is True
+    # A conflict that does not go away is the caller's, after a bounded number of tries.
+    await cluster.apply(m.obj)
+    state.conflicts = {"web": 100}
+    before = len(state.requests)
+    with pytest.raises(ApplyError) as err:
+        await cluster.apply(m.obj)
+    assert "has been modified" in err.value.message
+    from autoecoops.kernel.infra_manager.cluster import CONFLICT_ATTEMPTS
+
+    assert len(state.requests) - before == CONFLICT_ATTEMPTS

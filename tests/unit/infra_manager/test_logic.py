@@ -21,6 +21,7 @@ from autoecoops.kernel.infra_manager.manifests import (
     digest,
     is_tracked,
     parse_files,
+    split_documents,
 )
 from autoecoops.kernel.infra_manager.model import (
     Application,
@@ -75,6 +76,41 @@ def test_multi_document_files_lists_namespaces_waves_and_hooks() -> None:
     assert is_tracked(by["one"].obj, "web") and not is_tracked(by["one"].obj, "other")
 
 
+def test_documents_keep_their_text_line_and_index() -> None:
+    text = (
+        "# a comment before the first document is no document\n"
+        "---\n"
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata: {cpu: 500m}\n"
+        "---\n"
+        "---\n"
+        "\n"
+        "apiVersion: v1 # as written\nkind: ConfigMap\nmetadata: {name: b}\n"
+        "...\n"
+    )
+    chunks = split_documents(text)
+    assert [line for line, _t in chunks] == [3, 8, 10]
+    assert (
+        chunks[0][1] == "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata: {cpu: 500m}\n"
+    )
+    assert chunks[1][1] == ""  # the explicit empty document still counts, as load_all counts it
+    assert chunks[2][1].startswith("apiVersion: v1 # as written\n")
+    docs = parse_files({"d/x.yaml": text.encode()})
+    assert [(d.where, d.path, d.index, d.line) for d in docs] == [
+        ("d/x.yaml#0", "d/x.yaml", 0, 3),
+        ("d/x.yaml#2", "d/x.yaml", 2, 10),
+    ]
+    assert docs[0].text.endswith("data: {cpu: 500m}\n")  # the quantity as written, not 0.5
+    plain = parse_files({"p.yaml": b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: p}\n"})
+    assert (plain[0].index, plain[0].line) == (0, 1)
+    # A syntax error in the second document names it and the line in the file.
+    with pytest.raises(ManifestError) as err:
+        parse_files(
+            {"e.yaml": b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ok}\n---\nkind: [\n"}
+        )
+    (v,) = err.value.violations
+    assert v.field == "e.yaml#1" and v.description.startswith("invalid YAML at line 6")
+
+
 def test_every_bad_document_is_named_with_its_file_and_position() -> None:
     with pytest.raises(ManifestError) as err:
         parse(
@@ -82,15 +118,13 @@ def test_every_bad_document_is_named_with_its_file_and_position() -> None:
                 "ok.yaml": "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n",
                 "broken.yaml": "a: [1,\n",
                 "shape.yaml": "- just a list\n---\napiVersion: v1\nmetadata: {name: x}\n---\nkind: X\napiVersion: v1\nmetadata: {}\n",
-                "kustomize/kustomization.yaml": "resources: []\n",
             }
         )
     fields = {v.field: v.description for v in err.value.violations}
-    assert fields["broken.yaml"].startswith("invalid YAML at line 2")
+    assert fields["broken.yaml#0"].startswith("invalid YAML at line 2")
     assert fields["shape.yaml#0"] == "a manifest must be a mapping, not list"
     assert fields["shape.yaml#1"] == "no kind"
     assert fields["shape.yaml#2"] == "no metadata.name"
-    assert "not supported" in fields["kustomize/kustomization.yaml"]
     with pytest.raises(ManifestError) as dup:
         parse(
             {

@@ -115,6 +115,29 @@ def test_signing_key_is_created_once_with_mode_0600(tmp_path: Path) -> None:
         load_or_create_signer(tmp_path / "absent.key", "x", create=False)
 
 
+def test_replicas_creating_the_signing_key_at_once_all_load_one_key(tmp_path: Path) -> None:
+    # Two policy-audit replicas on one data directory start together: both see no
+    # key, both generate one; the one that links second loads the first's.
+    path = tmp_path / "checkpoint.key"
+    seen = {"exists": 0}
+    real_exists = Path.exists
+
+    def racing_exists(self: Path) -> bool:
+        if self == path and seen["exists"] == 0:
+            seen["exists"] += 1
+            load_or_create_signer(path, "autoecoops.audit/v1", create=True)  # the other replica
+            return False  # this one looked before the other's key appeared
+        return real_exists(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "exists", racing_exists)
+        late, created = load_or_create_signer(path, "autoecoops.audit/v1", create=True)
+    assert not created
+    assert late.verifier.vkey() == NoteSigner.from_skey(path.read_text()).verifier.vkey()
+    assert path.with_name("checkpoint.key.pub").read_text().strip() == late.verifier.vkey()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.key", "checkpoint.key.pub"]
+
+
 def test_leaf_hash_is_over_the_exact_bytes() -> None:
     assert merkle.leaf_hash(b"") == bytes.fromhex(
         "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d"
@@ -144,3 +167,30 @@ def test_plain_documents_take_the_fast_path_with_the_same_bytes() -> None:
     slow: list[str] = []
     _emit(doc, slow)
     assert canonical_json(doc) == "".join(slow).encode()
+
+
+def test_entry_json_is_message_to_dict_field_for_field() -> None:
+    from google.protobuf import json_format
+
+    from autoecoops.kernel.policy_audit.canonical import entry_json
+
+    full = audit_pb2.AuditEntry(
+        index=7,
+        type="rpc",
+        service="event-bus",
+        action="autoecoops.events.v1.EventBusService.Publish",
+        resource="topic/infra.sync",
+        outcome=audit_pb2.OUTCOME_DENIED,
+        trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
+        decision_id="d-1",
+    )
+    full.time.FromNanoseconds(1_700_000_000_123_456_000)
+    full.actor.subject, full.actor.issuer = "alice", "https://issuer"
+    full.actor.actors.extend(["system:iaops", "system:gw"])
+    full.details.update({"n": 3, "f": 1.5, "s": "x", "l": [1, "a", None], "o": {"b": True}})
+    empty_actor = audit_pb2.AuditEntry(type="t", service="s", action="a", outcome=1)
+    empty_actor.actor.SetInParent()
+    odd = audit_pb2.AuditEntry(type="t", service="s", action="a")
+    odd.outcome = 9  # type: ignore[assignment]
+    for e in (full, empty_actor, odd, audit_pb2.AuditEntry()):
+        assert entry_json(e) == json_format.MessageToDict(e)

@@ -60,3 +60,19 @@ def test_addresses_come_from_arguments_then_target_then_the_mesh_config() -> Non
     assert by_proto_name.address(MEMORY) == "m:2"
     with pytest.raises(ConfigError, match=re.escape("no address for acme.v1.Thing")):
         Routes(None, None, config).address("acme.v1.Thing")
+
+
+def test_an_address_may_list_replicas() -> None:
+    cfg = MeshConfig()
+    routes = Routes(
+        None,
+        {"memory-hub": ["127.0.0.1:1", "127.0.0.1:2"], "auth-service": "dns:///auth:4001"},
+        cfg,
+    )
+    assert routes.address(MEMORY) == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    assert routes.address("autoecoops.auth.v1.AuthService") == "dns:///auth:4001"
+    # Every replica of a list must be local for the list to count as loopback.
+    assert is_loopback("ipv4:127.0.0.1:1,127.0.0.2:2")
+    assert not is_loopback("ipv4:127.0.0.1:1,10.0.0.2:2")
+    with pytest.raises(ConfigError, match="takes IP addresses"):
+        Routes(None, {"memory-hub": "a:1,b:2"}, cfg).address(MEMORY)
