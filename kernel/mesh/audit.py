@@ -14,6 +14,8 @@ docs/policy-audit.md ("The audit rule"):
   ``autoecoops-audit-index`` trailer), or, when the deadline comes first,
   ``DEADLINE_EXCEEDED`` (``AUDIT_APPEND_PENDING``) with ``committed: "true"``;
   every error after a commit carries ``committed: "true"``;
+- the write of the change sent but its reply lost (Redis stopped as it ran
+  it): ``committed: "unknown"``, as it may have committed;
 - the handler failed before changing anything: its error, and a FAILURE
   (or DENIED) entry through the outbox, never a SUCCESS one.
 """
@@ -295,6 +297,16 @@ class AuditTrail:
         if ctx is not None and ctx.staged:
             await self._wait(ctx)
             error.metadata.update(self._committed(ctx))
+            return error
+        if ctx is not None and ctx.in_doubt:
+            # The write of the change and its record was sent, and its reply
+            # lost: Redis may have run it. Never a plain failure, and no
+            # FAILURE entry (a SUCCESS one may be in the outbox).
+            error.metadata.update(committed="unknown", audit_request_id=ctx.request.request_id)
+            error.message += (
+                "; the change may have been made (its reply from Redis was lost): "
+                "a retry with the same request id (or idempotency key) tells which"
+            )
             return error
         if isinstance(error, Unauthenticated) or error.reason in (
             "AUDIT_LOG_UNAVAILABLE",

