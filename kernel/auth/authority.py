@@ -490,25 +490,38 @@ class Authority:
         return await self.store.create_account(account, secret)
 
     async def delete_account(self, caller: Principal, name: str) -> None:
-        """Delete a service account whose roles' permissions the caller holds.
+        """Delete a service account whose permissions the caller holds where they apply.
 
         The rule of creation, applied to deletion: who could not have made the
         account cannot remove it. So machine-ops, which may manage its nodes'
         accounts, cannot delete another service's identity or an admin's
-        automation (their roles carry what it does not hold).
+        automation. What the account holds is its roles and every binding that
+        names it (an account made with a small role and bound to admin later
+        holds admin), each where it applies.
         """
         account = await self.store.get_account(name)
         if account is not None:
             policy = await self._policy()
-            for role_name in account.roles:
+            held = [(role, "", f"role {role!r}") for role in account.roles]
+            held += [
+                (b.role, b.namespace, f"binding {b.name!r}")
+                for b in policy.bindings
+                if any(s.kind != "group" and s.name == account.name for s in b.subjects)
+            ]
+            for role_name, namespace, via in held:
                 role = policy.roles.get(role_name)
                 for wanted in role.permissions if role else ():
-                    if policy.allowed(caller, wanted, "") is None:
+                    if policy.allowed(caller, wanted, namespace) is None:
+                        where = f" in namespace {namespace!r}" if namespace else ""
                         raise PermissionDenied(
-                            f"{caller.subject} cannot delete service account {name!r}: its role "
-                            f"{role_name!r} grants {wanted}, which the caller does not hold",
+                            f"{caller.subject} cannot delete service account {name!r}: its "
+                            f"{via} grants {wanted}{where}, which the caller does not hold",
                             reason="ESCALATION_DENIED",
-                            metadata={"permission": wanted, "role": role_name},
+                            metadata={
+                                "permission": wanted,
+                                "role": role_name,
+                                **({"namespace": namespace} if namespace else {}),
+                            },
                             resource_type="serviceaccount",
                             resource_name=name,
                         )

@@ -771,6 +771,28 @@ async def test_only_machine_ops_identity_may_create_service_accounts(
     await as_admin.DeleteServiceAccount(
         auth_pb2.DeleteServiceAccountRequest(name="ci.deployer"), metadata=admin
     )
+    # What an account holds includes the bindings that name it: a node account
+    # machine-ops made, later bound to viewer in one namespace, holds more than
+    # machine-ops does, so it is refused until the binding is gone.
+    node = auth_pb2.ServiceAccount(name="node.n3", roles=["machineops-agent"])
+    await as_mo.CreateServiceAccount(auth_pb2.CreateServiceAccountRequest(service_account=node))
+    binding = auth_pb2.RoleBinding(
+        name="n3-viewer",
+        role="viewer",
+        namespace="team-a",
+        subjects=[auth_pb2.Subject(kind=auth_pb2.SUBJECT_KIND_SERVICE_ACCOUNT, name="node.n3")],
+    )
+    await as_admin.CreateRoleBinding(
+        auth_pb2.CreateRoleBindingRequest(role_binding=binding), metadata=admin
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await as_mo.DeleteServiceAccount(auth_pb2.DeleteServiceAccountRequest(name="node.n3"))
+    assert reason(info.value)[:2] == (grpc.StatusCode.PERMISSION_DENIED, "ESCALATION_DENIED")
+    assert "binding 'n3-viewer'" in (info.value.details() or "")
+    await as_admin.DeleteRoleBinding(
+        auth_pb2.DeleteRoleBindingRequest(name="n3-viewer"), metadata=admin
+    )
+    await as_mo.DeleteServiceAccount(auth_pb2.DeleteServiceAccountRequest(name="node.n3"))
     await memory.close()
 
 
