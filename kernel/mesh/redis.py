@@ -26,6 +26,7 @@ from typing import Any, TypeVar, cast
 import redis
 import redis.asyncio as aioredis
 import redis.exceptions as rx
+from prometheus_client import Counter
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -247,6 +248,14 @@ _WITHOUT_REPLICA: dict[str, float] = {}
 WITHOUT_REPLICA_RECHECK = 1.0
 #: Node name -> when it was last warned about (one warning a minute).
 _WARNED: dict[str, float] = {}
+#: What the warning says, for alerting: writes that would have waited for a
+#: replica were acknowledged without one, since their master had none.
+UNREPLICATED = Counter(
+    "autoecoops_redis_unreplicated_acks_total",
+    "Durable writes (audit appends, publishes) acknowledged without WAIT because their "
+    "Redis Cluster master had no replica at all, by master.",
+    ["master"],
+)
 
 
 async def _has_no_replica(cluster: RedisCluster, node: Any) -> bool:
@@ -263,6 +272,8 @@ async def _has_no_replica(cluster: RedisCluster, node: Any) -> bool:
 
 
 def _without_replica(node: Any) -> None:
+    """Note that ``node`` has no replica: the write at hand is acknowledged without WAIT."""
+    UNREPLICATED.labels(node.name).inc()
     now = time.monotonic()
     _WITHOUT_REPLICA[node.name] = now + WITHOUT_REPLICA_RECHECK
     if now - _WARNED.get(node.name, -1e9) >= 60:
@@ -309,6 +320,7 @@ async def confirm_replicated(
         until = _WITHOUT_REPLICA.get(node.name) if node is not None else None
         if until is not None:
             if time.monotonic() < until:
+                UNREPLICATED.labels(node.name).inc()
                 return
             with contextlib.suppress(rx.RedisError, rx.RedisClusterException, OSError):
                 if await _has_no_replica(cluster, node):

@@ -28,6 +28,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from prometheus_client import REGISTRY
 
 from autoecoops.audit.v1 import audit_pb2, audit_pb2_grpc
 from autoecoops.events.v1 import events_pb2, events_pb2_grpc
@@ -167,7 +168,10 @@ async def test_acknowledged_audit_entries_survive_a_master_failover(
         # failover can lose its writes: appends are acknowledged again without
         # waiting for the dead node to come back.
         await _until("a replica is promoted", _promoted(redis_cluster, base, master))
+        unreplicated = _unreplicated()
         await _until("appends succeed again", _after_kill(acks, 30), within=120)
+        # ... and say so, for an alert: acknowledged without a replica.
+        assert _unreplicated() > unreplicated or not mesh.config.wait_replicas
         # The dead node returns, as a restarted pod would, as the new master's
         # replica: WAIT applies again and appends go on.
         redis_cluster.restart(master)
@@ -197,6 +201,17 @@ async def test_acknowledged_audit_entries_survive_a_master_failover(
     finally:
         await redis.aclose()
         await channel.close()
+
+
+def _unreplicated() -> float:
+    """Writes acknowledged without WAIT for want of a replica, over every master."""
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "autoecoops_redis_unreplicated_acks"
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
 
 
 def _reason(err: grpc.aio.AioRpcError) -> str:
