@@ -21,7 +21,6 @@ import dataclasses
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,22 +31,10 @@ from pathlib import Path
 import redis
 from redis.cluster import ClusterNode, RedisCluster, key_slot
 
+from tests.ports import free_ports
+
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports nobody listens on right now."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @dataclasses.dataclass
@@ -101,7 +88,7 @@ class LocalCluster:
     def start(self, timeout: float = 60.0) -> str:
         """Start the servers, create the cluster, wait until it is ok; its URL."""
         count = self.masters * (1 + self.replicas)
-        ports = _free_ports(2 * count)
+        ports = free_ports(2 * count)
         for i in range(count):
             d = self.root / f"node{i}"
             d.mkdir(parents=True, exist_ok=True)

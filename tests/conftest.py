@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import os
 import shutil
-import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ from autoecoops.kernel.mesh.config import SERVICE_NAMES, MeshConfig
 from autoecoops.kernel.mesh.redis import connect_sync, is_cluster_url, service_base
 from autoecoops.kernel.mesh.server import Mesh, Register, Runtime
 from tests.cluster import LocalCluster, local_cluster
+from tests.ports import free_port
 
 
 def _reachable(url: str) -> bool:
@@ -82,13 +82,6 @@ def redis_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
         pytest.skip("needs redis-server and redis-cli")
     with local_cluster(tmp_path / "redis-cluster") as cluster:
         yield cluster
-
-
-def free_port() -> int:
-    """A TCP port nobody is listening on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_config(**overrides: Any) -> MeshConfig:
