@@ -20,7 +20,7 @@ from autoecoops.kernel.mesh.config import SERVICE_NAMES, MeshConfig
 from autoecoops.kernel.mesh.redis import connect_sync, is_cluster_url, service_base
 from autoecoops.kernel.mesh.server import Mesh, Register, Runtime
 from tests.cluster import LocalCluster, local_cluster
-from tests.ports import free_port
+from tests.ports import free_port, free_ports
 
 
 def _reachable(url: str) -> bool:
@@ -87,7 +87,8 @@ def redis_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
 def make_config(**overrides: Any) -> MeshConfig:
     """A config whose services listen on free ports."""
     return dataclasses.replace(
-        MeshConfig(ports={name: free_port() for name in SERVICE_NAMES}), **overrides
+        MeshConfig(ports=dict(zip(SERVICE_NAMES, free_ports(len(SERVICE_NAMES)), strict=True))),
+        **overrides,
     )
 
 

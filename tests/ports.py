@@ -6,18 +6,39 @@ moment a test picks such a port and the moment its server binds it, any of
 the suite's hundreds of client sockets (a Redis Cluster client holds several
 per node) may take it, and the server fails with "address in use". Ports
 below that range are never handed to client sockets, so they are picked
-there, at random (other xdist workers pick too) and checked free by a bind.
+there and checked free by a bind. Two more races are closed: each xdist
+worker picks from its own slice of the range (another worker's port, picked
+but not bound yet, still looks free), and a process never hands out the same
+port twice within ``REUSE_AFTER`` seconds (a mesh picks all its ports before
+it binds the first, after seconds of loading a model).
 """
 
 from __future__ import annotations
 
+import os
 import random
+import re
 import socket
+import time
 from pathlib import Path
 
 _PICK = random.SystemRandom()  # not the seeded module generator: workers must differ
 #: The lowest port picked: above the well-known and registered services of a dev machine.
 LOWEST = 15000
+#: Seconds before a port this process handed out may be handed out again.
+REUSE_AFTER = 60.0
+_handed: dict[int, float] = {}
+
+
+def _slice(low: int, top: int) -> tuple[int, int]:
+    """This xdist worker's part of ``[low, top)`` (all of it outside xdist)."""
+    worker = re.fullmatch(r"gw(\d+)", os.environ.get("PYTEST_XDIST_WORKER", ""))
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if worker is None or count <= 1:
+        return low, top
+    span = (top - low) // count
+    at = low + int(worker.group(1)) % count * span
+    return at, at + span
 
 
 def _ephemeral_low() -> int:
@@ -41,11 +62,16 @@ def free_ports(n: int) -> list[int]:
     top = _ephemeral_low()
     ports: list[int] = []
     if top - LOWEST >= 1000:
+        low, high = _slice(LOWEST, top)
+        now = time.monotonic()
         for _ in range(100 * n):
-            port = _PICK.randrange(LOWEST, top)
-            if port not in ports and _bindable(port):
+            port = _PICK.randrange(low, high)
+            if port in ports or now - _handed.get(port, -REUSE_AFTER) < REUSE_AFTER:
+                continue
+            if _bindable(port):
                 ports.append(port)
                 if len(ports) == n:
+                    _handed.update(dict.fromkeys(ports, now))
                     return ports
     # An ephemeral range that starts low: let the kernel choose.
     socks = []
