@@ -118,6 +118,10 @@ class Embedder:
         """The number of model tokens in ``text`` (no special tokens)."""
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
+    def load(self) -> None:
+        """Load the model's weights now (blocking: call it from a worker thread)."""
+        self._model()
+
     def _model(self) -> Any:
         return load_model(self.path)
 

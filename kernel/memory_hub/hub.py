@@ -147,6 +147,29 @@ class MemoryHub:
         self._tasks.append(asyncio.create_task(self._warm(), name="memory-hub-warm"))
         self._tasks.append(asyncio.create_task(self._follow(), name="memory-hub-follow"))
 
+    def load_default_model(self) -> None:
+        """Load the default model in the background, once the process serves.
+
+        Importing torch and reading the weights takes seconds on an idle host
+        and tens of seconds on a busy one; left to the first query, a new
+        replica made that query wait for all of it (a search through a fresh
+        replica of a loaded cluster ran into its 30 s deadline). Run after
+        every server of the process is SERVING, so it never delays start-up;
+        a query that comes first waits only for the rest of the load.
+        """
+        emb = self.embedder(self.settings.default_model)
+
+        async def load() -> None:
+            began = time.monotonic()
+            try:
+                await asyncio.to_thread(emb.load)
+            except Exception:  # the first query loads it (and reports why it cannot)
+                log.warning("memory-hub: cannot preload model %s", emb.name, exc_info=True)
+                return
+            log.info("memory-hub: model %s loaded in %.1fs", emb.name, time.monotonic() - began)
+
+        self._tasks.append(asyncio.create_task(load(), name="memory-hub-model"))
+
     async def close(self) -> None:
         """Stop background work and snapshot every changed replica."""
         for task in [*self._tasks, *self._rebuilds]:

@@ -461,9 +461,10 @@ def build_hub(runtime: Runtime) -> MemoryHub:
 
 
 def register(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
-    """Add memory-hub's servicers to ``server``; the model loads on first use."""
+    """Add memory-hub's servicers to ``server``; the model loads once the process serves."""
     hub = build_hub(runtime)
     runtime.starters.append(hub.start)
+    runtime.started.append(hub.load_default_model)
     runtime.closers.append(hub.close)
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(hub, runtime), server)
     return [memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name]

@@ -178,3 +178,23 @@ def test_two_auth_service_processes_share_the_calls_and_survive_a_sigkill(
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def test_a_memory_hub_replica_loads_its_model_before_the_first_query(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A new replica loads its embedding model as soon as it serves. Left to the
+    first search, that search waited for torch's import and the weights: seconds
+    idle, and past its 30 s deadline on a loaded host (the scale-out test saw it)."""
+    log = tmp_path / "memory-hub.log"
+    proc = serve("memory-hub", env, log)
+    try:
+        wait_serving(log, proc)
+        deadline = time.monotonic() + 120
+        while "memory-hub: model all-MiniLM-L6-v2 loaded in" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(30)
