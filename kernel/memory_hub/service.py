@@ -461,10 +461,18 @@ def build_hub(runtime: Runtime) -> MemoryHub:
 
 
 def register(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
-    """Add memory-hub's servicers to ``server``; the model loads once the process serves."""
+    """Add memory-hub's servicers to ``server``; alone in its process, it loads its model once it serves."""
     hub = build_hub(runtime)
     runtime.starters.append(hub.start)
-    runtime.started.append(hub.load_default_model)
+
+    def preload() -> None:
+        # Where memory-hub has the process to itself (a replica, a pod). In an
+        # all-in-one process (`autoecoops up`) torch's import would hold the GIL
+        # from every other service for seconds; there the first search loads it.
+        if runtime.services == ["memory-hub"]:
+            hub.load_default_model()
+
+    runtime.started.append(preload)
     runtime.closers.append(hub.close)
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(hub, runtime), server)
     return [memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name]

@@ -62,6 +62,8 @@ class Runtime:
     config: MeshConfig
     clients: ClientFactory
     verifier: TokenVerifier = field(default_factory=UnavailableVerifier)
+    #: The services this process serves, in start order (set by ``Mesh.start``).
+    services: list[str] = field(default_factory=list)
     authorizer: Authorizer | None = None
     #: Writes the entry of RPCs marked audited; None disables that (tests of the bare runtime).
     auditor: CallAuditor | None = None
@@ -258,6 +260,7 @@ class Mesh:
     ) -> None:
         """Start ``names`` in order; on a failure, stop what started and re-raise."""
         setup_tracing("autoecoops" if len(names) > 1 else names[0])
+        self.runtime.services = [*self.runtime.services, *names]
         try:
             for name in names:
                 srv = ServiceServer(name, self.runtime, (registers or {}).get(name))
